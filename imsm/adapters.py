@@ -1,0 +1,108 @@
+"""PEFT adapters by name (lora, adalora, dora, ia3) and their default target modules per ``config.model_type``.
+
+The defaults are the paper's choices: Llama q_proj,v_proj for LoRA/AdaLoRA/DoRA and k_proj,v_proj,down_proj for
+(IA)3 with down_proj as the feed-forward module; Qwen2 q_proj; ChatGLM query_key_value. ``--target_modules`` (and
+``--feedforward_modules`` for (IA)3) on the command line override the table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from peft import AdaLoraConfig, IA3Config, LoraConfig, PeftConfig, TaskType, get_peft_model
+
+LORA_TARGET_MODULES: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj"],
+    "chatglm": ["query_key_value"],
+}
+IA3_TARGET_MODULES: dict[str, list[str]] = {
+    "llama": ["k_proj", "v_proj", "down_proj"],
+    "mistral": ["k_proj", "v_proj", "down_proj"],
+    "qwen2": ["k_proj", "v_proj", "down_proj"],
+    "chatglm": ["query_key_value", "dense_4h_to_h"],
+}
+IA3_FEEDFORWARD_MODULES: dict[str, list[str]] = {
+    "llama": ["down_proj"],
+    "mistral": ["down_proj"],
+    "qwen2": ["down_proj"],
+    "chatglm": ["dense_4h_to_h"],
+}
+
+
+def _lookup(table: dict[str, list[str]], model_type: str, what: str) -> list[str]:
+    if model_type not in table:
+        raise ValueError(
+            f"no default {what} for model_type {model_type!r} (known: {sorted(table)}); "
+            "pass --target_modules (and --feedforward_modules for ia3) explicitly"
+        )
+    return list(table[model_type])
+
+
+def _lora(args, model_type: str, total_steps: int | None) -> PeftConfig:
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        target_modules=args.target_modules or _lookup(LORA_TARGET_MODULES, model_type, "LoRA target modules"),
+    )
+
+
+def _dora(args, model_type: str, total_steps: int | None) -> PeftConfig:
+    config = _lora(args, model_type, total_steps)
+    config.use_dora = True
+    return config
+
+
+def _adalora(args, model_type: str, total_steps: int | None) -> PeftConfig:
+    if not total_steps:
+        raise ValueError("adalora needs the total number of optimizer steps for its rank budget schedule")
+    return AdaLoraConfig(
+        task_type=TaskType.CAUSAL_LM, init_r=args.adalora_init_r, target_r=args.adalora_target_r,
+        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, tinit=args.adalora_tinit,
+        tfinal=args.adalora_tfinal, deltaT=args.adalora_delta_t, orth_reg_weight=args.adalora_orth_reg_weight,
+        total_step=total_steps,
+        target_modules=args.target_modules or _lookup(LORA_TARGET_MODULES, model_type, "AdaLoRA target modules"),
+    )
+
+
+def _ia3(args, model_type: str, total_steps: int | None) -> PeftConfig:
+    targets = args.target_modules or _lookup(IA3_TARGET_MODULES, model_type, "(IA)3 target modules")
+    ff = args.feedforward_modules or [
+        m for m in _lookup(IA3_FEEDFORWARD_MODULES, model_type, "(IA)3 feed-forward modules") if m in targets
+    ]
+    return IA3Config(task_type=TaskType.CAUSAL_LM, target_modules=targets, feedforward_modules=ff)
+
+
+PEFT_METHODS: dict[str, Callable[..., PeftConfig]] = {"lora": _lora, "dora": _dora, "adalora": _adalora, "ia3": _ia3}
+
+
+def build_peft_config(args, model_type: str, total_steps: int | None = None) -> PeftConfig:
+    """The PEFT config for ``args.peft`` with the hyperparameters in ``args`` (an ``ImsmArguments``)."""
+    if args.peft not in PEFT_METHODS:
+        raise ValueError(f"unknown PEFT method {args.peft!r}; choose one of {sorted(PEFT_METHODS)}")
+    return PEFT_METHODS[args.peft](args, model_type, total_steps)
+
+
+def attach_adapter(backbone: torch.nn.Module, peft_config: PeftConfig):
+    """Wrap the backbone in place: the base weights stay where they are and only the adapter is trainable."""
+    return get_peft_model(backbone, peft_config)
+
+
+def adalora_orth_regularizer(peft_model) -> torch.Tensor | None:
+    """AdaLoRA's orthogonality penalty on P and Q, as ``AdaLoraModel.forward`` adds it to the loss.
+
+    IMSM calls the backbone's decoder directly (it needs the hidden state, not the logits), which bypasses that
+    forward, so the term is added here with the same weight and formula.
+    """
+    config = peft_model.peft_config[peft_model.active_adapter]
+    if config.peft_type.value != "ADALORA" or config.orth_reg_weight == 0:
+        return None
+    terms = []
+    for name, p in peft_model.named_parameters():
+        if ("lora_A" in name or "lora_B" in name) and peft_model.active_adapter in name and p.numel() > 0:
+            cov = p @ p.T if "lora_A" in name else p.T @ p
+            terms.append(torch.norm(cov - torch.eye(*cov.shape, device=cov.device, dtype=cov.dtype), p="fro"))
+    if not terms:
+        return None
+    return config.orth_reg_weight * torch.stack(terms).mean()

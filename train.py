@@ -21,6 +21,7 @@ from transformers import HfArgumentParser, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from imsm.args import DataArguments, ImsmArguments, ModelArguments
+from imsm.distributed import configure_cpu_deepspeed
 from imsm.data import SupervisedCollator, SupervisedDataset
 from imsm.loader import build_imsm_model, imsm_settings, load_backbone
 from imsm.templates import build_template
@@ -54,6 +55,7 @@ def optimizer_steps(n_examples: int, training_args: TrainingArguments) -> int:
 
 
 def main(argv: list[str] | None = None) -> str:
+    argv = configure_cpu_deepspeed(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, ImsmArguments, TrainingArguments))
     model_args, data_args, imsm_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     setup_logging(training_args)

@@ -3,12 +3,16 @@
     python scripts/prepare_data.py --out_dir data                                  # all tasks, from the Hub
     python scripts/prepare_data.py --tasks gsm8k cola --out_dir data --local_dir raw  # Hub unreachable
 
+(run from the repository root with ``imsm`` importable, e.g. after ``pip install -e .`` or with ``PYTHONPATH=.``)
+
 The prompts reproduce the files published with the paper's code character for character (including MRPC's "Ouput:"
 typo and CoLA's leading space). Each task reads a public Hugging Face dataset with ``datasets.load_dataset``, or, with
 ``--local_dir DIR``, the files ``DIR/<task>/<source split>.{jsonl,json,csv,parquet}`` (Hub shards such as
 ``validation-00000-of-00001.parquet`` are read too) in the raw dataset's own columns. The source split behind each
 output split is in ``SOURCES``: e.g. CoLA's ``test`` is GLUE's validation split and ROPES's ``test`` its validation
-split, as in the published files.
+split, as in the published files. GSM8K, CoLA, MRPC, WebQ and FreebaseQA rows are reproduced exactly; ROPES's article
+join and MultiRC's choice of questions are inferred (see their converters), so those two files may differ from the
+published ones.
 
 Converters are pure functions from raw rows to prompt rows, so each can be checked against a hand-written row.
 """
@@ -254,18 +258,21 @@ def get_source(task: str) -> Source:
         raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(SOURCES)}") from None
 
 
+def _read_json_lines(path: Path) -> list[Row]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def _read_json(path: Path) -> list[Row]:
-    """A JSON list of rows, a JSON object holding one list of rows (e.g. FreebaseQA's ``Questions``), or JSON lines."""
-    text = path.read_text(encoding="utf-8")
+    """A JSON list of rows, an object holding one list of rows (e.g. FreebaseQA's ``Questions``), or JSON lines."""
     try:
-        data = json.loads(text)
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return _read_json_lines(path)
     if isinstance(data, dict):
-        lists = [v for v in data.values() if isinstance(v, list)]
-        if len(lists) != 1:
-            raise ValueError(f"{path}: expected a list of rows, or an object holding exactly one list")
-        data = lists[0]
+        tables = [v for v in data.values() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)]
+        if len(tables) != 1:
+            raise ValueError(f"{path}: expected a list of rows, or an object holding exactly one list of rows")
+        data = tables[0]
     if not isinstance(data, list):
         raise TypeError(f"{path}: expected a list of rows, got {type(data).__name__}")
     return data
@@ -273,7 +280,9 @@ def _read_json(path: Path) -> list[Row]:
 
 def read_local_file(path: Path) -> list[Row]:
     """Rows of one raw file: JSON lines, JSON, CSV (every value a string) or parquet."""
-    if path.suffix == ".jsonl" or path.suffix == ".json":
+    if path.suffix == ".jsonl":
+        return _read_json_lines(path)
+    if path.suffix == ".json":
         return _read_json(path)
     if path.suffix == ".csv":
         with path.open(newline="", encoding="utf-8") as f:

@@ -54,7 +54,7 @@ def optimizer_steps(n_examples: int, training_args: TrainingArguments) -> int:
     return max(1, batches // training_args.gradient_accumulation_steps) * math.ceil(training_args.num_train_epochs)
 
 
-def main(argv: list[str] | None = None) -> str:
+def main(argv: list[str] | None = None) -> IMSMTrainer:
     argv = configure_cpu_deepspeed(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, ImsmArguments, TrainingArguments))
     model_args, data_args, imsm_args, training_args = parser.parse_args_into_dataclasses(args=argv)
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> str:
     final_dir = f"{training_args.output_dir}/final"
     trainer.save_model(final_dir)
     logger.info("saved the run folder %s", final_dir)
-    return final_dir
+    return trainer
 
 
 if __name__ == "__main__":

@@ -32,8 +32,6 @@ def _gathered(params: list[torch.nn.Parameter]):
 def save_run_files(model: IMSMModel, out_dir: str | Path, settings: dict, run_args: dict | None,
                    is_main: bool) -> None:
     """Write the run folder's files into ``out_dir``; every rank must call this (ZeRO-3 gathers collectively)."""
-    from peft import get_peft_model_state_dict
-
     out_dir = Path(out_dir)
     named = [(n, p) for n, p in model.named_parameters() if model.is_trainable_name(n) or "ranknum" in n]
     with _gathered([p for _, p in named]):
@@ -41,8 +39,8 @@ def save_run_files(model: IMSMModel, out_dir: str | Path, settings: dict, run_ar
             return
         out_dir.mkdir(parents=True, exist_ok=True)
         full = {n[len("peft_model."):]: p.detach().cpu().clone() for n, p in named if n.startswith("peft_model.")}
-        adapter_state = get_peft_model_state_dict(model.peft_model, state_dict=full)
-        model.peft_model.save_pretrained(str(out_dir), state_dict=adapter_state, safe_serialization=True)
+        # save_pretrained picks the adapter's entries out of this (AdaLoRA: cut to the allocated ranks)
+        model.peft_model.save_pretrained(str(out_dir), state_dict=full, safe_serialization=True)
         gate = {n[len(GATE_PARAM_PREFIX):]: p.detach().cpu().float().contiguous().clone()
                 for n, p in named if n.startswith(GATE_PARAM_PREFIX)}
         save_file(gate, str(out_dir / GATE_FILE), metadata={"format": "pt", "variant": settings["gate"]})

@@ -117,6 +117,18 @@ def load_gate_into(model: IMSMModel, gate_path: Path) -> None:
             expected[name].copy_(tensor)
 
 
+def load_trained_weights(model: IMSMModel, run_dir: str | Path) -> None:
+    """Put a run folder's adapter and gate values into an already built model (the Trainer's non-DeepSpeed resume)."""
+    from peft import set_peft_model_state_dict
+
+    run_dir = resolve_run_dir(run_dir)
+    result = set_peft_model_state_dict(model.peft_model, load_file(str(run_dir / "adapter_model.safetensors")))
+    missing = [k for k in result.missing_keys if model.adapter_prefix() in k]
+    if missing:
+        raise ValueError(f"{run_dir}: the saved adapter lacks {missing[:3]}")
+    load_gate_into(model, run_dir / GATE_FILE)
+
+
 def load_run(run: str | Path, model_name_or_path: str | None = None, dtype: torch.dtype = torch.float32,
              attn_implementation: str = "auto", trust_remote_code: bool = False):
     """(IMSMModel in eval mode, tokenizer, settings) from a saved run; the base model is the recorded one unless

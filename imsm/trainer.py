@@ -25,6 +25,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from imsm.atomic import replace_dir
 from imsm.checkpoint import save_run_files
 from imsm.gate import GATE_PARAM_PREFIX
+from imsm.loader import load_trained_weights
 
 logger = logging.getLogger(__name__)
 STAGING = ".staging"
@@ -95,6 +96,10 @@ class IMSMTrainer(Trainer):
             if is_main:
                 replace_dir(target, output_dir)
             self.accelerator.wait_for_everyone()
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        # The Trainer looks for full model weights; a checkpoint holds the adapter and the gate only.
+        load_trained_weights(self.accelerator.unwrap_model(self.model), resume_from_checkpoint)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if self.is_deepspeed_enabled:

@@ -14,6 +14,7 @@ Written by hand, and why:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from pathlib import Path
@@ -102,11 +103,17 @@ class IMSMTrainer(Trainer):
         load_trained_weights(self.accelerator.unwrap_model(self.model), resume_from_checkpoint)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        if self.is_deepspeed_enabled:
-            # The frozen backbone comes from the pretrained weights; IMSMModel.load_state_dict accepts its absence.
-            self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
-        else:
+        if not self.is_deepspeed_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # The frozen backbone comes from the pretrained weights, so DeepSpeed need not write it into every checkpoint
+        # (IMSMModel.load_state_dict accepts its absence on resume); the rest is the Trainer's own logic.
+        engine = self.model_wrapped
+        engine.save_checkpoint = functools.partial(type(engine).save_checkpoint, engine,
+                                                   exclude_frozen_parameters=True)
+        try:
             super()._save_optimizer_and_scheduler(output_dir)
+        finally:
+            del engine.save_checkpoint
 
     def _get_output_dir(self, trial) -> str:
         run_dir = super()._get_output_dir(trial)

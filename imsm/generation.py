@@ -1,0 +1,387 @@
+"""Batched decoding with a KV cache per memory: IMSM, vanilla PEFT and the untuned backbone on one code path.
+
+For a batch of left-padded prompts x (B, T) with attention mask m and positions p = cumsum(m) − 1 (so left padding
+shifts no position), prefill runs each decoder branch over the prompts once, keeping its KV cache:
+
+    h_M  = decoder(x) with the adapter off (frozen memory),   h_M' = decoder(x) with the adapter on (tuned memory)
+    q_M, q_M' = means of h_M, h_M' over the prompt positions (padding excluded), computed once per prompt
+
+and then every step feeds the newest token y_t (one per sequence) through each branch with its cache:
+
+    g_t = gate(q_M, h_M_t, h_M'_t, q_M'),   mixed_t = g_t ∘ h_M_t + (1 − g_t) ∘ h_M'_t,   logits_t = lm_head(mixed_t)
+
+The prompt positions enter the gate only through q_M and q_M', so the cached decode equals re-running the whole
+sequence through ``IMSMModel`` at every token (what the paper's code does), at a fraction of the cost.
+
+Branches (``build_decoder`` picks them from the model):
+
+* ``SingleBranch``: one pass. The untuned backbone (no adapter at all) and the ``none`` gate (vanilla PEFT: the tuned
+  memory alone) both decode through it, so the baseline and IMSM share every line below the branch.
+* ``MixedBatchBranches``: LoRA without variants (no DoRA/aLoRA). Both memories come from ONE doubled batch
+  ``[frozen rows; tuned rows]`` with one KV cache, using PEFT's mixed-adapter batch (``adapter_names`` with
+  ``"__base__"`` for the frozen half): every base weight is read once per step for both memories and only the LoRA
+  product runs on the tuned half. Decoding is memory-bound, so this keeps IMSM near the speed of vanilla PEFT where
+  two passes would nearly halve it. We call the decoder directly (IMSM needs the hidden state, not logits), which
+  bypasses ``PeftModel.forward``, so the PEFT hooks that honour ``adapter_names`` are entered around the whole batch
+  through ``LoraModel._enable_peft_forward_hooks``; ``tests/test_generation.py`` checks that the frozen half equals
+  the ``disable_adapter()`` pass and the tuned half the adapter pass.
+* ``TwoCacheBranches``: any other PEFT method (AdaLoRA, DoRA, (IA)3 ignore ``adapter_names`` or refuse it): two
+  passes per step, the frozen one under ``peft_model.disable_adapter()``, each with its own KV cache.
+
+Greedy decoding by default; temperature / top-p sampling draws from a seeded ``torch.Generator``. A row stops at an
+EOS id (the tokenizer's and the generation config's) or after ``max_new_tokens``; finished rows are fed padding and
+no longer grow, and the loop ends when every row is done. Prompts are batched by sorted length (less padding) and the
+results come back in input order. An example's greedy output does not depend on the batch it lands in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from imsm.gate import query_mean
+from imsm.model import IMSMModel
+
+logger = logging.getLogger(__name__)
+
+FROZEN_ADAPTER_NAME = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
+
+
+@dataclass
+class DecodingConfig:
+    """How to decode; greedy unless ``do_sample``."""
+
+    max_new_tokens: int = 256
+    batch_size: int = 8
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_at_eos: bool = True  # False forces exactly max_new_tokens per row (throughput benchmarks)
+    mixed_batch: bool | None = None  # None: the doubled LoRA batch where PEFT supports it; False: two caches
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError("max_new_tokens and batch_size must be at least 1")
+        if self.do_sample and (self.temperature <= 0 or not 0 < self.top_p <= 1):
+            raise ValueError("sampling needs temperature > 0 and top_p in (0, 1]")
+
+
+@dataclass
+class Generation:
+    """One decoded example."""
+
+    text: str  # decoded without special tokens, stripped
+    token_ids: list[int]  # generated ids, the stopping EOS included
+    num_tokens: int
+    finish_reason: str  # "eos" or "length"
+    gate_mean: float | None  # mean gate over the generated tokens (IMSM only): the share of the frozen memory
+
+
+# --------------------------------------------------------------------------------------------------- branches
+
+
+def _cache_keyword(decoder: nn.Module) -> str:
+    """transformers 5 names the cache argument ``cache``; older and remote-code models ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+class MemoryBranches:
+    """The decoder pass(es) of one batch, each with its KV cache; ``__call__`` returns (h_M or None, h_M')."""
+
+    siamese = False
+
+    def __init__(self, decoder: nn.Module) -> None:
+        self.decoder = decoder
+        self._cache_kw = _cache_keyword(decoder)
+
+    @contextlib.contextmanager
+    def batch(self, batch_size: int) -> Iterator[None]:
+        """Fresh caches for a batch of ``batch_size`` rows, dropped on exit."""
+        self._caches: dict[str, object] = {}
+        try:
+            yield
+        finally:
+            self._caches = {}
+
+    def _run(self, key: str, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           use_cache=True, **{self._cache_kw: self._caches.get(key)})
+        self._caches[key] = getattr(out, self._cache_kw)
+        return out.last_hidden_state
+
+    def __call__(self, input_ids, attention_mask, position_ids) -> tuple[torch.Tensor | None, torch.Tensor]:
+        raise NotImplementedError
+
+
+class SingleBranch(MemoryBranches):
+    """One pass: the untuned backbone, or the tuned memory alone (vanilla PEFT, the ``none`` gate)."""
+
+    def __call__(self, input_ids, attention_mask, position_ids):
+        return None, self._run("tuned", input_ids, attention_mask, position_ids)
+
+
+class TwoCacheBranches(MemoryBranches):
+    """Two passes per step, the frozen one with the adapter disabled; one KV cache each. Works for any PEFT method."""
+
+    siamese = True
+
+    def __init__(self, model: IMSMModel) -> None:
+        super().__init__(model.decoder)
+        self.peft_model = model.peft_model
+
+    def __call__(self, input_ids, attention_mask, position_ids):
+        h_tuned = self._run("tuned", input_ids, attention_mask, position_ids)
+        with self.peft_model.disable_adapter():
+            h_frozen = self._run("frozen", input_ids, attention_mask, position_ids)
+        return h_frozen, h_tuned
+
+
+class MixedBatchBranches(MemoryBranches):
+    """One doubled batch [frozen rows; tuned rows] with one KV cache, through PEFT's mixed-adapter LoRA batch."""
+
+    siamese = True
+
+    def __init__(self, model: IMSMModel) -> None:
+        super().__init__(model.decoder)
+        self.peft_model = model.peft_model
+
+    @contextlib.contextmanager
+    def batch(self, batch_size: int) -> Iterator[None]:
+        names = [FROZEN_ADAPTER_NAME] * batch_size + [self.peft_model.active_adapter] * batch_size
+        with super().batch(batch_size), self.peft_model.base_model._enable_peft_forward_hooks(adapter_names=names):
+            yield
+
+    def __call__(self, input_ids, attention_mask, position_ids):
+        n = input_ids.shape[0]
+        h = self._run("both", input_ids.repeat(2, 1), attention_mask.repeat(2, 1), position_ids.repeat(2, 1))
+        return h[:n], h[n:]
+
+
+def supports_mixed_batch(model: IMSMModel) -> bool:
+    """Plain LoRA (no DoRA/aLoRA or other variant, nothing merged): the adapters PEFT mixes per row."""
+    from peft import PeftType
+    from peft.tuners.lora import LoraLayer
+
+    peft_model = model.peft_model
+    config = peft_model.peft_config[peft_model.active_adapter]
+    if config.peft_type != PeftType.LORA or not hasattr(peft_model.base_model, "_enable_peft_forward_hooks"):
+        return False
+    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+    return bool(layers) and not any(layer.lora_variant or layer.merged for layer in layers)
+
+
+@dataclass
+class Decoder:
+    """Branches + gate + LM head: turns new tokens into next-token logits and the gate that produced them."""
+
+    branches: MemoryBranches
+    lm_head: nn.Module
+    model: IMSMModel | None = None  # None: the untuned backbone
+
+    @property
+    def siamese(self) -> bool:
+        return self.branches.siamese
+
+    @property
+    def uses_query(self) -> bool:
+        return self.siamese and self.model.imsm_gate.uses_query
+
+    def logits(self, h_frozen, h_tuned, q_frozen=None, q_tuned=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(float32 logits (B, V), per-row mean gate (B,) or None) for the newest position of (B, 1, d) memories."""
+        if not self.siamese:
+            return self.lm_head(h_tuned[:, -1]).float(), None
+        mixed, gate = self.model.mix(h_frozen, h_tuned, q_frozen, q_tuned)
+        gate_row = gate.float().reshape(gate.shape[0], -1).mean(-1) if gate.dim() == 3 else gate.float().mean()
+        return self.lm_head(mixed[:, -1]).float(), gate_row.expand(h_tuned.shape[0])
+
+
+def build_decoder(model: nn.Module, mixed_batch: bool | None = None) -> Decoder:
+    """The decoder of an ``IMSMModel`` (siamese unless its gate is ``none``) or of a plain causal LM (untuned)."""
+    if not isinstance(model, IMSMModel):
+        return Decoder(SingleBranch(getattr(model, model.base_model_prefix)), model.get_output_embeddings())
+    if not model.uses_frozen_memory:
+        return Decoder(SingleBranch(model.decoder), model.lm_head, model)
+    can_mix = supports_mixed_batch(model)
+    if mixed_batch and not can_mix:
+        raise ValueError("the mixed-adapter batch needs a plain LoRA adapter; use mixed_batch=None or False")
+    branches = MixedBatchBranches(model) if can_mix and mixed_batch is not False else TwoCacheBranches(model)
+    logger.debug("IMSM decoding with %s", type(branches).__name__)
+    return Decoder(branches, model.lm_head, model)
+
+
+# --------------------------------------------------------------------------------------------------- decoding
+
+
+def eos_token_ids(tokenizer, model: nn.Module) -> list[int]:
+    """The tokenizer's EOS id and the generation config's EOS id(s)."""
+    backbone = model.peft_model.get_base_model() if isinstance(model, IMSMModel) else model
+    ids = {tokenizer.eos_token_id}
+    config_eos = getattr(getattr(backbone, "generation_config", None), "eos_token_id", None)
+    ids |= set(config_eos) if isinstance(config_eos, (list, tuple)) else {config_eos}
+    return sorted(i for i in ids if i is not None)
+
+
+def _masked_query_means(h_frozen, h_tuned, query_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """q_M, q_M' over the prompt; padded positions are zeroed first so a non-finite pad state cannot leak in."""
+    keep = query_mask.bool().unsqueeze(-1)
+    return (query_mean(h_frozen.masked_fill(~keep, 0.0), query_mask),
+            query_mean(h_tuned.masked_fill(~keep, 0.0), query_mask))
+
+
+def _next_tokens(logits: torch.Tensor, config: DecodingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """Greedy argmax, or a draw from softmax(logits / T) restricted to the top-p nucleus."""
+    if not config.do_sample:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / config.temperature, dim=-1)
+    if config.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # drop a token once the tokens ranked above it already hold top_p of the mass (the first always stays)
+        sorted_probs = sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs > config.top_p, 0.0)
+        return order.gather(-1, torch.multinomial(sorted_probs, 1, generator=generator)).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (B, T), the prompts right-aligned."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+        input_ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return input_ids.to(device), mask.to(device)
+
+
+@torch.inference_mode()
+def decode_batch(decoder: Decoder, prompts: Sequence[Sequence[int]], pad_id: int, eos_ids: Sequence[int],
+                 config: DecodingConfig, generator: torch.Generator | None = None):
+    """Decode one batch; returns (tokens (B, N) on CPU, lengths (B,), gate sums (B,) or None, hit EOS (B,))."""
+    device = next(decoder.lm_head.parameters()).device
+    input_ids, mask = left_pad(prompts, pad_id, device)
+    n, steps = len(prompts), config.max_new_tokens
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    tokens = torch.full((n, steps), pad_id, dtype=torch.long, device=device)
+    lengths = torch.zeros(n, dtype=torch.long, device=device)
+    gate_sums = torch.zeros(n, dtype=torch.float32, device=device)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    hit_eos = torch.zeros(n, dtype=torch.bool, device=device)
+    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
+    ones = torch.ones((n, 1), dtype=mask.dtype, device=device)
+
+    with decoder.branches.batch(n):
+        h_frozen, h_tuned = decoder.branches(input_ids, mask, positions)
+        q_frozen = q_tuned = None
+        if decoder.uses_query:
+            q_frozen, q_tuned = _masked_query_means(h_frozen, h_tuned, mask)
+        last = slice(-1, None)
+        logits, gate = decoder.logits(None if h_frozen is None else h_frozen[:, last], h_tuned[:, last],
+                                      q_frozen, q_tuned)
+        next_pos = positions[:, -1:] + 1
+        for step in range(steps):
+            new = _next_tokens(logits, config, generator)
+            live = ~done
+            tokens[:, step] = torch.where(live, new, pad_id)
+            lengths += live.long()
+            if gate is not None:
+                gate_sums += torch.where(live, gate, 0.0)
+            if config.stop_at_eos:
+                stopped = live & torch.isin(new, eos)
+                hit_eos |= stopped
+                done |= stopped
+            if step + 1 == steps or bool(done.all()):
+                break
+            mask = torch.cat([mask, ones], dim=1)
+            h_frozen, h_tuned = decoder.branches(tokens[:, step : step + 1], mask, next_pos)
+            logits, gate = decoder.logits(h_frozen, h_tuned, q_frozen, q_tuned)
+            next_pos = next_pos + 1
+    gates = gate_sums.cpu() if decoder.siamese else None
+    return tokens.cpu(), lengths.cpu(), gates, hit_eos.cpu()
+
+
+def generate(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]],
+             config: DecodingConfig | None = None) -> list[Generation]:
+    """Decode token-id prompts with an ``IMSMModel`` (any gate) or a plain causal LM; results in input order."""
+    config = config or DecodingConfig()
+    decoder = build_decoder(model, config.mixed_batch)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_ids = eos_token_ids(tokenizer, model)
+    device = next(decoder.lm_head.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(config.seed) if config.do_sample else None
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    results: list[Generation | None] = [None] * len(prompts)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), config.batch_size):
+            chunk = order[start : start + config.batch_size]
+            tokens, lengths, gate_sums, hit_eos = decode_batch(
+                decoder, [prompts[i] for i in chunk], pad_id, eos_ids, config, generator
+            )
+            for row, i in enumerate(chunk):
+                n = int(lengths[row])
+                ids = tokens[row, :n].tolist()
+                text_ids = ids[:-1] if hit_eos[row] else ids
+                results[i] = Generation(
+                    text=tokenizer.decode(text_ids, skip_special_tokens=True).strip(), token_ids=ids, num_tokens=n,
+                    finish_reason="eos" if hit_eos[row] else "length",
+                    gate_mean=None if gate_sums is None else float(gate_sums[row]) / max(n, 1),
+                )
+            logger.debug("decoded %d / %d prompts", min(start + config.batch_size, len(order)), len(order))
+    finally:
+        model.train(was_training)
+    return results
+
+
+@torch.inference_mode()
+def reference_generate(model: nn.Module, prompt: Sequence[int], max_new_tokens: int,
+                       eos_ids: Sequence[int] = ()) -> list[int]:
+    """The slow reference: batch 1, no KV cache, the whole sequence re-run through the model for every token (as the
+    paper's published code decodes), greedy. ``IMSMModel`` goes through its training forward ``hidden_states``."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        mask = torch.ones_like(ids)
+        if isinstance(model, IMSMModel):
+            query = torch.zeros_like(ids)
+            query[:, : len(prompt)] = 1
+            _, _, mixed, _ = model.hidden_states(ids, mask, query)
+            logits = model.lm_head(mixed[:, -1])
+        else:
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -1]
+        token = int(logits.argmax(-1))
+        out.append(token)
+        if token in eos_ids:
+            break
+        ids = torch.cat([ids, torch.tensor([[token]], device=device)], dim=1)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- processes
+
+
+def shard(items: Sequence, rank: int, world_size: int) -> list:
+    """This rank's strided share: items rank, rank + W, rank + 2W, ..."""
+    return list(items[rank::world_size])
+
+
+def gather_shards(local: list, total: int, rank: int, world_size: int) -> list | None:
+    """Collect every rank's ``shard`` on rank 0, back in input order (None on other ranks); collective call."""
+    if world_size == 1:
+        return local
+    import torch.distributed as dist
+
+    gathered: list[list] | None = [None] * world_size if rank == 0 else None
+    dist.gather_object(local, gathered, dst=0)
+    if rank != 0:
+        return None
+    return [gathered[i % world_size][i // world_size] for i in range(total)]

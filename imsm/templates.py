@@ -19,6 +19,9 @@ class PromptTemplate:
     system_prompt: str | None = None
     name = "base"
 
+    def __post_init__(self) -> None:
+        """Subclasses check here that the tokenizer supports them."""
+
     def encode_prompt(self, prompt: str) -> list[int]:
         raise NotImplementedError
 

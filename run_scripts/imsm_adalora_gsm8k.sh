@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# IMSM-ADALORA on gsm8k with the paper's settings (global batch 16, 3 epochs, gate rank 8).
+# Override anything: MODEL=... GPUS=4 bash run_scripts/imsm_adalora_gsm8k.sh --num_train_epochs 1
+set -euo pipefail
+MODEL=${MODEL:-meta-llama/Llama-2-7b-hf}
+GPUS=${GPUS:-8}
+PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-2}
+DATA_DIR=${DATA_DIR:-data}
+OUTPUT_DIR=${OUTPUT_DIR:-runs/imsm_adalora_gsm8k}
+DS_CONFIG=${DS_CONFIG:-ds_configs/zero2.json}
+HOSTFILE=${HOSTFILE:-}
+
+deepspeed ${HOSTFILE:+--hostfile "$HOSTFILE"} --num_gpus "$GPUS" train.py \
+    --deepspeed "$DS_CONFIG" --model_name_or_path "$MODEL" \
+    --train_file "$DATA_DIR/gsm8k/train.jsonl" --output_dir "$OUTPUT_DIR" \
+    --peft adalora --gate query_aware --gate_rank 8 --gate_dropout 0.1 --gate_learning_rate 1e-3 \
+    --adalora_init_r 12 --adalora_target_r 8 --lora_alpha 16 \
+    --optim adamw_torch --learning_rate 2e-3 --lr_scheduler_type cosine --warmup_ratio 0.03 --weight_decay 0.0 \
+    --num_train_epochs 3 --per_device_train_batch_size "$PER_DEVICE_BATCH" \
+    --gradient_accumulation_steps $(( 16 / (GPUS * PER_DEVICE_BATCH) > 0 ? 16 / (GPUS * PER_DEVICE_BATCH) : 1 )) \
+    --max_input_length 512 --max_output_length 512 --bf16 --gradient_checkpointing \
+    --save_strategy epoch --logging_steps 10 --report_to tensorboard --seed 42 \
+    "$@"

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# IMSM-(IA)3 on gsm8k with the paper's settings (global batch 8, 3 epochs, gate rank 8).
+# Override anything: MODEL=... GPUS=4 bash run_scripts/imsm_ia3_gsm8k.sh --num_train_epochs 1
+set -euo pipefail
+MODEL=${MODEL:-meta-llama/Llama-2-7b-hf}
+GPUS=${GPUS:-8}
+PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-1}
+DATA_DIR=${DATA_DIR:-data}
+OUTPUT_DIR=${OUTPUT_DIR:-runs/imsm_ia3_gsm8k}
+DS_CONFIG=${DS_CONFIG:-ds_configs/zero2.json}
+HOSTFILE=${HOSTFILE:-}
+
+deepspeed ${HOSTFILE:+--hostfile "$HOSTFILE"} --num_gpus "$GPUS" train.py \
+    --deepspeed "$DS_CONFIG" --model_name_or_path "$MODEL" \
+    --train_file "$DATA_DIR/gsm8k/train.jsonl" --output_dir "$OUTPUT_DIR" \
+    --peft ia3 --gate query_aware --gate_rank 8 --gate_dropout 0.1 --gate_learning_rate 1e-3 \
+    --optim adafactor --learning_rate 3e-3 --lr_scheduler_type cosine --warmup_ratio 0.03 --weight_decay 0.0 \
+    --num_train_epochs 3 --per_device_train_batch_size "$PER_DEVICE_BATCH" \
+    --gradient_accumulation_steps $(( 8 / (GPUS * PER_DEVICE_BATCH) > 0 ? 8 / (GPUS * PER_DEVICE_BATCH) : 1 )) \
+    --max_input_length 512 --max_output_length 512 --bf16 --gradient_checkpointing \
+    --save_strategy epoch --logging_steps 10 --report_to tensorboard --seed 42 \
+    "$@"

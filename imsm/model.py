@@ -72,7 +72,7 @@ class IMSMModel(nn.Module):
 
     def hidden_states(self, input_ids, attention_mask, query_mask):
         """(frozen memory or None, tuned memory, mixed memory, gate) for a right- or left-padded batch."""
-        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         h_tuned = self.memory(True, **kwargs).last_hidden_state
         h_frozen = q_frozen = q_tuned = None
         if self.uses_frozen_memory:
@@ -127,6 +127,8 @@ class IMSMModel(nn.Module):
             trainable = {n for n, p in self.named_parameters() if p.requires_grad}
             missing = sorted(set(result.missing_keys) & trainable)
             if missing or result.unexpected_keys:
-                raise RuntimeError(f"state dict mismatch: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+                raise RuntimeError(
+                    f"state dict mismatch: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+                )
         return result
 

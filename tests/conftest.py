@@ -8,15 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
-WORDS = ("is odd even yes no the answer number what a of and to Output: Question: Is ? . , 0 1 2 3 4 5 6 7 8 9 "
-         "cat dog red blue big small true false").split()
+WORDS = (
+    "is", "odd", "even", "yes", "no", "the", "answer", "number", "what", "a", "of", "and", "to", "Output:",
+    "Question:", "Is", "?", ".", ",", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "cat", "dog", "red", "blue",
+    "big", "small", "true", "false",
+)
 
 
 def make_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "<pad>"] + WORDS)}
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "<pad>", *WORDS])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])

@@ -88,7 +88,7 @@ def test_loss_is_answer_token_cross_entropy_of_mixed_memory():
 
 
 def test_vanilla_peft_skips_the_frozen_pass():
-    backbone, model = _imsm(gate="none")
+    _, model = _imsm(gate="none")
     calls = []
     model.decoder.register_forward_hook(lambda *a: calls.append(1))
     model(**_batch())
@@ -123,7 +123,8 @@ def test_only_adapter_and_gate_train(peft, gate):
 def test_default_target_modules_and_override():
     _, model = _imsm(peft="ia3")
     cfg = model.peft_model.peft_config["default"]
-    assert set(cfg.target_modules) == {"k_proj", "v_proj", "down_proj"} and set(cfg.feedforward_modules) == {"down_proj"}
+    assert set(cfg.target_modules) == {"k_proj", "v_proj", "down_proj"}
+    assert set(cfg.feedforward_modules) == {"down_proj"}
     _, model = _imsm(peft="lora")
     assert set(model.peft_model.peft_config["default"].target_modules) == {"q_proj", "v_proj"}
     _, model = _imsm(peft="lora", target_modules=["o_proj"])

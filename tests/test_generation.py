@@ -25,6 +25,15 @@ PROMPT_LENGTHS = (3, 8, 1, 5, 11)
 VARIANTS = ["query_aware", "token", "equal", "none", "untuned"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices gain nothing from threads, and spinning OpenMP threads crawl on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return make_tokenizer()

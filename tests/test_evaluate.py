@@ -1,0 +1,229 @@
+"""evaluate.py end to end on tiny saved runs: files, metrics, templates, every bad input, and a 2-process launch."""
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_llama, make_tokenizer
+from safetensors.torch import save_file
+
+import evaluate
+from imsm.args import DataArguments, ImsmArguments
+from imsm.checkpoint import save_run_files
+from imsm.data import truncate_prompt
+from imsm.generation import DecodingConfig, generate
+from imsm.loader import build_imsm_model, imsm_settings, load_backbone, load_run
+from imsm.templates import build_template
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAT = ("{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+        "{% if add_generation_prompt %}<s> assistant {% endif %}")
+TASK_ROWS = {
+    "mrpc": [{"input": f"Question: Is {i} odd ? Output:", "output": "yes" if i % 2 else "no"} for i in range(7)],
+    "gsm8k": [{"input": f"Question: what is {i} and {i} ? Output:", "output": f"The answer is {2 * i}."}
+              for i in range(5)],
+    "webq": [{"input": f"Question: what is the big {w} ? Output:", "output": [w, "a " + w]}
+             for w in ("cat", "dog", "red", "blue")],
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices gain nothing from threads, and spinning OpenMP threads crawl on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny_chat_llama")
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = CHAT
+    make_llama(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _save_run(model_dir: Path, out: Path, gate: str, template: str = "raw", seed: int = 0) -> Path:
+    """A run folder as train.py writes it, with random (non-zero) adapter and gate weights."""
+    backbone, _, path = load_backbone(str(model_dir), attn_implementation="sdpa")
+    imsm_args = ImsmArguments(gate=gate, gate_dropout=0.0, lora_dropout=0.0, lora_r=4, gate_rank=4)
+    model = build_imsm_model(backbone, imsm_args)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    settings = imsm_settings(imsm_args, DataArguments(prompt_template=template), path, backbone.config.hidden_size)
+    save_run_files(model, out, settings, None, True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(model_dir, tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("runs")
+    return {"imsm": _save_run(model_dir, base / "imsm", "query_aware"),
+            "lora": _save_run(model_dir, base / "lora", "none", seed=1),
+            "imsm_chat": _save_run(model_dir, base / "imsm_chat", "query_aware", template="chat", seed=2)}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("data")
+    for task, rows in TASK_ROWS.items():
+        (base / task).mkdir()
+        (base / task / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return base
+
+
+def _argv(model_dir, data_dir, out, *extra):
+    return ["--model_name_or_path", str(model_dir), "--data_dir", str(data_dir), "--output_dir", str(out),
+            "--max_new_tokens", "4", "--batch_size", "3", *extra]
+
+
+def _predictions(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _files(path: Path) -> list[Path]:
+    return [p for p in path.rglob("*") if p.is_file()] if path.exists() else []
+
+
+def test_end_to_end_files_metrics_and_report(model_dir, data_dir, runs, tmp_path):
+    out = tmp_path / "eval"
+    paths = evaluate.main(_argv(model_dir, data_dir, out, "--run", str(runs["imsm"]), "--run", str(runs["lora"]),
+                                "--untuned", "--tasks", "mrpc,gsm8k,webq", "--target", "gsm8k"))
+    assert set(paths) == {"summary_md", "summary_csv", "forgetting_md", "forgetting_png"}
+    assert all(p.is_file() and p.stat().st_size > 0 for p in paths.values())
+    for label in ("untuned", "IMSM-LoRA", "LoRA"):
+        result = json.loads((out / label / "results.json").read_text())
+        assert result["label"] == label and set(result["metrics"]) == {"mrpc", "gsm8k", "webq"}
+        for task, rows in TASK_ROWS.items():
+            preds = _predictions(out / label / task / "predictions.jsonl")
+            assert [p["input"] for p in preds] == [r["input"] for r in rows]
+            assert [p["gold"] for p in preds] == [r["output"] for r in rows]
+            assert all(("gate_mean" in p) == (label == "IMSM-LoRA") for p in preds)
+            assert all(1 <= p["num_tokens"] <= 4 for p in preds)
+            metrics = json.loads((out / label / task / "metrics.json").read_text())
+            assert metrics["template"] == "raw" and metrics["label"] == label and metrics["task"] == task
+            assert metrics["metrics"]["n"] == len(rows) and metrics["metrics"] == result["metrics"][task]
+            assert (metrics["gate_mean"] is not None) == (label == "IMSM-LoRA")
+    assert set(json.loads((out / "IMSM-LoRA" / "mrpc" / "metrics.json").read_text())["metrics"]) == \
+        {"accuracy", "yes_rate", "invalid_rate", "f1", "n"}
+    assert "IMSM-LoRA" in (out / "summary.md").read_text()
+    assert "GSM8K" in (out / "forgetting.md").read_text().splitlines()[0]
+    assert not [p for p in out.rglob(".*") if p.is_file()]  # no temporary files left behind
+
+
+def test_predictions_are_the_runs_own_decoding(model_dir, data_dir, runs, tmp_path):
+    """Prompts are encoded with the recorded template and truncated as in training, then decoded greedily."""
+    out = tmp_path / "eval"
+    evaluate.main(_argv(model_dir, data_dir, out, "--run", str(runs["imsm_chat"]), "--tasks", "mrpc",
+                        "--labels", "chat-run", "--max_input_length", "6"))
+    model, tok, _ = load_run(runs["imsm_chat"])
+    template = build_template("chat", tok)
+    prompts = [truncate_prompt(template.encode_prompt(r["input"]), 6, tok.bos_token_id) for r in TASK_ROWS["mrpc"]]
+    expected = generate(model, tok, prompts, DecodingConfig(max_new_tokens=4))
+    preds = _predictions(out / "chat-run" / "mrpc" / "predictions.jsonl")
+    assert [p["prediction"] for p in preds] == [g.text for g in expected]
+    assert [p["gate_mean"] for p in preds] == pytest.approx([g.gate_mean for g in expected], abs=1e-6)
+    assert json.loads((out / "chat-run" / "mrpc" / "metrics.json").read_text())["template"] == "chat"
+
+
+def test_recorded_template_is_used_and_an_override_warns(model_dir, data_dir, runs, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        evaluate.main(_argv(model_dir, data_dir, tmp_path / "a", "--run", str(runs["imsm_chat"]), "--tasks", "mrpc"))
+    assert not [r for r in caplog.records if "prompt template" in r.getMessage()]
+    assert json.loads((tmp_path / "a" / "IMSM-LoRA" / "mrpc" / "metrics.json").read_text())["template"] == "chat"
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        evaluate.main(_argv(model_dir, data_dir, tmp_path / "b", "--run", str(runs["imsm_chat"]), "--tasks", "mrpc",
+                            "--prompt_template", "raw"))
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "prompt template" in r.getMessage()]
+    assert len(warnings) == 1 and "'chat'" in warnings[0].getMessage() and "'raw'" in warnings[0].getMessage()
+    assert json.loads((tmp_path / "b" / "IMSM-LoRA" / "mrpc" / "metrics.json").read_text())["template"] == "raw"
+    raw = _predictions(tmp_path / "b" / "IMSM-LoRA" / "mrpc" / "predictions.jsonl")
+    chat = _predictions(tmp_path / "a" / "IMSM-LoRA" / "mrpc" / "predictions.jsonl")
+    assert [p["prediction"] for p in raw] != [p["prediction"] for p in chat]
+
+
+def _broken_runs(runs, base: Path) -> dict[str, tuple[Path, str]]:
+    """Damaged copies of the IMSM run, each with the file its error must name."""
+    out = {}
+    for name, damage in (("no_adapter", "adapter_model.safetensors"), ("no_gate", "gate.safetensors"),
+                         ("bad_gate", "gate.safetensors")):
+        run = base / name
+        shutil.copytree(runs["imsm"], run)
+        if name == "bad_gate":  # rank 3 where the settings say 4
+            save_file({"w_a.weight": torch.zeros(3, 4 * 32), "w_b.weight": torch.zeros(32, 3)}, str(run / damage))
+        else:
+            (run / damage).unlink()
+        out[name] = (run, damage)
+    return out
+
+
+def test_bad_inputs_fail_before_anything_is_written(model_dir, data_dir, runs, tmp_path):
+    bad_data = tmp_path / "bad_data"
+    shutil.copytree(data_dir, bad_data)
+    bad_file = bad_data / "webq" / "test.jsonl"
+    bad_file.write_text(bad_file.read_text() + json.dumps({"prompt": "no input here", "output": "x"}) + "\n")
+    good = ["--run", str(runs["imsm"]), "--untuned"]
+    cases = [(_argv(model_dir, data_dir, tmp_path / "o1", *good, "--tasks", "mrpc,squad"), ValueError, "squad"),
+             (_argv(model_dir, bad_data, tmp_path / "o2", *good, "--tasks", "mrpc,webq"), ValueError,
+              f"{bad_file}:5: missing field 'input'"),
+             (_argv(model_dir, data_dir, tmp_path / "o3", *good, "--tasks", "mrpc", "--task_file",
+                    f"mrpc={tmp_path / 'absent.jsonl'}"), FileNotFoundError, str(tmp_path / "absent.jsonl"))]
+    for i, (name, (run, damaged)) in enumerate(_broken_runs(runs, tmp_path).items()):
+        error = FileNotFoundError if name.startswith("no_") else ValueError
+        # the broken run comes after a good one: nothing may be decoded or written for the good one either
+        cases.append((_argv(model_dir, data_dir, tmp_path / f"r{i}", *good, "--run", str(run), "--tasks", "mrpc"),
+                      error, str(run / damaged) if name != "no_adapter" else f"{run}: incomplete run folder"))
+    for argv, error, message in cases:
+        with pytest.raises(error) as info:
+            evaluate.main(argv)
+        assert message in str(info.value)
+        out = Path(argv[argv.index("--output_dir") + 1])
+        assert _files(out) == [], f"{argv}: files written before the error"
+
+
+def test_argument_errors(model_dir, data_dir, runs, tmp_path):
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        evaluate.main(_argv(model_dir, data_dir, tmp_path / "o", "--tasks", "mrpc"))
+    with pytest.raises(ValueError, match="--labels has 1 names for 2 models"):
+        evaluate.main(_argv(model_dir, data_dir, tmp_path / "o", "--run", str(runs["imsm"]), "--untuned",
+                            "--tasks", "mrpc", "--labels", "x"))
+    with pytest.raises(ValueError, match="unique"):
+        evaluate.main(_argv(model_dir, data_dir, tmp_path / "o", "--run", str(runs["imsm"]), "--run",
+                            str(runs["imsm_chat"]), "--tasks", "mrpc"))
+    assert _files(tmp_path / "o") == []
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_single_process_predictions(model_dir, data_dir, runs, tmp_path):
+    args = _argv(model_dir, data_dir, tmp_path / "multi", "--run", str(runs["imsm"]), "--untuned",
+                 "--tasks", "mrpc,webq")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "evaluate.py"), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    evaluate.main(_argv(model_dir, data_dir, tmp_path / "single", "--run", str(runs["imsm"]), "--untuned",
+                        "--tasks", "mrpc,webq"))
+    for label in ("untuned", "IMSM-LoRA"):
+        for task in ("mrpc", "webq"):
+            multi = _predictions(tmp_path / "multi" / label / task / "predictions.jsonl")
+            single = _predictions(tmp_path / "single" / label / task / "predictions.jsonl")
+            assert [p["input"] for p in multi] == [r["input"] for r in TASK_ROWS[task]]
+            assert [p["prediction"] for p in multi] == [p["prediction"] for p in single]
+            assert [p.get("gate_mean") for p in multi] == pytest.approx([p.get("gate_mean") for p in single],
+                                                                        abs=1e-5)
+    assert (tmp_path / "multi" / "summary.md").read_text() == (tmp_path / "single" / "summary.md").read_text()

@@ -5,8 +5,11 @@ summary + forgetting report.
         --tasks gsm8k,mrpc,cola,ropes,webq,freebaseqa,multirc --data_dir /work/shared/data \
         --output_dir eval/gsm8k --labels untuned,IMSM-LoRA,LoRA --target gsm8k --batch_size 16
 
-    torchrun --nproc_per_node 8 evaluate.py ...the same arguments...
-    deepspeed --num_gpus 8 evaluate.py ...the same arguments...
+    torchrun --nproc_per_node 8 evaluate.py --run_dir runs/imsm_lora_gsm8k --run_dir runs/lora_gsm8k ...the rest...
+    deepspeed --num_gpus 8 evaluate.py ...the same arguments as the first command...
+
+``--run`` is an alias of ``--run_dir``; under torchrun write ``--run_dir`` (torchrun's own parser rejects ``--run``
+as an ambiguous abbreviation of its ``--run-path``, even after the script name).
 
 Each process decodes a strided shard of every task; rank 0 gathers the predictions back in input order and writes
 ``OUTPUT_DIR/<label>/<task>/{predictions.jsonl,metrics.json}``, ``OUTPUT_DIR/<label>/results.json`` and
@@ -58,9 +61,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclass
 class EvalArguments:
     output_dir: str = field(metadata={"help": "Where predictions, metrics and the report go."})
-    run: list[str] = field(default_factory=list, metadata={
-        "help": "A run folder (OUTPUT_DIR of train.py, its final/ or a checkpoint); repeat for several.",
-        "action": "extend"})
+    run_dir: list[str] = field(default_factory=list, metadata={
+        "help": "A run folder (OUTPUT_DIR of train.py, its final/ or a checkpoint); repeat for several. "
+                "Alias --run (not under torchrun, whose parser takes --run for its own --run-path).",
+        "action": "extend", "aliases": ["--run"]})
     untuned: bool = field(default=False, metadata={"help": "Also evaluate the base model without any adapter."})
     model_name_or_path: str | None = field(default=None, metadata={
         "help": "Base model; default: each run's recorded base_model (the embedded SmolLM2 for --untuned)."})
@@ -95,7 +99,7 @@ class EvalArguments:
         for task in self.task_names + ([self.target] if self.target else []):
             get_task(task)
         self.target = self.target or self.task_names[0]
-        if not self.run and not self.untuned:
+        if not self.run_dir and not self.untuned:
             raise ValueError("nothing to evaluate: give --run RUN_DIR (repeatable) and/or --untuned")
         if self.prompt_template is not None and self.prompt_template not in TEMPLATES:
             raise ValueError(f"--prompt_template {self.prompt_template!r}: choose one of {sorted(TEMPLATES)}")
@@ -158,7 +162,7 @@ def plan_models(args: EvalArguments) -> list[ModelPlan]:
     if args.untuned:
         plans.append(ModelPlan("untuned", resolve_model_path(args.model_name_or_path), args.prompt_template or "raw",
                                args.system_prompt))
-    for run in args.run:
+    for run in args.run_dir:
         run_dir = resolve_run_dir(run)
         settings = read_settings(run_dir)
         recorded = (settings.get("prompt_template", "raw"), settings.get("system_prompt"))

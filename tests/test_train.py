@@ -135,3 +135,18 @@ def test_adalora_allocates_ranks(tiny_model_dir, tiny_train_file, tmp_path):
     config = json.loads((out / "final" / "adapter_config.json").read_text())
     assert config["peft_type"] == "ADALORA" and config["rank_pattern"], "update_and_allocate never ran"
     load_run(out / "final")
+
+
+def test_tensorboard_logs_loss_lr_and_gate(tiny_model_dir, tiny_train_file, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    train.main(_args(tiny_model_dir, tiny_train_file, out, "--max_steps", "2", "--save_strategy", "no",
+                     "--report_to", "tensorboard"))
+    (log_dir,) = (out / "runs").iterdir()
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/learning_rate", "train/gate_mean"} <= tags
+    gate = [e.value for e in events.Scalars("train/gate_mean")]
+    assert all(0.0 < g < 1.0 for g in gate)

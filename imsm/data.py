@@ -59,19 +59,23 @@ def training_answer(output: str | list[str]) -> str:
     return output[0] if isinstance(output, list) else output
 
 
+def encode_prompt(template: PromptTemplate, prompt: str, max_input_length: int) -> list[int]:
+    """The query token ids the model sees for ``prompt``, the same in training and in decoding: the templated prompt
+    cut from the left to ``max_input_length`` tokens, keeping a leading BOS so the model still sees a sequence start."""
+    return truncate_prompt(template.encode_prompt(prompt), max_input_length, template.tokenizer.bos_token_id)
+
+
 def encode_example(
     template: PromptTemplate, prompt: str, answer: str, max_input_length: int, max_output_length: int
 ) -> dict | None:
     """Token ids, labels (prompt masked) and the query length; None when no answer token is left.
 
-    The answer keeps its first ``max_output_length`` tokens; the prompt is cut from the left to ``max_input_length``
-    tokens, keeping a leading BOS so the model still sees a sequence start.
+    The answer keeps its first ``max_output_length`` tokens; the prompt is ``encode_prompt``'s.
     """
-    prompt_ids = template.encode_prompt(prompt)
     answer_ids = template.encode_answer(prompt, answer)[:max_output_length]
     if not answer_ids:
         return None
-    prompt_ids = truncate_prompt(prompt_ids, max_input_length, template.tokenizer.bos_token_id)
+    prompt_ids = encode_prompt(template, prompt, max_input_length)
     return {
         "input_ids": prompt_ids + answer_ids,
         "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids,

@@ -176,10 +176,14 @@ def test_bad_inputs_fail_before_anything_is_written(model_dir, data_dir, runs, t
     shutil.copytree(data_dir, bad_data)
     bad_file = bad_data / "webq" / "test.jsonl"
     bad_file.write_text(bad_file.read_text() + json.dumps({"prompt": "no input here", "output": "x"}) + "\n")
+    bad_gold = bad_data / "mrpc" / "test.jsonl"
+    bad_gold.write_text(bad_gold.read_text() + json.dumps({"input": "Is it ?", "output": "maybe"}) + "\n")
     good = ["--run", str(runs["imsm"]), "--untuned"]
     cases = [(_argv(model_dir, data_dir, tmp_path / "o1", *good, "--tasks", "mrpc,squad"), ValueError, "squad"),
-             (_argv(model_dir, bad_data, tmp_path / "o2", *good, "--tasks", "mrpc,webq"), ValueError,
+             (_argv(model_dir, bad_data, tmp_path / "o2", *good, "--tasks", "webq,mrpc"), ValueError,
               f"{bad_file}:5: missing field 'input'"),
+             (_argv(model_dir, bad_data, tmp_path / "o4", *good, "--tasks", "gsm8k,mrpc"), ValueError,
+              f"{bad_gold}: a yes/no task needs a single gold 'yes' or 'no', got 'maybe'"),
              (_argv(model_dir, data_dir, tmp_path / "o3", *good, "--tasks", "mrpc", "--task_file",
                     f"mrpc={tmp_path / 'absent.jsonl'}"), FileNotFoundError, str(tmp_path / "absent.jsonl"))]
     for i, (name, (run, damaged)) in enumerate(_broken_runs(runs, tmp_path).items()):
@@ -204,6 +208,9 @@ def test_argument_errors(model_dir, data_dir, runs, tmp_path):
     with pytest.raises(ValueError, match="unique"):
         evaluate.main(_argv(model_dir, data_dir, tmp_path / "o", "--run", str(runs["imsm"]), "--run",
                             str(runs["imsm_chat"]), "--tasks", "mrpc"))
+    with pytest.raises(ValueError, match="at least 1"):
+        evaluate.main(_argv(model_dir, data_dir, tmp_path / "o", "--untuned", "--tasks", "mrpc", "--max_new_tokens",
+                            "0"))
     assert _files(tmp_path / "o") == []
 
 
@@ -228,3 +235,33 @@ def test_two_processes_give_the_single_process_predictions(model_dir, data_dir, 
             assert [p.get("gate_mean") for p in multi] == pytest.approx([p.get("gate_mean") for p in single],
                                                                         abs=1e-5)
     assert (tmp_path / "multi" / "summary.md").read_text() == (tmp_path / "single" / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("template", ["raw", "chat"])
+def test_training_and_evaluation_feed_the_same_prompt_ids(model_dir, data_dir, tmp_path, monkeypatch, template):
+    """The query of a training example is token for token what evaluate.py feeds the model for the same row."""
+    import imsm.evaluation
+    import train
+
+    rows = TASK_ROWS["mrpc"]
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    trainer = train.main(["--model_name_or_path", str(model_dir), "--train_file", str(train_file),
+                          "--output_dir", str(tmp_path / "run"), "--max_steps", "1", "--save_strategy", "no",
+                          "--report_to", "none", "--prompt_template", template, "--max_input_length", "12"])
+    trained = [ex["input_ids"][: ex["query_length"]] for ex in trainer.train_dataset.examples]
+    seen = []
+    real_generate = imsm.evaluation.generate
+
+    def spy(model, tokenizer, prompts, config):
+        seen.extend(list(p) for p in prompts)
+        return real_generate(model, tokenizer, prompts, config)
+
+    monkeypatch.setattr(imsm.evaluation, "generate", spy)
+    evaluate.main(_argv(model_dir, data_dir, tmp_path / "eval", "--run", str(tmp_path / "run"), "--tasks", "mrpc",
+                        "--max_input_length", "12"))
+    assert seen == trained
+    tokenizer = make_tokenizer()
+    bos = tokenizer.bos_token_id
+    assert all(ids[0] == bos and ids[1] != bos for ids in seen)  # one BOS, kept through the left cut
+    assert all(len(ids) <= 12 for ids in seen)

@@ -60,8 +60,11 @@ def training_answer(output: str | list[str]) -> str:
 
 
 def encode_prompt(template: PromptTemplate, prompt: str, max_input_length: int) -> list[int]:
-    """The query token ids the model sees for ``prompt``, the same in training and in decoding: the templated prompt
-    cut from the left to ``max_input_length`` tokens, keeping a leading BOS so the model still sees a sequence start."""
+    """The query token ids the model sees for ``prompt``, the same in training and in decoding.
+
+    The templated prompt is cut from the left to ``max_input_length`` tokens, keeping a leading BOS so the model
+    still sees a sequence start.
+    """
     return truncate_prompt(template.encode_prompt(prompt), max_input_length, template.tokenizer.bos_token_id)
 
 

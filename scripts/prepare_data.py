@@ -1,4 +1,5 @@
-"""Build the IMSM benchmark files in the paper's prompt format: ``OUT/<task>/<split>.jsonl`` of ``{"input", "output"}``.
+"""Build the IMSM benchmark files in the paper's prompt format: ``OUT/<task>/<split>.jsonl`` of
+``{"input", "output"}``.
 
     python scripts/prepare_data.py --out_dir data                                  # all tasks, from the Hub
     python scripts/prepare_data.py --tasks gsm8k cola --out_dir data --local_dir raw  # Hub unreachable

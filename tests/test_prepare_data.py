@@ -25,18 +25,18 @@ def _load_script():
 pd = _load_script()
 
 GSM8K_RAW = {
-    "question": "Janet’s ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins for her "
-    "friends every day with four. She sells the remainder at the farmers' market daily for $2 per fresh duck egg. How "
-    "much in dollars does she make every day at the farmers' market?",
+    "question": "Janet’s ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins "
+    "for her friends every day with four. She sells the remainder at the farmers' market daily for $2 per fresh "
+    "duck egg. How much in dollars does she make every day at the farmers' market?",
     "answer": "Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.\nShe makes 9 * 2 = $<<9*2=18>>18 every day at "
     "the farmer’s market.\n#### 18",
 }
 COLA_RAW = {"sentence": "The sailors rode the breeze clear of the rocks.", "label": 1, "idx": 0}
 MRPC_RAW = {
-    "sentence1": "PCCW 's chief operating officer , Mike Butcher , and Alex Arena , the chief financial officer , will "
-    "report directly to Mr So .",
-    "sentence2": "Current Chief Operating Officer Mike Butcher and Group Chief Financial Officer Alex Arena will report "
-    "to So .",
+    "sentence1": "PCCW 's chief operating officer , Mike Butcher , and Alex Arena , the chief financial officer , "
+    "will report directly to Mr So .",
+    "sentence2": "Current Chief Operating Officer Mike Butcher and Group Chief Financial Officer Alex Arena will "
+    "report to So .",
     "label": 1,
     "idx": 0,
 }

@@ -26,7 +26,8 @@ def test_imsm_trains_and_decodes_on_smollm2(tmp_path):
     out = tmp_path / "run"
     trainer = train.main(["--train_file", str(data), "--output_dir", str(out), "--max_steps", "3",
                           "--per_device_train_batch_size", "4", "--learning_rate", "3e-4", "--prompt_template", "chat",
-                          "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true"])
+                          "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
+                          "--logging_steps", "1"])
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses and all(0 < loss < 20 for loss in losses)
     model, tokenizer, settings = load_run(out / "final")

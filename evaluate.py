@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> dict[str, Path] | None:
 
     runs = [evaluate_model(plan, args, tasks, dtype, device, rank, world_size) for plan in plans]
     paths = write_report(runs, args.target, args.output_dir) if rank == 0 else None
+    if paths is not None:
+        print(paths["summary_md"].read_text(), paths["forgetting_md"].read_text(), sep="\n")
+        print(f"Report, predictions and chart: {args.output_dir}")
     if world_size > 1:
         torch.distributed.destroy_process_group()
     return paths

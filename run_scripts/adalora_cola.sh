@@ -15,7 +15,7 @@ deepspeed ${HOSTFILE:+--hostfile "$HOSTFILE"} --num_gpus "$GPUS" train.py \
     --train_file "$DATA_DIR/cola/train.jsonl" --output_dir "$OUTPUT_DIR" \
     --peft adalora --gate none --gate_rank 8 --gate_dropout 0.1 --gate_learning_rate 1e-3 \
     --adalora_init_r 12 --adalora_target_r 8 --lora_alpha 16 \
-    --optim adamw_torch --learning_rate 2e-3 --lr_scheduler_type cosine --warmup_ratio 0.03 --weight_decay 0.0 \
+    --optim adamw_torch --learning_rate 2e-3 --lr_scheduler_type cosine --warmup_steps 0.03 --weight_decay 0.0 \
     --num_train_epochs 3 --per_device_train_batch_size "$PER_DEVICE_BATCH" \
     --gradient_accumulation_steps $(( 16 / (GPUS * PER_DEVICE_BATCH) > 0 ? 16 / (GPUS * PER_DEVICE_BATCH) : 1 )) \
     --max_input_length 256 --max_output_length 8 --bf16 --gradient_checkpointing \

@@ -10,11 +10,11 @@ DATA_DIR=${DATA_DIR:-../shared/data}
 OUTPUT_DIR=${OUTPUT_DIR:-runs/cpu_demo}
 TARGET=${TARGET:-cola}
 TEMPLATE=${TEMPLATE:-chat}
-TRAIN_EXAMPLES=${TRAIN_EXAMPLES:-1200}
-STEPS=${STEPS:-150}
+TRAIN_EXAMPLES=${TRAIN_EXAMPLES:-800}
+STEPS=${STEPS:-100}
 BATCH=${BATCH:-8}
 LR=${LR:-3e-4}
-EVAL_EXAMPLES=${EVAL_EXAMPLES:-200}
+EVAL_EXAMPLES=${EVAL_EXAMPLES:-100}
 SEED=${SEED:-42}
 
 for gate in none query_aware; do
@@ -22,12 +22,12 @@ for gate in none query_aware; do
     "$PY" train.py --train_file "$DATA_DIR/$TARGET/train.jsonl" --max_train_examples "$TRAIN_EXAMPLES" \
         --output_dir "$OUTPUT_DIR/$label" \
         --peft lora --lora_r 16 --lora_alpha 16 --gate "$gate" --gate_rank 8 --gate_dropout 0.1 \
-        --prompt_template "$TEMPLATE" --learning_rate "$LR" --lr_scheduler_type cosine --warmup_ratio 0.03 \
+        --prompt_template "$TEMPLATE" --learning_rate "$LR" --lr_scheduler_type cosine --warmup_steps 0.03 \
         --max_steps "$STEPS" --per_device_train_batch_size "$BATCH" --max_input_length 256 --max_output_length 8 \
         --save_strategy no --logging_steps 10 --report_to tensorboard --seed "$SEED" --disable_tqdm true "$@"
 done
 
-"$PY" evaluate.py --untuned --run "$OUTPUT_DIR/lora" --run "$OUTPUT_DIR/imsm_lora" \
+"$PY" evaluate.py --untuned --run_dir "$OUTPUT_DIR/lora" "$OUTPUT_DIR/imsm_lora" \
     --labels untuned,LoRA,IMSM-LoRA --prompt_template "$TEMPLATE" --target "$TARGET" \
     --tasks "$TARGET,webq,multirc,mrpc,freebaseqa" --data_dir "$DATA_DIR" --max_examples "$EVAL_EXAMPLES" \
     --output_dir "$OUTPUT_DIR/eval"

@@ -14,7 +14,7 @@ deepspeed ${HOSTFILE:+--hostfile "$HOSTFILE"} --num_gpus "$GPUS" train.py \
     --deepspeed "$DS_CONFIG" --model_name_or_path "$MODEL" \
     --train_file "$DATA_DIR/cola/train.jsonl" --output_dir "$OUTPUT_DIR" \
     --peft ia3 --gate query_aware --gate_rank 8 --gate_dropout 0.1 --gate_learning_rate 1e-3 \
-    --optim adafactor --learning_rate 3e-3 --lr_scheduler_type cosine --warmup_ratio 0.03 --weight_decay 0.0 \
+    --optim adafactor --learning_rate 3e-3 --lr_scheduler_type cosine --warmup_steps 0.03 --weight_decay 0.0 \
     --num_train_epochs 3 --per_device_train_batch_size "$PER_DEVICE_BATCH" \
     --gradient_accumulation_steps $(( 8 / (GPUS * PER_DEVICE_BATCH) > 0 ? 8 / (GPUS * PER_DEVICE_BATCH) : 1 )) \
     --max_input_length 256 --max_output_length 8 --bf16 --gradient_checkpointing \

@@ -4,8 +4,6 @@
     python scripts/prepare_data.py --out_dir data                                  # all tasks, from the Hub
     python scripts/prepare_data.py --tasks gsm8k cola --out_dir data --local_dir raw  # Hub unreachable
 
-(run from the repository root with ``imsm`` importable, e.g. after ``pip install -e .`` or with ``PYTHONPATH=.``)
-
 The prompts reproduce the files published with the paper's code character for character (including MRPC's "Ouput:"
 typo and CoLA's leading space). Each task reads a public Hugging Face dataset with ``datasets.load_dataset``, or, with
 ``--local_dir DIR``, the files ``DIR/<task>/<source split>.{jsonl,json,csv,parquet}`` (Hub shards such as
@@ -26,10 +24,13 @@ import json
 import logging
 import re
 import string
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from imsm.atomic import atomic_write_jsonl
 

@@ -89,3 +89,19 @@ def test_deepspeed_adalora_allocates(tiny_model_dir, tiny_train_file, tmp_path):
     config = json.loads((out / "final" / "adapter_config.json").read_text())
     assert config["rank_pattern"], "update_and_allocate never ran under DeepSpeed"
     load_run(out / "final")
+
+
+def test_run_script_launches_for_real(tiny_model_dir, tiny_train_file, tmp_path):
+    import os
+
+    data = tmp_path / "data" / "cola"
+    data.mkdir(parents=True)
+    shutil.copy(tiny_train_file, data / "train.jsonl")
+    env = {**os.environ, "MODEL": str(tiny_model_dir), "GPUS": "1", "PER_DEVICE_BATCH": "4",
+           "DATA_DIR": str(tmp_path / "data"), "OUTPUT_DIR": str(tmp_path / "run"),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", "run_scripts/imsm_lora_cola.sh", "--max_steps", "2", "--bf16", "false",
+                           "--report_to", "none"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    load_run(tmp_path / "run" / "final")

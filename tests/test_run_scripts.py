@@ -1,0 +1,67 @@
+"""Every launcher in run_scripts/ hands train.py arguments it accepts, with the paper's settings."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from transformers import HfArgumentParser, TrainingArguments
+
+from imsm.args import DataArguments, ImsmArguments, ModelArguments
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted(p for p in (ROOT / "run_scripts").glob("*.sh") if p.name != "cpu_demo.sh")
+SHIM = '#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$CAPTURE"\n'
+
+
+def _captured_args(script: Path, tmp_path: Path, *extra: str, env: dict | None = None) -> list[str]:
+    """Run the launcher with a stand-in ``deepspeed`` that records its arguments instead of launching."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "deepspeed").write_text(SHIM)
+    (bin_dir / "deepspeed").chmod(0o755)
+    capture = tmp_path / f"{script.stem}.args"
+    full_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CAPTURE": str(capture), **(env or {})}
+    subprocess.run(["bash", str(script), *extra], cwd=ROOT, env=full_env, check=True)
+    args = capture.read_text().splitlines()
+    return args[args.index("train.py") + 1 :]
+
+
+def _parse(args: list[str], tmp_path: Path):
+    parser = HfArgumentParser((ModelArguments, DataArguments, ImsmArguments, TrainingArguments))
+    return parser.parse_args_into_dataclasses(args=[*args, "--output_dir", str(tmp_path / "out"), "--bf16", "false"])
+
+
+def test_one_imsm_and_one_vanilla_launcher_per_method_and_dataset():
+    names = {p.stem for p in SCRIPTS}
+    for method in ("lora", "adalora", "dora", "ia3"):
+        for task in ("gsm8k", "mrpc", "cola", "ropes"):
+            assert {f"imsm_{method}_{task}", f"{method}_{task}"} <= names
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[p.stem for p in SCRIPTS])
+def test_launcher_arguments_parse_with_paper_settings(script, tmp_path):
+    _, data, imsm, training = _parse(_captured_args(script, tmp_path), tmp_path)
+    method = script.stem.removeprefix("imsm_").split("_")[0]
+    assert imsm.peft == method
+    assert imsm.gate == ("query_aware" if script.stem.startswith("imsm_") else "none")
+    lr = {"lora": 3e-4, "adalora": 2e-3, "dora": 1e-4, "ia3": 3e-3}[method]
+    assert training.learning_rate == lr and training.num_train_epochs == 3 and imsm.gate_rank == 8
+    global_batch = training.per_device_train_batch_size * 8 * training.gradient_accumulation_steps  # GPUS=8
+    assert global_batch == (8 if method == "ia3" else 16)
+    if method == "ia3":
+        assert training.optim == "adafactor"
+    if method in ("lora", "dora"):
+        assert (imsm.lora_r, imsm.lora_alpha) == ((16, 16) if method == "lora" else (16, 32))
+    assert data.train_file.endswith(f"/{script.stem.split('_')[-1]}/train.jsonl")
+
+
+def test_environment_and_extra_arguments_pass_through(tmp_path):
+    script = ROOT / "run_scripts" / "imsm_lora_gsm8k.sh"
+    args = _captured_args(script, tmp_path, "--num_train_epochs", "1",
+                          env={"MODEL": "my/model", "GPUS": "2", "DATA_DIR": "/d", "OUTPUT_DIR": "/o"})
+    _, data, _, training = _parse(args, tmp_path)
+    assert args[args.index("--model_name_or_path") + 1] == "my/model"
+    assert data.train_file == "/d/gsm8k/train.jsonl"
+    assert training.num_train_epochs == 1  # the user's argument wins
+    assert training.gradient_accumulation_steps == 4  # global batch 16 = 2 per device x 2 GPUs x 4

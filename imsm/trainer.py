@@ -176,8 +176,8 @@ class AdaLoraAllocator(TrainerCallback):
             grads = [safe_get_full_grad(p) for _, p in params] if boundary else None
             result = real_step(*a, **kw)
             if boundary:
-                for (_, p), g in zip(params, grads):
-                    p.grad = g
+                for (_, p), g in zip(params, grads, strict=True):
+                    p.grad = g.to(p.dtype)  # DeepSpeed hands back fp32 gradients for bf16/fp16 weights
                 self._peft().base_model.update_and_allocate(trainer.state.global_step)
                 for _, p in params:
                     p.grad = None

@@ -41,6 +41,15 @@ def make_llama(vocab_size: int, hidden: int = 32, layers: int = 2, seed: int = 0
     return LlamaForCausalLM(config)
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny matrices gain nothing from threads, and spinning OpenMP threads crawl on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A saved tiny Llama + tokenizer folder usable as --model_name_or_path."""

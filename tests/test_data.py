@@ -9,6 +9,8 @@ from conftest import make_tokenizer
 from imsm.data import IGNORE_INDEX, SupervisedCollator, SupervisedDataset, encode_example, read_jsonl
 from imsm.templates import build_template
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def _write(tmp_path, text, name="d.jsonl"):
     path = tmp_path / name

@@ -34,12 +34,8 @@ TASK_ROWS = {
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices gain nothing from threads, and spinning OpenMP threads crawl on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(single_thread):
+    """Every test here runs on tiny matrices."""
 
 
 @pytest.fixture(scope="module")

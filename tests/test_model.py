@@ -9,6 +9,8 @@ from imsm.args import ImsmArguments
 from imsm.gate import query_mean
 from imsm.loader import build_imsm_model
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 VOCAB = 64
 
 

@@ -6,6 +6,8 @@ from conftest import make_tokenizer
 from imsm.data import encode_example
 from imsm.templates import build_template
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 CHAT = ("{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
         "{% if add_generation_prompt %}<s> assistant {% endif %}")
 

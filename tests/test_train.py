@@ -11,6 +11,8 @@ from transformers.trainer_utils import get_last_checkpoint
 import train
 from imsm.loader import load_run
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def _args(model_dir, train_file, out, *extra):
     return ["--model_name_or_path", str(model_dir), "--train_file", str(train_file), "--output_dir", str(out),

@@ -77,7 +77,7 @@ class EvalArguments:
 
     @property
     def task_names(self) -> list[str]:
-        return [t.strip() for t in self.tasks.split(",") if t.strip()]
+        return list(dict.fromkeys(t.strip() for t in self.tasks.split(",") if t.strip()))  # order kept, no repeats
 
     def __post_init__(self) -> None:
         if not self.task_names:

@@ -8,13 +8,13 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 DATA_DIR=${DATA_DIR:-../shared/data}
 OUTPUT_DIR=${OUTPUT_DIR:-runs/cpu_demo}
-TARGET=${TARGET:-cola}
+TARGET=${TARGET:-mrpc}
 TEMPLATE=${TEMPLATE:-chat}
 TRAIN_EXAMPLES=${TRAIN_EXAMPLES:-800}
-STEPS=${STEPS:-100}
+STEPS=${STEPS:-80}
 BATCH=${BATCH:-8}
 LR=${LR:-3e-4}
-EVAL_EXAMPLES=${EVAL_EXAMPLES:-100}
+EVAL_EXAMPLES=${EVAL_EXAMPLES:-60}
 SEED=${SEED:-42}
 
 for gate in none query_aware; do

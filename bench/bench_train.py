@@ -35,7 +35,7 @@ def measure(args) -> dict:
     model = build_imsm_model(backbone, ImsmArguments(peft="lora", gate=args.gate, lora_r=16, lora_alpha=16))
     model.to(device).train()
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     vocab = model.config.vocab_size
     ids = torch.randint(10, vocab, (args.batch_size, args.seq_len), device=device)

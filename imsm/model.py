@@ -110,11 +110,17 @@ class IMSMModel(nn.Module):
                 out["gate_mean"] = gate.float().mean()
         return out
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        # Non-reentrant checkpointing: the frozen embedding produces no grad, and the reentrant variant would then
-        # drop the adapter's gradients unless inputs were forced to require grad.
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        self.peft_model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """Checkpoint the backbone's layers (the Trainer calls this for ``--gradient_checkpointing``).
+
+        Non-reentrant by default: the frozen embedding produces no grad, and the reentrant variant would then drop the
+        adapter's gradients unless inputs were forced to require grad.
+        """
+        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        self.peft_model.get_base_model().activation_checkpointing_enable(
+            activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers, offload=offload
+        )
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Load adapter and gate values; frozen backbone weights may be absent (they come from the pretrained model).

@@ -138,3 +138,18 @@ def test_unknown_model_type_asks_for_target_modules():
 
     with pytest.raises(ValueError, match="pass --target_modules"):
         build_peft_config(ImsmArguments(), "gpt_neox")
+
+
+def test_activation_checkpointing_keeps_the_gradients():
+    _, model = _imsm()
+    model.train()
+    _perturb_adapter(model)
+    b = _batch()
+    model(**b)["loss"].backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    model(**b)["loss"].backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, expected[n], msg=n)

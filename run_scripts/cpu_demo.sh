@@ -17,6 +17,12 @@ LR=${LR:-3e-4}
 EVAL_EXAMPLES=${EVAL_EXAMPLES:-60}
 SEED=${SEED:-42}
 
+[ -f "$DATA_DIR/$TARGET/train.jsonl" ] || {
+    echo "cpu_demo: $DATA_DIR/$TARGET/train.jsonl not found; build the task files with" \
+         "'.venv/bin/python scripts/prepare_data.py --out_dir data' and run with DATA_DIR=data" >&2
+    exit 1
+}
+
 for gate in none query_aware; do
     label=$([ "$gate" = none ] && echo lora || echo imsm_lora)
     "$PY" train.py --train_file "$DATA_DIR/$TARGET/train.jsonl" --max_train_examples "$TRAIN_EXAMPLES" \

@@ -147,7 +147,6 @@ def load_run(run: str | Path, model_name_or_path: str | None = None, dtype: torc
     peft_model = PeftModel.from_pretrained(backbone, str(run_dir))
     gate = build_gate(settings["gate"], backbone.config.hidden_size, settings["gate_rank"], settings["gate_dropout"])
     model = IMSMModel(peft_model, gate)
-    if (run_dir / GATE_FILE).is_file():
-        load_gate_into(model, run_dir / GATE_FILE)
+    load_gate_into(model, run_dir / GATE_FILE)
     model.eval()
     return model, tokenizer, settings

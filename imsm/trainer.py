@@ -17,6 +17,7 @@ import contextlib
 import functools
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -89,6 +90,8 @@ class IMSMTrainer(Trainer):
         is_main = self.args.should_save
         unwrapped = self.accelerator.unwrap_model(self.model)
         target = output_dir if _internal_call else output_dir.with_name(f".{output_dir.name}.staging")
+        if not _internal_call:
+            self._clear_leftover(target)
         save_run_files(unwrapped, target, self.imsm_settings, self.run_args, is_main)
         if self.processing_class is not None and is_main:
             self.processing_class.save_pretrained(str(target))
@@ -97,6 +100,12 @@ class IMSMTrainer(Trainer):
             if is_main:
                 replace_dir(target, output_dir)
             self.accelerator.wait_for_everyone()
+
+    def _clear_leftover(self, staging: Path) -> None:
+        """A staging folder left by an interrupted save must not lend stale files to the new one."""
+        if self.args.should_save and staging.exists():
+            shutil.rmtree(staging)
+        self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         # The Trainer looks for full model weights; a checkpoint holds the adapter and the gate only.
@@ -123,6 +132,7 @@ class IMSMTrainer(Trainer):
         """Build ``checkpoint-N`` under ``.staging/``, rename it into place once complete, then rotate."""
         run_dir = super()._get_output_dir(trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self._clear_leftover(Path(run_dir) / STAGING / name)
         self._staging = True
         try:
             super()._save_checkpoint(model, trial)

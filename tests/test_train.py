@@ -88,10 +88,14 @@ def test_interrupted_checkpoint_save_keeps_the_previous_one(tiny_model_dir, tiny
     assert not (out / "checkpoint-4").exists()
     assert get_last_checkpoint(str(out)) == str(out / "checkpoint-2")
     load_run(out / "checkpoint-2")  # complete and loadable
+    leftover = out / ".staging" / "checkpoint-4"
+    assert leftover.is_dir()  # the half-written one never took the checkpoint's name
+    (leftover / "stale.txt").write_text("from the crashed save")
     monkeypatch.setattr(imsm.checkpoint, "save_file", real)
     train.main(_args(tiny_model_dir, tiny_train_file, out, "--max_steps", "4", "--save_steps", "2",
                      "--resume_from_checkpoint", "latest"))
     assert (out / "checkpoint-4" / "gate.safetensors").is_file() and (out / "final" / "gate.safetensors").is_file()
+    assert not (out / "checkpoint-4" / "stale.txt").exists() and not (out / ".staging").exists()
 
 
 def test_interrupted_final_save_keeps_the_old_final(tiny_model_dir, tiny_train_file, tmp_path, monkeypatch):

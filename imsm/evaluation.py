@@ -12,19 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 from transformers import AutoConfig
 
 from imsm.atomic import atomic_write_json, atomic_write_jsonl
 from imsm.data import encode_prompt, read_jsonl
 from imsm.default_model import resolve_model_path
-from imsm.gate import build_gate
 from imsm.generation import DecodingConfig, gather_shards, generate, shard
 from imsm.loader import (
-    GATE_FILE,
-    IMSM_CONFIG,
+    check_run_fits,
     load_backbone,
-    load_gate_into,
     load_run,
     load_tokenizer,
     read_settings,
@@ -140,19 +136,6 @@ def read_task(task: str, path: Path, max_examples: int | None) -> list[dict]:
     return rows
 
 
-def check_run(run_dir: Path, model_path: str, settings: dict, trust_remote_code: bool) -> None:
-    """Adapter weights present and the gate's shapes fit the base model, without loading the model."""
-    if not any((run_dir / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
-        raise FileNotFoundError(f"{run_dir}: incomplete run folder, adapter_model.safetensors is missing")
-    hidden = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code).hidden_size
-    holder = nn.Module()  # load_gate_into finds the gate under the name imsm_gate, as in IMSMModel
-    holder.imsm_gate = build_gate(settings["gate"], hidden, settings["gate_rank"], settings["gate_dropout"])
-    load_gate_into(holder, run_dir / GATE_FILE)
-    if settings.get("hidden_size", hidden) != hidden:
-        raise ValueError(f"{run_dir / IMSM_CONFIG}: the run was trained on hidden size {settings['hidden_size']}, "
-                         f"{model_path} has {hidden}")
-
-
 def plan_models(args: EvalArguments) -> list[ModelPlan]:
     """Resolve and check every model; raises naming the offending file before anything is written."""
     plans = []
@@ -170,7 +153,8 @@ def plan_models(args: EvalArguments) -> list[ModelPlan]:
                 logger.warning("%s was trained with prompt template %r (system prompt %r); decoding with %r (%r) "
                                "as --prompt_template asks", run_dir, recorded[0], recorded[1], template, system)
         model_path = args.model_name_or_path or resolve_model_path(settings.get("base_model"))
-        check_run(run_dir, model_path, settings, args.trust_remote_code)
+        hidden = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code).hidden_size
+        check_run_fits(run_dir, settings, hidden, model_path)
         plans.append(ModelPlan(default_label(settings), model_path, template, system, run_dir))
     if args.labels is not None:
         labels = [label.strip() for label in args.labels.split(",")]

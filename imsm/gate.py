@@ -25,10 +25,13 @@ GATE_PARAM_PREFIX = "imsm_gate."
 
 
 def query_mean(hidden: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``hidden`` (B, T, d) over the positions where ``query_mask`` (B, T) is 1; padding is 0 there."""
-    mask = query_mask.to(hidden.dtype).unsqueeze(-1)
-    count = mask.sum(dim=1).clamp_min(1.0)
-    return (hidden * mask).sum(dim=1) / count
+    """Mean of ``hidden`` (B, T, d) over the positions where ``query_mask`` (B, T) is 1.
+
+    Other positions are zeroed (not multiplied by 0), so even a non-finite state at a padded position stays out.
+    """
+    keep = query_mask.bool().unsqueeze(-1)
+    count = keep.sum(dim=1).clamp_min(1).to(hidden.dtype)
+    return hidden.masked_fill(~keep, 0.0).sum(dim=1) / count
 
 
 class Gate(nn.Module):

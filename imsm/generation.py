@@ -235,13 +235,6 @@ def eos_token_ids(tokenizer, model: nn.Module) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def _masked_query_means(h_frozen, h_tuned, query_mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """q_M, q_M' over the prompt; padded positions are zeroed first so a non-finite pad state cannot leak in."""
-    keep = query_mask.bool().unsqueeze(-1)
-    return (query_mean(h_frozen.masked_fill(~keep, 0.0), query_mask),
-            query_mean(h_tuned.masked_fill(~keep, 0.0), query_mask))
-
-
 def _next_tokens(logits: torch.Tensor, config: DecodingConfig, generator: torch.Generator | None) -> torch.Tensor:
     """Greedy argmax, or a draw from softmax(logits / T) restricted to the top-p nucleus."""
     if not config.do_sample:
@@ -290,7 +283,7 @@ def decode_batch(decoder: Decoder, prompts: Sequence[Sequence[int]], pad_id: int
         h_frozen, h_tuned = decoder.branches(input_ids, mask, positions)
         q_frozen = q_tuned = None
         if decoder.uses_query:
-            q_frozen, q_tuned = _masked_query_means(h_frozen, h_tuned, mask)
+            q_frozen, q_tuned = query_mean(h_frozen, mask), query_mean(h_tuned, mask)
         logits, gate = decoder.logits(None if h_frozen is None else h_frozen[:, -1:], h_tuned[:, -1:],
                                       q_frozen, q_tuned)
         next_pos = positions[:, -1:] + 1

@@ -26,6 +26,7 @@ IMSM_CONFIG = "imsm_config.json"
 GATE_FILE = "gate.safetensors"
 RUN_ARGS = "run_args.json"
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def pick_attn_implementation(requested: str) -> str:
@@ -117,12 +118,25 @@ def load_gate_into(model: IMSMModel, gate_path: Path) -> None:
             expected[name].copy_(tensor)
 
 
+def check_run_fits(run_dir: Path, settings: dict, hidden_size: int, model_path: str) -> None:
+    """The run's adapter weights exist and its gate fits a base model of ``hidden_size``; loads no model weights,
+    so evaluate.py can check every run before it decodes or writes anything."""
+    if not (run_dir / ADAPTER_WEIGHTS).is_file():
+        raise FileNotFoundError(f"{run_dir}: incomplete run folder, {ADAPTER_WEIGHTS} is missing")
+    if settings.get("hidden_size", hidden_size) != hidden_size:
+        raise ValueError(f"{run_dir / IMSM_CONFIG}: the run was trained on hidden size {settings['hidden_size']}, "
+                         f"{model_path} has {hidden_size}")
+    holder = torch.nn.Module()  # load_gate_into finds the gate under the name imsm_gate, as in IMSMModel
+    holder.imsm_gate = build_gate(settings["gate"], hidden_size, settings["gate_rank"], settings["gate_dropout"])
+    load_gate_into(holder, run_dir / GATE_FILE)
+
+
 def load_trained_weights(model: IMSMModel, run_dir: str | Path) -> None:
     """Put a run folder's adapter and gate values into an already built model (the Trainer's non-DeepSpeed resume)."""
     from peft import set_peft_model_state_dict
 
     run_dir = resolve_run_dir(run_dir)
-    result = set_peft_model_state_dict(model.peft_model, load_file(str(run_dir / "adapter_model.safetensors")))
+    result = set_peft_model_state_dict(model.peft_model, load_file(str(run_dir / ADAPTER_WEIGHTS)))
     missing = [k for k in result.missing_keys if model.adapter_prefix() in k]
     if missing:
         raise ValueError(f"{run_dir}: the saved adapter lacks {missing[:3]}")
@@ -139,11 +153,7 @@ def load_run(run: str | Path, model_name_or_path: str | None = None, dtype: torc
     settings = read_settings(run_dir)
     backbone, tokenizer, path = load_backbone(model_name_or_path or settings.get("base_model"), dtype,
                                               attn_implementation, trust_remote_code)
-    if backbone.config.hidden_size != settings.get("hidden_size", backbone.config.hidden_size):
-        raise ValueError(
-            f"{run_dir / IMSM_CONFIG}: the run was trained on hidden size {settings['hidden_size']}, "
-            f"{path} has {backbone.config.hidden_size}"
-        )
+    check_run_fits(run_dir, settings, backbone.config.hidden_size, path)
     peft_model = PeftModel.from_pretrained(backbone, str(run_dir))
     gate = build_gate(settings["gate"], backbone.config.hidden_size, settings["gate_rank"], settings["gate_dropout"])
     model = IMSMModel(peft_model, gate)

@@ -14,6 +14,10 @@ WORDS = (
     "big", "small", "true", "false",
 )
 
+# A minimal chat template over the word-level vocabulary: "<s> role content </s>" per turn.
+CHAT_TEMPLATE = ("{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+                 "{% if add_generation_prompt %}<s> assistant {% endif %}")
+
 
 def make_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers, processors

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_llama, make_tokenizer
+from conftest import CHAT_TEMPLATE, make_llama, make_tokenizer
 from safetensors.torch import save_file
 
 import evaluate
@@ -22,8 +22,6 @@ from imsm.loader import build_imsm_model, imsm_settings, load_backbone, load_run
 from imsm.templates import build_template
 
 ROOT = Path(__file__).resolve().parents[1]
-CHAT = ("{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
-        "{% if add_generation_prompt %}<s> assistant {% endif %}")
 TASK_ROWS = {
     "mrpc": [{"input": f"Question: Is {i} odd ? Output:", "output": "yes" if i % 2 else "no"} for i in range(7)],
     "gsm8k": [{"input": f"Question: what is {i} and {i} ? Output:", "output": f"The answer is {2 * i}."}
@@ -42,7 +40,7 @@ def _one_thread(single_thread):
 def model_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny_chat_llama")
     tokenizer = make_tokenizer()
-    tokenizer.chat_template = CHAT
+    tokenizer.chat_template = CHAT_TEMPLATE
     make_llama(len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

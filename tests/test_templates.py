@@ -1,20 +1,18 @@
 """Prompt templates: raw and chat, the answer boundary, and the promised error for a tokenizer without a template."""
 
 import pytest
-from conftest import make_tokenizer
+from conftest import CHAT_TEMPLATE, make_tokenizer
 
 from imsm.data import encode_example
 from imsm.templates import build_template
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-CHAT = ("{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
-        "{% if add_generation_prompt %}<s> assistant {% endif %}")
 
 
 def _chat_tokenizer():
     tok = make_tokenizer()
-    tok.chat_template = CHAT
+    tok.chat_template = CHAT_TEMPLATE
     return tok
 
 

@@ -32,8 +32,9 @@ Branches (``build_decoder`` picks them from the model):
 
 Greedy decoding by default; temperature / top-p sampling draws from a seeded ``torch.Generator`` (reproducible for
 the same prompts and batch size; the draws follow the batches, so a sampled output does depend on its batch). A row
-stops at an EOS id (the tokenizer's and the generation config's) or after ``max_new_tokens``; finished rows are fed
-padding and no longer grow, and the loop ends when every row is done. Prompts are batched by sorted length (less
+stops at an EOS id (the tokenizer's and the generation config's), once its generated text contains one of
+``stop_strings`` (lm-evaluation-harness's ``until``; the text is then cut before the first of them), or after
+``max_new_tokens``; finished rows are fed padding and no longer grow, and the loop ends when every row is done. Prompts are batched by sorted length (less
 padding) and the results come back in input order. An example's greedy output does not depend on the batch it lands
 in.
 """
@@ -43,7 +44,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -70,22 +71,24 @@ class DecodingConfig:
     stop_at_eos: bool = True  # False forces exactly max_new_tokens per row (throughput benchmarks)
     mixed_batch: bool | None = None  # None: the doubled LoRA batch where PEFT supports it; False: two caches
     output_logits: bool = False  # keep each step's float32 logits in ``Generation.logits`` (tests, analysis)
+    stop_strings: tuple[str, ...] = ()  # a row also stops once its generated text contains one of these
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ValueError("max_new_tokens and batch_size must be at least 1")
         if self.do_sample and (self.temperature <= 0 or not 0 < self.top_p <= 1):
             raise ValueError("sampling needs temperature > 0 and top_p in (0, 1]")
+        self.stop_strings = tuple(s for s in self.stop_strings if s)  # an empty string would stop every row at once
 
 
 @dataclass
 class Generation:
     """One decoded example."""
 
-    text: str  # decoded without special tokens, stripped
-    token_ids: list[int]  # generated ids, the stopping EOS included
+    text: str  # decoded without special tokens, cut before the first stop string, stripped
+    token_ids: list[int]  # generated ids, the stopping EOS (or the tokens that completed a stop string) included
     num_tokens: int
-    finish_reason: str  # "eos" or "length"
+    finish_reason: str  # "eos", "stop" (a stop string) or "length"
     gate_mean: float | None  # mean gate over the generated tokens (IMSM only): the share of the frozen memory
     logits: torch.Tensor | None = None  # (num_tokens, vocab) float32 when ``output_logits``
 
@@ -261,11 +264,31 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[tor
     return input_ids.to(device), mask.to(device)
 
 
+def stop_string_checker(tokenizer, stop_strings: Sequence[str]) -> Callable[[Sequence[int]], bool] | None:
+    """Whether generated ids already spell one of ``stop_strings`` (decoded with special tokens, as the harness's
+    own stopping criterion does, so a stop string that is a special token's text stops too); None without any."""
+    if not stop_strings:
+        return None
+
+    def stops(ids: Sequence[int]) -> bool:
+        text = tokenizer.decode(list(ids), skip_special_tokens=False)
+        return any(s in text for s in stop_strings)
+
+    return stops
+
+
+def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
+    """``text`` up to the earliest occurrence of any stop string."""
+    cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=len(text))
+    return text[:cut]
+
+
 @torch.inference_mode()
 def decode_batch(decoder: Decoder, prompts: Sequence[Sequence[int]], pad_id: int, eos_ids: Sequence[int],
-                 config: DecodingConfig, generator: torch.Generator | None = None):
+                 config: DecodingConfig, generator: torch.Generator | None = None,
+                 stops: Callable[[Sequence[int]], bool] | None = None):
     """Decode one batch; returns CPU tensors (tokens (B, N), lengths (B,), gate sums (B,) or None, hit EOS (B,),
-    logits (B, N, V) or None)."""
+    logits (B, N, V) or None, hit a stop string (B,)). ``stops`` says whether a row's generated ids end it."""
     device = next(decoder.lm_head.parameters()).device
     input_ids, mask = left_pad(prompts, pad_id, device)
     n, steps = len(prompts), config.max_new_tokens
@@ -275,6 +298,7 @@ def decode_batch(decoder: Decoder, prompts: Sequence[Sequence[int]], pad_id: int
     gate_sums = torch.zeros(n, dtype=torch.float32, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     hit_eos = torch.zeros(n, dtype=torch.bool, device=device)
+    hit_stop = torch.zeros(n, dtype=torch.bool, device=device)
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
     ones = torch.ones((n, 1), dtype=mask.dtype, device=device)
     step_logits = []
@@ -300,6 +324,11 @@ def decode_batch(decoder: Decoder, prompts: Sequence[Sequence[int]], pad_id: int
                 stopped = live & torch.isin(new, eos)
                 hit_eos |= stopped
                 done |= stopped
+            if stops is not None:
+                for row in (live & ~done).nonzero().flatten().tolist():
+                    if stops(tokens[row, : int(lengths[row])].tolist()):
+                        hit_stop[row] = True
+                        done[row] = True
             if step + 1 == steps or bool(done.all()):
                 break
             mask = torch.cat([mask, ones], dim=1)
@@ -308,7 +337,7 @@ def decode_batch(decoder: Decoder, prompts: Sequence[Sequence[int]], pad_id: int
             next_pos = next_pos + 1
     gates = gate_sums.cpu() if decoder.siamese else None
     all_logits = torch.stack(step_logits, dim=1).cpu() if step_logits else None
-    return tokens.cpu(), lengths.cpu(), gates, hit_eos.cpu(), all_logits
+    return tokens.cpu(), lengths.cpu(), gates, hit_eos.cpu(), all_logits, hit_stop.cpu()
 
 
 def generate(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]],
@@ -320,6 +349,7 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]],
     eos_ids = eos_token_ids(tokenizer, model)
     device = next(decoder.lm_head.parameters()).device
     generator = torch.Generator(device=device).manual_seed(config.seed) if config.do_sample else None
+    stops = stop_string_checker(tokenizer, config.stop_strings)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: list[Generation | None] = [None] * len(prompts)
     was_training = model.training
@@ -327,16 +357,17 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]],
     try:
         for start in range(0, len(order), config.batch_size):
             chunk = order[start : start + config.batch_size]
-            tokens, lengths, gate_sums, hit_eos, logits = decode_batch(
-                decoder, [prompts[i] for i in chunk], pad_id, eos_ids, config, generator
+            tokens, lengths, gate_sums, hit_eos, logits, hit_stop = decode_batch(
+                decoder, [prompts[i] for i in chunk], pad_id, eos_ids, config, generator, stops
             )
             for row, i in enumerate(chunk):
                 n = int(lengths[row])
                 ids = tokens[row, :n].tolist()
                 text_ids = ids[:-1] if hit_eos[row] else ids
+                text = cut_at_stop(tokenizer.decode(text_ids, skip_special_tokens=True), config.stop_strings)
                 results[i] = Generation(
-                    text=tokenizer.decode(text_ids, skip_special_tokens=True).strip(), token_ids=ids, num_tokens=n,
-                    finish_reason="eos" if hit_eos[row] else "length",
+                    text=text.strip(), token_ids=ids, num_tokens=n,
+                    finish_reason="eos" if hit_eos[row] else "stop" if hit_stop[row] else "length",
                     gate_mean=None if gate_sums is None else float(gate_sums[row]) / max(n, 1),
                     logits=None if logits is None else logits[row, :n].clone(),
                 )

@@ -178,6 +178,37 @@ def test_stops_at_eos_and_max_new_tokens(tokenizer):
     assert [g.token_ids for g in short] == [f.token_ids[:2] for f in free]
 
 
+def _cut_where_a_stop_string_appears(tokenizer, free_ids, stops):
+    """The independent statement: the shortest prefix whose text (special tokens kept) holds a stop string, its
+    text cut before the earliest stop string; or everything when none appears."""
+    for k in range(1, len(free_ids) + 1):
+        if any(s in tokenizer.decode(free_ids[:k], skip_special_tokens=False) for s in stops):
+            text = tokenizer.decode(free_ids[:k], skip_special_tokens=True)
+            return free_ids[:k], text[: min(text.find(s) for s in stops if s in text)].strip(), "stop"
+    return free_ids, tokenizer.decode(free_ids, skip_special_tokens=True).strip(), "length"
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_stops_at_stop_strings(tokenizer, sample):
+    model = _model(tokenizer, "query_aware")
+    prompts = _prompts(tokenizer, (4, 7, 3, 6))
+    base = DecodingConfig(max_new_tokens=10, batch_size=1, stop_at_eos=False, do_sample=sample, temperature=1.5)
+    # one call per prompt: a seeded generator draws the same numbers for a prompt whether or not it stops early
+    free = [generate(model, tokenizer, [p], base)[0] for p in prompts]
+    stops = ("zzz never", tokenizer.decode([free[0].token_ids[2]]), "")  # a word the first row writes third
+    config = DecodingConfig(**{**vars(base), "stop_strings": stops})
+    out = [generate(model, tokenizer, [p], config)[0] for p in prompts]
+    reasons = []
+    for gen, ref in zip(out, free, strict=True):
+        ids, text, reason = _cut_where_a_stop_string_appears(tokenizer, ref.token_ids, stops[:2])
+        assert (gen.token_ids, gen.text, gen.finish_reason, gen.num_tokens) == (ids, text, reason, len(ids))
+        reasons.append(reason)
+    assert reasons[0] == "stop" and len(out[0].token_ids) <= 3
+    if not sample:  # greedy rows stop the same in one batch as alone
+        together = generate(model, tokenizer, prompts, DecodingConfig(**{**vars(config), "batch_size": 4}))
+        assert [g.token_ids for g in together] == [g.token_ids for g in out]
+
+
 def test_sampling_is_reproducible_with_a_seed(tokenizer):
     model = _model(tokenizer, "query_aware")
     prompts = _prompts(tokenizer, (4, 7, 3))

@@ -1,0 +1,159 @@
+"""Teacher-forced scoring: the log-likelihood of a continuation given a context, through the exact model evaluated.
+
+For a context c (the query) and a continuation y = (y_1 .. y_m), one forward pass over [c ; y] gives
+
+    log p(y) = sum_j log softmax(lm_head(h_{|c|+j-1}))[y_j]
+
+where h is the final hidden state the model would turn into logits: the backbone's own for the untuned model and
+for vanilla PEFT (the ``none`` gate), and for IMSM the gated mix g ∘ h_M + (1 − g) ∘ h_M' with the query means taken
+over the context positions only, exactly as in training (``IMSMModel.hidden_states`` with ``query_mask`` = context).
+The model is causal and the query means cover the context alone, so no continuation token sees a later one.
+
+Sequences are right-padded and batched by length (one forward per batch, the LM head applied only at the scored
+positions, log-softmax in float32); results come back in input order and do not depend on the batch a sequence
+lands in. ``answer_nll`` scores a task's gold answers the way training encodes them (``encode_prompt`` +
+``template.encode_answer``: the answer and its closing EOS); with several acceptable golds the lowest mean NLL wins.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from imsm.data import encode_prompt
+from imsm.model import IMSMModel
+from imsm.templates import PromptTemplate
+
+
+@dataclass
+class SequenceScore:
+    """The teacher-forced score of one continuation."""
+
+    logprob_sum: float  # sum over continuation tokens of log p(token | everything before it)
+    num_tokens: int
+    is_greedy: bool  # every continuation token is the argmax of its distribution
+    gate_mean: float | None  # mean gate over the scored positions (IMSM only): the share of the frozen memory
+
+    @property
+    def nll_mean(self) -> float:
+        """Mean negative log-likelihood per continuation token (nats)."""
+        return -self.logprob_sum / self.num_tokens
+
+
+def _hidden_and_head(model: nn.Module, input_ids, attention_mask, query_mask):
+    """(final hidden states (B, T, d) that become logits, the LM head, gate or None) of an IMSM model or a causal LM."""
+    if isinstance(model, IMSMModel):
+        _, _, mixed, gate = model.hidden_states(input_ids, attention_mask, query_mask)
+        return mixed, model.lm_head, gate if model.uses_frozen_memory else None
+    decoder = getattr(model, model.base_model_prefix)
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return hidden, model.get_output_embeddings(), None
+
+
+@torch.inference_mode()
+def _score_batch(model: nn.Module, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
+                 device: torch.device) -> list[SequenceScore]:
+    width = max(len(c) + len(y) for c, y in pairs)
+    n = len(pairs)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    query_mask = torch.zeros((n, width), dtype=torch.long)
+    scored = torch.zeros((n, width), dtype=torch.bool)  # position t predicts the continuation token at t + 1
+    for i, (context, continuation) in enumerate(pairs):
+        length = len(context) + len(continuation)
+        input_ids[i, :length] = torch.tensor([*context, *continuation], dtype=torch.long)
+        attention_mask[i, :length] = 1
+        query_mask[i, : len(context)] = 1
+        scored[i, len(context) - 1 : length - 1] = True
+    input_ids, attention_mask, query_mask = (t.to(device) for t in (input_ids, attention_mask, query_mask))
+    scored = scored.to(device)
+
+    hidden, lm_head, gate = _hidden_and_head(model, input_ids, attention_mask, query_mask)
+    targets = input_ids[:, 1:][scored[:, :-1]]
+    logits = lm_head(hidden[scored]).float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    token_logprob = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    greedy = logits.argmax(-1) == targets
+    rows = scored.nonzero()[:, 0]
+    sums = torch.zeros(n, dtype=torch.float32, device=device).index_add_(0, rows, token_logprob)
+    misses = torch.zeros(n, dtype=torch.long, device=device).index_add_(0, rows, (~greedy).long())
+    gate_rows = None
+    if gate is not None:
+        if gate.dim() == 3:  # one value per token and hidden unit: average over units, then over scored positions
+            per_position = gate[scored].float().mean(-1)
+            gate_rows = torch.zeros(n, dtype=torch.float32, device=device).index_add_(0, rows, per_position)
+        else:  # a constant gate (``equal``)
+            gate_rows = gate.float().expand(n) * torch.tensor([len(y) for _, y in pairs], device=device)
+        gate_rows = gate_rows.cpu()
+    sums, misses = sums.cpu(), misses.cpu()
+    return [
+        SequenceScore(logprob_sum=float(sums[i]), num_tokens=len(y), is_greedy=bool(misses[i] == 0),
+                      gate_mean=None if gate_rows is None else float(gate_rows[i]) / len(y))
+        for i, (_, y) in enumerate(pairs)
+    ]
+
+
+def score_continuations(model: nn.Module, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+                        batch_size: int = 16, pad_id: int = 0) -> list[SequenceScore]:
+    """Teacher-forced scores of ``(context ids, continuation ids)`` pairs with an ``IMSMModel`` (any gate; the context
+    is the query whose memory means feed the gate) or a plain causal LM; results in input order."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    for i, (context, continuation) in enumerate(pairs):
+        if len(context) == 0 or len(continuation) == 0:
+            raise ValueError(f"pair {i}: the context and the continuation each need at least one token")
+    device = next(model.parameters()).device
+    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+    results: list[SequenceScore | None] = [None] * len(pairs)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            for i, score in zip(chunk, _score_batch(model, [pairs[i] for i in chunk], pad_id, device), strict=True):
+                results[i] = score
+    finally:
+        model.train(was_training)
+    return results
+
+
+@dataclass
+class AnswerScore:
+    """The likelihood of a task example's gold answer (the best of several acceptable golds)."""
+
+    nll_mean: float  # mean NLL per answer token, EOS included (nats)
+    nll_sum: float
+    num_tokens: int
+    gold_index: int  # which gold of a list scored best (0 for a single gold)
+    gate_mean: float | None
+
+
+def answer_nll(model: nn.Module, template: PromptTemplate, rows: Sequence[dict], max_input_length: int,
+               batch_size: int = 16) -> list[AnswerScore]:
+    """Score every row's gold answer(s) teacher-forced, encoded as in training (prompt cut to ``max_input_length``
+    from the left; the answer whole, with its closing EOS); a list of golds keeps the lowest mean NLL."""
+    pairs, owners = [], []
+    for i, row in enumerate(rows):
+        prompt = encode_prompt(template, row["input"], max_input_length)
+        golds = row["output"] if isinstance(row["output"], list) else [row["output"]]
+        for j, gold in enumerate(golds):
+            answer = template.encode_answer(row["input"], gold)
+            if answer:
+                pairs.append((prompt, answer))
+                owners.append((i, j))
+    pad_id = template.tokenizer.pad_token_id
+    scores = score_continuations(model, pairs, batch_size, 0 if pad_id is None else pad_id)
+    best: list[AnswerScore | None] = [None] * len(rows)
+    for (i, j), s in zip(owners, scores, strict=True):
+        if best[i] is None or s.nll_mean < best[i].nll_mean:
+            best[i] = AnswerScore(s.nll_mean, -s.logprob_sum, s.num_tokens, j, s.gate_mean)
+    for i, score in enumerate(best):
+        if score is None:
+            raise ValueError(f"example {i}: no gold answer has a token to score ({rows[i]['output']!r})")
+        if not math.isfinite(score.nll_mean):
+            raise ValueError(f"example {i}: the answer likelihood is not finite ({score.nll_mean})")
+    return best

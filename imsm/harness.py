@@ -160,7 +160,7 @@ class IMSMLM(TemplateLM):
         self.model = model.to(self._device).eval()
         self.tokenizer = tokenizer
         self.template_name = args.prompt_template or self.settings.get("prompt_template") or "raw"
-        if args.prompt_template and args.prompt_template != self.settings.get("prompt_template"):
+        if args.run and args.prompt_template and args.prompt_template != self.settings.get("prompt_template"):
             logger.warning("prompt_template=%s overrides the run's recorded %s", args.prompt_template,
                            self.settings.get("prompt_template"))
         self.system_prompt = args.system_prompt or self.settings.get("system_prompt")

@@ -4,6 +4,8 @@ vanilla LoRA run and an IMSM run; every number is checked against the project's 
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -267,6 +269,36 @@ def test_command_line_finds_the_imsm_model(task_manager, model_dir, runs, tmp_pa
     result = json.loads(written[0].read_text())
     assert result["config"]["model"] == "imsm" and result["config"]["gate"] == "query_aware"
     assert 0.0 <= result["results"]["imsm_local_mc"]["acc,none"] <= 1.0
+
+
+def _written_samples(out: Path, task: str) -> list[dict]:
+    (path,) = out.rglob(f"samples_{task}_*.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return sorted(rows, key=lambda r: r["doc_id"])
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_single_process_results(task_manager, runs, tmp_path):
+    """torchrun with 2 processes (gloo on CPU): the harness splits the documents over the ranks, rank 0 gathers."""
+    root = Path(__file__).resolve().parents[1]
+    tasks = "imsm_local_mc,imsm_local_gen"
+    common = ["run", "--model", "imsm", "--model_args", f"run={runs['imsm']},batch_size=2", "--tasks", tasks,
+              "--include_path", str(task_manager.include_path), "--log_samples"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    outputs = {}
+    for name, launcher in (("multi", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]),
+                           ("single", ["-m"])):
+        cmd = [sys.executable, *launcher, "imsm.harness", *common, "--output_path", str(tmp_path / name)]
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        outputs[name] = tmp_path / name
+    multi, single = (_written_samples(outputs[n], "imsm_local_gen") for n in ("multi", "single"))
+    assert [r["doc_id"] for r in multi] == list(range(len(GEN_ROWS)))
+    assert [r["resps"] for r in multi] == [r["resps"] for r in single]
+    multi, single = (_written_samples(outputs[n], "imsm_local_mc") for n in ("multi", "single"))
+    assert [r["doc_id"] for r in multi] == list(range(len(MC_ROWS)))
+    logprobs = [[float(v[0]) for r in rows for v in r["filtered_resps"]] for rows in (multi, single)]
+    assert logprobs[0] == pytest.approx(logprobs[1], abs=1e-5)
 
 
 @pytest.mark.slow

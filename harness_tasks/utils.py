@@ -1,0 +1,9 @@
+"""Per-document scores of the local harness tasks, computed by the project's own metrics (imsm/metrics.py)."""
+
+from imsm.metrics import compute_metrics
+
+
+def process_qa(doc: dict, results: list[str]) -> dict[str, float]:
+    """WebQ's contain and exact match for one generated answer, against every acceptable gold."""
+    metrics = compute_metrics("webq", [results[0]], [doc["output"]])
+    return {"contain": metrics["contain"], "em": metrics["em"]}

@@ -34,9 +34,9 @@ Greedy decoding by default; temperature / top-p sampling draws from a seeded ``t
 the same prompts and batch size; the draws follow the batches, so a sampled output does depend on its batch). A row
 stops at an EOS id (the tokenizer's and the generation config's), once its generated text contains one of
 ``stop_strings`` (lm-evaluation-harness's ``until``; the text is then cut before the first of them), or after
-``max_new_tokens``; finished rows are fed padding and no longer grow, and the loop ends when every row is done. Prompts are batched by sorted length (less
-padding) and the results come back in input order. An example's greedy output does not depend on the batch it lands
-in.
+``max_new_tokens``; finished rows are fed padding and no longer grow, and the loop ends when every row is done.
+Prompts are batched by sorted length (less padding) and the results come back in input order. An example's greedy
+output does not depend on the batch it lands in.
 """
 
 from __future__ import annotations

@@ -57,7 +57,6 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from imsm.data import encode_prompt, truncate_prompt
 from imsm.generation import DecodingConfig, generate
 from imsm.loader import load_backbone, load_run
-from imsm.model import IMSMModel
 from imsm.scoring import score_continuations
 from imsm.templates import TEMPLATES, build_template
 
@@ -98,7 +97,8 @@ class HarnessArguments:
         if self.batch_size < 1 or self.max_input_length < 1 or self.max_gen_toks < 1:
             raise ValueError("--model imsm: batch_size, max_input_length and max_gen_toks must be at least 1")
         if self.prompt_template is not None and self.prompt_template not in TEMPLATES:
-            raise ValueError(f"--model imsm: prompt_template {self.prompt_template!r}; choose one of {sorted(TEMPLATES)}")
+            raise ValueError(f"--model imsm: prompt_template {self.prompt_template!r}; "
+                             f"choose one of {sorted(TEMPLATES)}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"--model imsm: dtype {self.dtype!r}; choose auto or one of {sorted(DTYPES)}")
 

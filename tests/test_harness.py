@@ -9,22 +9,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lm_eval
 import pytest
 import torch
 from conftest import CHAT_TEMPLATE, make_llama, make_tokenizer
+from lm_eval.tasks import TaskManager
 
 from imsm.args import DataArguments, ImsmArguments
 from imsm.checkpoint import save_run_files
 from imsm.data import encode_prompt
 from imsm.generation import DecodingConfig, generate
+from imsm.harness import IMSMLM, rolling_windows
 from imsm.loader import build_imsm_model, imsm_settings, load_backbone, load_run
 from imsm.scoring import score_continuations
 from imsm.templates import build_template
-
-lm_eval = pytest.importorskip("lm_eval")
-from lm_eval.tasks import TaskManager  # noqa: E402
-
-from imsm.harness import IMSMLM, rolling_windows  # noqa: E402
 
 MC_ROWS = [{"n": n, "label": n % 2} for n in range(6)]
 GEN_ROWS = [{"input": f"Question: what is {w} ? Output:", "output": w} for w in ("cat", "dog", "red", "blue", "big")]

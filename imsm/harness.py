@@ -33,9 +33,10 @@ being the assistant turn. With the harness's ``--apply_chat_template`` the harne
 through ``apply_chat_template`` (the tokenizer's template, the run's system prompt unless the request has one) and
 the rendered text is used as it is, not wrapped a second time.
 
-Several processes (``accelerate launch``): the harness gives each rank a strided share of every task's documents
-(as evaluate.py's ``shard`` does) and gathers the results on rank 0; this class supplies the rank, the world size
-and the collectives, and puts the model on the rank's device.
+Several processes (``accelerate launch`` or ``torchrun``): the harness gives each rank a strided share of every task's
+documents (as evaluate.py's ``shard`` does) and gathers the results on rank 0; this class joins the launcher's
+process group as evaluate.py does, supplies the rank, the world size and the collectives, and puts the model on the
+rank's GPU.
 """
 
 from __future__ import annotations
@@ -119,16 +120,26 @@ def rolling_windows(token_ids: Sequence[int], prefix_id: int, max_length: int) -
     return [make_disjoint_window(w) for w in windows]
 
 
-def distributed_setup():
-    """(accelerator or None, rank, world size): an ``accelerate launch`` with several processes, else one."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None, 0, 1
-    from datetime import timedelta
+def distributed_setup(device: str | None) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under a launcher (``accelerate launch``, ``torchrun``: WORLD_SIZE > 1) join its
+    process group, as evaluate.py does (NCCL on GPUs, gloo on CPUs), one GPU per local rank; else one process on
+    ``device`` (default: cuda when present)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        chosen = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if chosen.type == "cuda" and not torch.cuda.is_available():  # the harness's CLI asks cuda:0 by default
+            logger.warning("device %s requested but CUDA is not available; using the CPU", device)
+            chosen = torch.device("cpu")
+        return 0, 1, chosen
+    import torch.distributed as dist
 
-    from accelerate import Accelerator, InitProcessGroupKwargs
-
-    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(weeks=52))])
-    return accelerator, accelerator.process_index, accelerator.num_processes
+    chosen = torch.device("cpu")
+    if torch.cuda.is_available():
+        chosen = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(chosen)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if chosen.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), chosen
 
 
 @register_model("imsm")
@@ -139,14 +150,7 @@ class IMSMLM(TemplateLM):
         super().__init__()
         args = HarnessArguments.from_kwargs(model_args)
         self.args = args
-        self.accelerator, self._rank, self._world_size = distributed_setup()
-        if self.accelerator is not None:
-            self._device = self.accelerator.device
-        else:
-            self._device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-            if self._device.type == "cuda" and not torch.cuda.is_available():  # the harness's CLI asks cuda by default
-                logger.warning("device %s requested but CUDA is not available; using the CPU", args.device)
-                self._device = torch.device("cpu")
+        self._rank, self._world_size, self._device = distributed_setup(args.device)
         dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if self._device.type == "cuda" else torch.float32)
         if args.run is not None:
             model, tokenizer, settings = load_run(args.run, args.model_name_or_path, dtype, args.attn_implementation,
@@ -208,8 +212,13 @@ class IMSMLM(TemplateLM):
         pad = self.tokenizer.pad_token_id
         return pad if pad is not None else self.tokenizer.eos_token_id
 
-    def all_gather(self, tensor):
-        return tensor if self._world_size <= 1 else self.accelerator.gather(tensor)
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's tensor, concatenated in rank order (a 0-dim tensor becomes one entry per rank)."""
+        if self._world_size <= 1:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self._world_size)]
+        torch.distributed.all_gather(parts, tensor.contiguous())
+        return torch.cat([p.reshape(1) if p.dim() == 0 else p for p in parts])
 
     def gather_object(self, obj, dst=0):
         if self._world_size <= 1:
@@ -220,7 +229,7 @@ class IMSMLM(TemplateLM):
 
     def barrier(self) -> None:
         if self._world_size > 1:
-            self.accelerator.wait_for_everyone()
+            torch.distributed.barrier()
 
     @property
     def tokenizer_name(self) -> str:

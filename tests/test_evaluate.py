@@ -232,6 +232,7 @@ def test_two_processes_give_the_single_process_predictions(model_dir, data_dir, 
             single = _predictions(tmp_path / "single" / label / task / "predictions.jsonl")
             assert [p["input"] for p in multi] == [r["input"] for r in TASK_ROWS[task]]
             assert [p["prediction"] for p in multi] == [p["prediction"] for p in single]
+            assert [p["answer_nll"] for p in multi] == pytest.approx([p["answer_nll"] for p in single], abs=1e-5)
             assert [p.get("gate_mean") for p in multi] == pytest.approx([p.get("gate_mean") for p in single],
                                                                         abs=1e-5)
     assert (tmp_path / "multi" / "summary.md").read_text() == (tmp_path / "single" / "summary.md").read_text()

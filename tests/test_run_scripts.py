@@ -10,7 +10,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from imsm.args import DataArguments, ImsmArguments, ModelArguments
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = sorted(p for p in (ROOT / "run_scripts").glob("*.sh") if p.name != "cpu_demo.sh")
+SCRIPTS = sorted(p for p in (ROOT / "run_scripts").glob("*.sh") if not p.name.startswith("cpu_"))
 SHIM = '#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$CAPTURE"\n'
 
 

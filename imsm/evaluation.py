@@ -37,7 +37,7 @@ from imsm.loader import (
 )
 from imsm.metrics import ExampleScores, compute_metrics, example_scores, get_task
 from imsm.report import RunResult, parse_pairs
-from imsm.scoring import answer_nll
+from imsm.scoring import answer_nll, best_answer, gold_answers
 from imsm.templates import TEMPLATES, build_template
 
 logger = logging.getLogger(__name__)
@@ -266,10 +266,24 @@ def load_model(plan: ModelPlan, args: EvalArguments, dtype: torch.dtype, device:
     return model.to(device).eval(), tokenizer
 
 
-def _decode(model, tokenizer, prompts, decoding, rank, world_size):
-    local = generate(model, tokenizer, shard(prompts, rank, world_size), decoding)
-    local = [(g.text, g.num_tokens, g.finish_reason, g.gate_mean) for g in local]
-    return gather_shards(local, len(prompts), rank, world_size)
+def _decode(model, tokenizer, template, rows, args, task, rank, world_size, likelihood: bool):
+    """Decode this rank's shard; with ``likelihood`` also score its golds on the same prefill (one KV cache)."""
+    mine = shard(rows, rank, world_size)
+    prompts = [encode_prompt(template, r["input"], args.max_input_length) for r in mine]
+    golds = [gold_answers(template, r) for r in mine] if likelihood else None
+    local = generate(model, tokenizer, prompts, args.decoding(task),
+                     answers=None if golds is None else [[ids for _, ids in g] for g in golds])
+    out = []
+    for i, g in enumerate(local):
+        score = None
+        if golds is not None:
+            best = best_answer(mine[i], [(j, s) for (j, _), s in zip(golds[i], g.answer_scores, strict=True)])
+            score = (best.nll_mean, best.nll_sum, best.num_tokens, best.gate_mean)
+        out.append(((g.text, g.num_tokens, g.finish_reason, g.gate_mean), score))
+    gathered = gather_shards(out, len(rows), rank, world_size)
+    if gathered is None:
+        return None, None
+    return [d for d, _ in gathered], [s for _, s in gathered] if likelihood else None
 
 
 def _likelihood(model, template, rows, args, rank, world_size):
@@ -289,12 +303,11 @@ def evaluate_model(plan, args, tasks, dtype, device, rank, world_size) -> RunRes
     for task, rows in tasks.items():
         seconds = {}
         decoded = scored = None
-        if decode:
+        if decode:  # with --score both the likelihood rides on the decoder's prefill
             start = time.perf_counter()
-            prompts = [encode_prompt(template, r["input"], args.max_input_length) for r in rows]
-            decoded = _decode(model, tokenizer, prompts, args.decoding(task), rank, world_size)
-            seconds["decode"] = time.perf_counter() - start
-        if likelihood:
+            decoded, scored = _decode(model, tokenizer, template, rows, args, task, rank, world_size, likelihood)
+            seconds["decode" + ("+likelihood" if likelihood else "")] = time.perf_counter() - start
+        else:
             start = time.perf_counter()
             scored = _likelihood(model, template, rows, args, rank, world_size)
             seconds["likelihood"] = time.perf_counter() - start

@@ -369,7 +369,8 @@ def stats_records(runs: list[RunResult], target: str, baseline_label: str, pairs
             keys = sorted({k for run in row.runs for k in run.metrics.get(task, {}) if k != "n"})
             tasks[task] = {k: {"value": float(np.mean(v)), "sd": float(np.std(v, ddof=1)) if len(v) > 1 else None,
                                "per_run": v} for k in keys if (v := row.per_run(task, k)) is not None}
-        labels[row.label if by_label[row.label] is row else f"{row.label} ({row.template})"] = {"template": row.template, "runs": [run.run for run in row.runs], "tasks": tasks}
+        name = row.label if by_label[row.label] is row else f"{row.label} ({row.template})"
+        labels[name] = {"template": row.template, "runs": [run.run for run in row.runs], "tasks": tasks}
     compared = [(row, baseline) for row in rows if row.label != baseline_label
                 and (baseline := _find_baseline(rows, baseline_label, row.template)) is not None]
     compared += [pair for a, b in pairs if (pair := (by_label[a], by_label[b])) not in compared]

@@ -24,15 +24,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from imsm.args import ImsmArguments  # noqa: E402
-from imsm.data import SupervisedCollator, SupervisedDataset, encode_prompt, read_jsonl  # noqa: E402
-from imsm.evaluation import EvalArguments  # noqa: E402
-from imsm.gate import build_gate  # noqa: E402
-from imsm.generation import generate  # noqa: E402
-from imsm.loader import build_imsm_model, load_backbone  # noqa: E402
-from imsm.model import IMSMModel  # noqa: E402
-from imsm.scoring import answer_nll  # noqa: E402
-from imsm.templates import build_template  # noqa: E402
+from imsm.args import ImsmArguments
+from imsm.data import SupervisedCollator, SupervisedDataset, encode_prompt, read_jsonl
+from imsm.evaluation import EvalArguments
+from imsm.gate import build_gate
+from imsm.generation import generate
+from imsm.loader import build_imsm_model, load_backbone
+from imsm.model import IMSMModel
+from imsm.scoring import answer_nll
+from imsm.templates import build_template
 
 SAMPLE = 8  # examples per task timed for evaluation
 LOAD_SECONDS = 20.0  # loading the model and data once per process, measured on SmolLM2 (10-25 s)

@@ -254,9 +254,9 @@ def test_training_and_evaluation_feed_the_same_prompt_ids(model_dir, data_dir, t
     seen = []
     real_generate = imsm.evaluation.generate
 
-    def spy(model, tokenizer, prompts, config):
+    def spy(model, tokenizer, prompts, config, answers=None):
         seen.extend(list(p) for p in prompts)
-        return real_generate(model, tokenizer, prompts, config)
+        return real_generate(model, tokenizer, prompts, config, answers)
 
     monkeypatch.setattr(imsm.evaluation, "generate", spy)
     evaluate.main(_argv(model_dir, data_dir, tmp_path / "eval", "--run", str(tmp_path / "run"), "--tasks", "mrpc",

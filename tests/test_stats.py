@@ -139,7 +139,7 @@ def study():
 
 def test_forgetting_cells_carry_seed_spread_and_paired_intervals(study):
     md = forgetting_table(study, "mrpc")
-    header, base, lora, imsm = _rows(md)
+    header, base, lora, _ = _rows(md)
     assert header == ["Run", "Template", "MRPC", "WebQ", "MultiRC", "FreebaseQA", "Avg (general)"]
     webq = [100 * r.metrics["webq"]["contain"] for r in study[1:4]]
     mean, sd = np.mean(webq), np.std(webq, ddof=1)

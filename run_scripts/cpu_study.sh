@@ -62,6 +62,22 @@ train_one() {
         --disable_tqdm false "${EXTRA[@]}" > "$out.log" 2>&1 || { echo "training failed, see $out.log" >&2; return 1; }
     echo "    ${LABEL[$gate]} seed $seed finished in $((SECONDS - start)) s ($(date +%H:%M:%S))"
 }
+# Wait for a training job to end, printing every minute how far each running one is (its progress bar's last state).
+wait_and_report() {
+    local before
+    before=$(jobs -rp | wc -l)
+    while [ "$(jobs -rp | wc -l)" -eq "$before" ]; do
+        sleep 10
+        if [ $(( SECONDS % 60 )) -lt 10 ]; then
+            for log in "$OUTPUT_DIR"/*/seed*.log; do
+                [ -f "${log%.log}/final/imsm_config.json" ] && continue
+                step=$(tail -c 400 "$log" 2>/dev/null | grep -o '[0-9]*/[0-9]* \[[0-9:]*<[0-9:?]*' | tail -1)
+                [ -n "$step" ] && echo "    ${log#"$OUTPUT_DIR"/}: step $step left]"
+            done
+        fi
+    done
+    wait -n 2>/dev/null || [ $? -eq 127 ]
+}
 EXTRA=("$@")
 THREADS=${THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
 i=0
@@ -73,11 +89,11 @@ for item in "${GATES_TO_TRAIN[@]}"; do
         continue
     fi
     mkdir -p "$(dirname "$out")"
-    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || exit 1; done
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait_and_report || exit 1; done
     echo "[$i/${#GATES_TO_TRAIN[@]}] training ${LABEL[$gate]} seed $seed -> $out ($(date +%H:%M:%S); progress in $out.log)"
     train_one "$gate" "$seed" "$out" &
 done
-while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || exit 1; done
+while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait_and_report || exit 1; done
 for run in "${RUNS[@]}"; do
     [ -f "$run/final/imsm_config.json" ] || { echo "cpu_study: $run did not finish" >&2; exit 1; }
 done

@@ -120,8 +120,9 @@ def main() -> None:
     tasks = [t for t in dict.fromkeys(args.tasks.split(",")) if t]
     eval_per_model = {"plain": 0.0, "siamese": 0.0}
     for task in tasks:
-        rows = read_jsonl(Path(args.data_dir) / task / "test.jsonl")[:SAMPLE]
-        n = min(args.eval_examples, len(read_jsonl(Path(args.data_dir) / task / "test.jsonl")))
+        all_rows = read_jsonl(Path(args.data_dir) / task / "test.jsonl")
+        n = min(args.eval_examples, len(all_rows))
+        rows = all_rows[: min(SAMPLE, n)]
         eval_per_model["plain"] += _time_eval(vanilla, tokenizer, template, rows, task, args.score) * n / len(rows)
         eval_per_model["siamese"] += _time_eval(model, tokenizer, template, rows, task, args.score) * n / len(rows)
     n_plain = args.untuned + sum(gate == "none" for gate, _ in runs)

@@ -17,7 +17,7 @@ import logging
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -37,6 +37,7 @@ from imsm.loader import (
 )
 from imsm.metrics import ExampleScores, compute_metrics, example_scores, get_task
 from imsm.report import RunResult, parse_pairs
+from imsm.scaling import load_scaled_run, parse_scales
 from imsm.scoring import answer_nll, best_answer, gold_answers
 from imsm.templates import TEMPLATES, build_template
 
@@ -80,6 +81,10 @@ class EvalArguments:
         "help": "Pairs of labels to compare besides each row vs the untuned baseline: 'A:B,C:D' (A − B), e.g. "
                 "IMSM-LoRA:LoRA. Every comparison is paired per example, with a bootstrap 95%% interval and, for "
                 "accuracy-type metrics, McNemar's exact p."})
+    adapter_scale: str | None = field(default=None, metadata={
+        "help": "Evaluate every vanilla PEFT run (--gate none) at these scales of its learned update, e.g. "
+                "0.25,0.5,0.75,1: weights W0 + a*(W1 - W0) (LoRA/AdaLoRA/DoRA: the update scaled; (IA)3: l -> "
+                "1 + a(l - 1)); each scale is a row labelled LABEL@a. IMSM runs are evaluated as they are."})
     bootstrap_resamples: int = field(default=2000, metadata={"help": "Paired bootstrap resamples (at least 1000)."})
     bootstrap_seed: int = field(default=0, metadata={"help": "Seed of the bootstrap's resampling."})
     overwrite: bool = field(default=False, metadata={
@@ -122,6 +127,7 @@ class EvalArguments:
         if self.bootstrap_resamples < 1000:
             raise ValueError(f"--bootstrap_resamples {self.bootstrap_resamples}: use at least 1000")
         self.pairs = parse_pairs(self.compare)
+        self.scales = parse_scales(self.adapter_scale)
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r}: choose auto or one of {sorted(DTYPES)}")
         self.decoding(self.target)  # checks the sampling settings
@@ -143,6 +149,7 @@ class ModelPlan:
     run_dir: Path | None = None  # None: the untuned backbone
     method: tuple = ()  # (peft, gate, gate_rank): what runs sharing a label must have in common
     folder: str = ""  # the output sub-folder: the label, or label/run<k> for a label shared by several runs
+    scale: float | None = None  # --adapter_scale: the run's weight update times this (a plain causal LM)
 
 
 def default_label(settings: dict) -> str:
@@ -200,6 +207,8 @@ def plan_models(args: EvalArguments) -> list[ModelPlan]:
             raise ValueError(f"--labels has {len(labels)} names for {len(plans)} models (untuned first, then runs)")
         for plan, label in zip(plans, labels, strict=True):
             plan.label = label
+    if args.scales:
+        plans = expand_scales(plans, args.scales)
     check_label_groups(plans)
     known = {p.label for p in plans}
     for label in (label for pair in args.pairs for label in pair):
@@ -208,6 +217,20 @@ def plan_models(args: EvalArguments) -> list[ModelPlan]:
     for plan in plans:
         build_template(plan.template, load_tokenizer(plan.model_path, args.trust_remote_code), plan.system_prompt)
     return plans
+
+
+def expand_scales(plans: list[ModelPlan], scales: list[float]) -> list[ModelPlan]:
+    """Every vanilla run becomes one plan per scale, labelled ``label@scale``; IMSM runs and the untuned model stay."""
+    out = []
+    for plan in plans:
+        if plan.run_dir is None or plan.method[1] != "none":
+            out.append(plan)
+            continue
+        out += [replace(plan, label=f"{plan.label}@{scale:g}", scale=scale) for scale in scales]
+    if not any(p.scale is not None for p in out):
+        raise ValueError("--adapter_scale scales vanilla PEFT runs (trained with --gate none), and none is given: an "
+                         "IMSM run mixes two passes through a gate and has no single weight update to scale")
+    return out
 
 
 def check_label_groups(plans: list[ModelPlan]) -> None:
@@ -258,7 +281,10 @@ def finish_output_dir(out: Path) -> None:
 
 
 def load_model(plan: ModelPlan, args: EvalArguments, dtype: torch.dtype, device: torch.device):
-    if plan.run_dir is None:
+    if plan.scale is not None:
+        model, tokenizer, _ = load_scaled_run(plan.run_dir, plan.scale, plan.model_path, dtype,
+                                              args.attn_implementation, args.trust_remote_code)
+    elif plan.run_dir is None:
         model, tokenizer, _ = load_backbone(plan.model_path, dtype, args.attn_implementation, args.trust_remote_code)
     else:
         model, tokenizer, _ = load_run(plan.run_dir, plan.model_path, dtype, args.attn_implementation,

@@ -215,3 +215,23 @@ def test_train_save_reload_evaluate_and_cost(tiny_model_dir, tiny_train_file, tm
     expected = generate(reloaded, tokenizer, [tokenizer(r["input"])["input_ids"] for r in preds],
                         DecodingConfig(max_new_tokens=3, batch_size=2))
     assert [p["prediction"] for p in preds] == [g.text for g in expected]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc,config", [(1, "zero2.json"), (2, "zero3.json")])
+def test_deepspeed_run_saves_real_gathered_experts(tiny_model_dir, tiny_train_file, tmp_path, nproc, config):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from test_deepspeed import _launch, _probe_logits
+
+    out = tmp_path / "run"
+    _launch(nproc, config, tiny_model_dir, tiny_train_file, out, "--peft", "loramoe", "--gate", "none")
+    # the model DeepSpeed holds at the end, rebuilt from the engine's own fp32 checkpoint, not from our files
+    backbone, tokenizer, _ = load_backbone(str(tiny_model_dir))
+    engine_model = build_imsm_model(backbone, ImsmArguments(peft="loramoe", gate="none"))
+    engine_model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoint-4")), strict=True)
+    reloaded, _, _ = load_run(out / "final")
+    torch.testing.assert_close(_probe_logits(reloaded, tokenizer), _probe_logits(engine_model, tokenizer))
+    weights = load_file(str(out / "final" / "loramoe_model.safetensors"))
+    assert all(v.numel() > 0 for v in weights.values())  # whole tensors, not ZeRO-3 shards
+    assert any("loramoe_B" in k and v.abs().sum() > 0 for k, v in weights.items())
+    assert read_train_stats(out)["optimizer_steps"] == 4 and read_train_stats(out)["world_size"] == nproc

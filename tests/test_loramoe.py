@@ -235,3 +235,18 @@ def test_deepspeed_run_saves_real_gathered_experts(tiny_model_dir, tiny_train_fi
     assert all(v.numel() > 0 for v in weights.values())  # whole tensors, not ZeRO-3 shards
     assert any("loramoe_B" in k and v.abs().sum() > 0 for k, v in weights.items())
     assert read_train_stats(out)["optimizer_steps"] == 4 and read_train_stats(out)["world_size"] == nproc
+
+
+def test_imsm_gate_with_loramoe_and_checkpointing_trains_and_reloads(tiny_model_dir, tiny_train_file, tmp_path):
+    out = tmp_path / "run"
+    trainer = train.main(["--model_name_or_path", str(tiny_model_dir), "--train_file", str(tiny_train_file),
+                          "--output_dir", str(out), "--peft", "loramoe", "--gate", "query_aware",
+                          "--gradient_checkpointing", "--per_device_train_batch_size", "4", "--learning_rate", "1e-2",
+                          "--report_to", "none", "--max_steps", "2", "--save_strategy", "no", "--seed", "3",
+                          "--logging_steps", "1", "--disable_tqdm", "true"])
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    reloaded, tokenizer, settings = load_run(out / "final")
+    assert settings["gate"] == "query_aware" and settings["peft"] == "loramoe"
+    torch.testing.assert_close(_probe(reloaded, tokenizer), _probe(trainer.model, tokenizer))
+    assert load_file(str(out / "final" / "gate.safetensors"))["w_b.weight"].abs().sum() > 0

@@ -84,8 +84,13 @@ def calibrate_corda(backbone: torch.nn.Module, lora_config, args, template, max_
 
     from imsm.data import encode_prompt, read_jsonl
 
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
     if template is None:
         raise ValueError("CorDA's calibration pass needs the prompt template (and its tokenizer)")
+    if is_deepspeed_zero3_enabled():
+        raise ValueError("--init_lora_weights corda runs its calibration pass through the backbone before DeepSpeed "
+                         "starts, and under ZeRO-3 the weights are already partitioned then; use ZeRO-0/1/2")
     rows = read_jsonl(args.corda_calibration_file, require_output=False)
     indices = calibration_indices(args)
     device = next(backbone.parameters()).device

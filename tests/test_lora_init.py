@@ -95,6 +95,23 @@ def test_imsm_gate_is_refused_saying_why(init, calibration_file):
         ImsmArguments(peft="lora", gate="query_aware", init_lora_weights=init, **extra)
 
 
+def test_corda_is_refused_under_zero3(calibration_file):
+    from conftest import make_llama
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from imsm.lora_init import calibrate_corda
+
+    args = ImsmArguments(gate="none", init_lora_weights="corda", corda_calibration_file=str(calibration_file))
+    ds_config = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}})
+    try:
+        with pytest.raises(ValueError, match="ZeRO-3"):
+            calibrate_corda(make_llama(64), None, args, template=object(), max_input_length=16)
+    finally:
+        del ds_config
+        unset_hf_deepspeed_config()
+
+
 @pytest.mark.parametrize("kw,match", [
     ({"init_lora_weights": "olora"}, "choose one of"),
     ({"peft": "ia3", "init_lora_weights": "pissa"}, "--peft lora only"),
@@ -106,3 +123,21 @@ def test_imsm_gate_is_refused_saying_why(init, calibration_file):
 def test_bad_init_options_are_clear_errors(kw, match):
     with pytest.raises(ValueError, match=match):
         ImsmArguments(gate="none", **kw)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc,config", [(1, "zero2.json"), (2, "zero3.json")])
+def test_deepspeed_pissa_run_reloads_to_the_engines_model(tiny_model_dir, tiny_train_file, tmp_path, nproc, config):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from test_deepspeed import _launch, _probe_logits
+
+    from imsm.loader import build_imsm_model, load_backbone
+
+    out = tmp_path / "run"
+    _launch(nproc, config, tiny_model_dir, tiny_train_file, out, "--gate", "none", "--init_lora_weights", "pissa")
+    # the engine's model: the PiSSA residual base plus the unconverted adapter from DeepSpeed's fp32 checkpoint
+    backbone, tokenizer, _ = load_backbone(str(tiny_model_dir))
+    engine_model = build_imsm_model(backbone, ImsmArguments(gate="none", init_lora_weights="pissa"))
+    engine_model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoint-4")), strict=True)
+    reloaded, _, _ = load_run(out / "final")  # the pretrained weights plus the converted adapter
+    torch.testing.assert_close(_probe_logits(reloaded, tokenizer), _probe_logits(engine_model, tokenizer))

@@ -121,11 +121,11 @@ class LoRAMoELinear(nn.Module):
 def balancing_loss(router_weights: list[torch.Tensor], attention_mask: torch.Tensor,
                    config: LoRAMoEConfig) -> torch.Tensor:
     """β · Σ_layers Var(Z)/Mean(Z)² with Z = I ∘ Q (single task: Q_n = Σ over non-padding tokens of w_n)."""
-    coefficients = config.coefficients().to(attention_mask.device)
-    mask = attention_mask.to(torch.float32).unsqueeze(-1)
     total = torch.zeros((), device=attention_mask.device)
     if config.balance_weight == 0 or config.num_experts < 2:
         return total
+    coefficients = config.coefficients().to(attention_mask.device)
+    mask = attention_mask.to(torch.float32).unsqueeze(-1)
     for weights in router_weights:
         z = (weights * mask).sum(dim=(0, 1)) * coefficients
         total = total + z.var() / (z.mean() ** 2 + 1e-10)
@@ -145,7 +145,7 @@ class LoRAMoEModel(nn.Module):
     def __init__(self, backbone: nn.Module, config: LoRAMoEConfig) -> None:
         super().__init__()
         self.model = backbone
-        self.config_loramoe = config
+        self.loramoe_config = config
         targets = set(config.target_modules)
         found = [(name, module) for name, module in backbone.named_modules()
                  if name.rsplit(".", 1)[-1] in targets and isinstance(module, nn.Linear)]
@@ -191,7 +191,7 @@ class LoRAMoEModel(nn.Module):
             if layer.router_weights is not None:
                 weights.append(layer.router_weights)
                 layer.router_weights = None
-        return balancing_loss(weights, attention_mask, self.config_loramoe)
+        return balancing_loss(weights, attention_mask, self.loramoe_config)
 
     # ---- files --------------------------------------------------------------------------------------------------
     def adapter_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -206,7 +206,7 @@ class LoRAMoEModel(nn.Module):
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         save_file(self.adapter_state_dict(state_dict), str(out / LORAMOE_WEIGHTS), metadata={"format": "pt"})
-        atomic_write_json(out / LORAMOE_CONFIG, asdict(self.config_loramoe))
+        atomic_write_json(out / LORAMOE_CONFIG, asdict(self.loramoe_config))
 
     def load_adapter_weights(self, path: str | Path) -> None:
         """Copy saved experts and routers in; every one must be present with its shape."""

@@ -48,7 +48,7 @@ LORAMOE_WEIGHTS = "loramoe_model.safetensors"
 
 @dataclass
 class LoRAMoEConfig:
-    """LoRAMoE hyperparameters; the defaults are the paper's (6 experts of rank 4, alpha 32, β = δ = 0.1)."""
+    """LoRAMoE hyperparameters; defaults: 6 experts of rank 4, alpha 32, β = δ = 0.1 (README: where they come from)."""
 
     target_modules: list[str]
     num_experts: int = 6

@@ -8,7 +8,7 @@ Written by hand, and why:
   as the latest usable one (the Trainer writes ``checkpoint-N`` in place);
 - DeepSpeed checkpoints without the frozen backbone (the Trainer only does that for a bare PeftModel);
 - AdaLoRA's ``update_and_allocate`` after every optimizer step, reading gradients that DeepSpeed keeps partitioned;
-- the mean gate value in the logs;
+- the mean gate value (and LoRAMoE's balancing constraint) in the logs;
 - what the run cost, written as ``train_stats.json`` into every checkpoint and the final folder: training wall time
   (summed over resumed sessions), optimizer steps, non-padding input tokens seen over all ranks (the Trainer's own
   count), trainable parameters.
@@ -43,6 +43,7 @@ class IMSMTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.imsm_settings, self.run_args, self.gate_learning_rate = imsm_settings, run_args, gate_learning_rate
         self._gate_values: list[float] = []
+        self._balance_values: list[float] = []  # LoRAMoE's balancing constraint
         self._staging = False
         self._seconds_before = 0.0  # wall time of earlier sessions of a resumed run
         self._started: float | None = None
@@ -85,6 +86,8 @@ class IMSMTrainer(Trainer):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if model.training:
             self._gate_values.append(float(outputs["gate_mean"]))
+            if "balance_loss" in outputs:
+                self._balance_values.append(float(outputs["balance_loss"]))
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
@@ -92,6 +95,9 @@ class IMSMTrainer(Trainer):
             # This rank's micro-batches since the last log: the share of the frozen memory in the mix.
             logs["gate_mean"] = round(sum(self._gate_values) / len(self._gate_values), 4)
             self._gate_values.clear()
+        if "loss" in logs and self._balance_values:
+            logs["balance_loss"] = round(sum(self._balance_values) / len(self._balance_values), 6)
+            self._balance_values.clear()
         super().log(logs, *args, **kwargs)
 
     # ---- cost ---------------------------------------------------------------------------------------------------

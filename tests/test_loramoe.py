@@ -246,6 +246,7 @@ def test_imsm_gate_with_loramoe_and_checkpointing_trains_and_reloads(tiny_model_
                           "--logging_steps", "1", "--disable_tqdm", "true"])
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
+    assert all(h["balance_loss"] > 0 for h in trainer.state.log_history if "loss" in h)
     reloaded, tokenizer, settings = load_run(out / "final")
     assert settings["gate"] == "query_aware" and settings["peft"] == "loramoe"
     torch.testing.assert_close(_probe(reloaded, tokenizer), _probe(trainer.model, tokenizer))

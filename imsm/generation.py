@@ -27,7 +27,7 @@ Branches (``build_decoder`` picks them from the model):
   ``adapter_names`` are entered around the whole batch through ``LoraModel._enable_peft_forward_hooks``;
   ``tests/test_generation.py`` checks that the frozen half equals the ``disable_adapter()`` pass and the tuned half
   the adapter pass.
-* ``TwoCacheBranches``: any other PEFT method (AdaLoRA, DoRA, (IA)3 ignore ``adapter_names`` or refuse it): two
+* ``TwoCacheBranches``: any other adapter (AdaLoRA, DoRA, (IA)3, LoRAMoE ignore ``adapter_names`` or refuse it): two
   passes per step, the frozen one under ``peft_model.disable_adapter()``, each with its own KV cache.
 
 Greedy decoding by default; temperature / top-p sampling draws from a seeded ``torch.Generator`` (reproducible for
@@ -184,6 +184,8 @@ def supports_mixed_batch(model: IMSMModel) -> bool:
     from peft.tuners.lora import LoraLayer
 
     peft_model = model.peft_model
+    if not hasattr(peft_model, "peft_config"):  # LoRAMoE is not a PEFT method
+        return False
     config = peft_model.peft_config[peft_model.active_adapter]
     if config.peft_type != PeftType.LORA or not hasattr(peft_model.base_model, "_enable_peft_forward_hooks"):
         return False

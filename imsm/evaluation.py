@@ -33,6 +33,7 @@ from imsm.loader import (
     load_run,
     load_tokenizer,
     read_settings,
+    read_train_stats,
     resolve_run_dir,
 )
 from imsm.metrics import ExampleScores, compute_metrics, example_scores, get_task
@@ -373,6 +374,7 @@ def evaluate_model(plan, args, tasks, dtype, device, rank, world_size) -> RunRes
     if rank != 0:
         return None
     result = RunResult(plan.label, plan.template, metrics, per_example,
-                       None if plan.run_dir is None else str(plan.run_dir))
+                       None if plan.run_dir is None else str(plan.run_dir),
+                       None if plan.run_dir is None else read_train_stats(plan.run_dir))
     atomic_write_json(out_dir / "results.json", result.to_dict())
     return result

@@ -45,6 +45,8 @@ MISSING = "-"
 NLL = "answer_nll"
 PRIMARY = "primary"  # the measure "each task's primary metric"
 MEASURES = (PRIMARY, NLL)
+COST_COLUMNS = (("train_runtime_s", "Train s"), ("optimizer_steps", "Steps"), ("tokens_seen", "Tokens"))
+COST_DIGITS = {"train_runtime_s": 0, "optimizer_steps": 0, "tokens_seen": 0}
 
 
 @dataclass
@@ -56,14 +58,17 @@ class RunResult:
     metrics: dict[str, dict[str, float]]  # task -> compute_metrics output (+ answer_nll)
     scores: dict[str, ExampleScores] = field(default_factory=dict, repr=False, compare=False)  # task -> per example
     run: str | None = None  # the run folder (None: the untuned model)
+    cost: dict[str, Any] | None = None  # the run's train_stats.json (wall time, optimizer steps, tokens seen)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunResult:
         """Build from ``{"label", "template", "metrics"}``, e.g. a JSON file written by evaluation."""
-        return cls(label=data["label"], template=data["template"], metrics=data["metrics"], run=data.get("run"))
+        return cls(label=data["label"], template=data["template"], metrics=data["metrics"], run=data.get("run"),
+                   cost=data.get("cost"))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "template": self.template, "run": self.run, "metrics": self.metrics}
+        return {"label": self.label, "template": self.template, "run": self.run, "metrics": self.metrics,
+                "cost": self.cost}
 
 
 @dataclass
@@ -178,12 +183,17 @@ def summary_table(runs: list[RunResult]) -> tuple[str, str]:
         if spec.kind == "yesno" and any("yes_rate" in run.metrics.get(task, {}) for run in runs):
             header.append(f"{spec.display} yes%")
             columns.append((task, "yes_rate"))
+    costs = [key for key, _ in COST_COLUMNS if any(run.cost and run.cost.get(key) is not None for run in runs)]
+    header += [name for key, name in COST_COLUMNS if key in costs]
     cells = []
     for row in rows:
         line = [row.label, row.template] + ([str(len(row.runs))] if several else [])
         for task, key in columns:
             measure = NLL if key == NLL else PRIMARY
             line.append(_fmt(*_mean_sd(row, task, key, _scale(measure)), digits=_digits(measure)))
+        for key in costs:  # what training cost, mean over the label's runs (equal compute, visible)
+            values = [run.cost.get(key) if run.cost else None for run in row.runs]
+            line.append(MISSING if any(v is None for v in values) else f"{np.mean(values):.{COST_DIGITS[key]}f}")
         cells.append(line)
     return _markdown(header, cells), _csv(header, cells)
 

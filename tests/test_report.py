@@ -158,3 +158,12 @@ def test_write_report(tmp_path):
 def test_run_result_from_dict():
     run = RunResult.from_dict({"label": "LoRA", "template": "chat", "metrics": {"webq": {"contain": 0.5}}})
     assert run == RunResult("LoRA", "chat", {"webq": {"contain": 0.5}})
+
+
+def test_summary_shows_what_training_cost():
+    lora = _lora()
+    lora.cost = {"train_runtime_s": 248.4, "optimizer_steps": 60, "tokens_seen": 91234}
+    md, _ = summary_table([_untuned(), lora])
+    header, base, row = _rows(md)
+    assert header[-3:] == ["Train s", "Steps", "Tokens"]
+    assert row[-3:] == ["248", "60", "91234"] and base[-3:] == ["-", "-", "-"]

@@ -13,7 +13,17 @@ as an ambiguous abbreviation of its ``--run-path``, even after the script name).
 
 Each process decodes a strided shard of every task; rank 0 gathers the predictions back in input order and writes
 ``OUTPUT_DIR/<label>/<task>/{predictions.jsonl,metrics.json}``, ``OUTPUT_DIR/<label>/results.json`` and
-``OUTPUT_DIR/{summary.md,summary.csv,forgetting.md,forgetting.png}``. A run decodes with the prompt template it was
+``OUTPUT_DIR/{summary,forgetting,comparisons}.md``, ``stats.{json,csv}``, ``tradeoff.{png,csv}``, ``forgetting.png``.
+``--score both`` (default) decodes and also scores each gold answer's likelihood teacher-forced (``answer_nll``);
+``--score likelihood`` only scores, far cheaper. Runs sharing a label are seeds of one method (one row, mean ± sd):
+
+    python evaluate.py --untuned --run runs/lora/s1 runs/lora/s2 runs/lora/s3 runs/imsm/s1 runs/imsm/s2 runs/imsm/s3 \
+        --labels untuned,LoRA,LoRA,LoRA,IMSM-LoRA,IMSM-LoRA,IMSM-LoRA --compare IMSM-LoRA:LoRA ...
+
+Every change against the untuned model, and between the ``--compare`` pairs, is paired per example with a bootstrap
+95% interval (``--bootstrap_resamples``, ``--bootstrap_seed``) and, for accuracy-type metrics, McNemar's exact p.
+An ``--output_dir`` that holds an earlier evaluation is refused unless ``--overwrite``; while an evaluation writes,
+the folder holds a file ``INCOMPLETE``. A run decodes with the prompt template it was
 trained with unless ``--prompt_template`` overrides it (a warning says so); the untuned model uses
 ``--prompt_template`` (default raw). Every input (tasks, data files, run folders, gate shapes, templates) is checked
 before anything is written.
@@ -24,12 +34,22 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 from transformers import HfArgumentParser
 
-from imsm.evaluation import DTYPES, EvalArguments, evaluate_model, plan_models, read_task, task_files
+from imsm.evaluation import (
+    DTYPES,
+    EvalArguments,
+    evaluate_model,
+    finish_output_dir,
+    plan_models,
+    prepare_output_dir,
+    read_task,
+    task_files,
+)
 from imsm.report import write_report
 
 
@@ -51,11 +71,23 @@ def main(argv: list[str] | None = None) -> dict[str, Path] | None:
     tasks = {task: read_task(task, path, args.max_examples) for task, path in task_files(args).items()}
     plans = plan_models(args)
 
-    runs = [evaluate_model(plan, args, tasks, dtype, device, rank, world_size) for plan in plans]
-    paths = write_report(runs, args.target, args.output_dir) if rank == 0 else None
-    if paths is not None:
-        print(paths["summary_md"].read_text(), paths["forgetting_md"].read_text(), sep="\n")
-        print(f"Report, predictions and chart: {args.output_dir}")
+    if rank == 0:
+        prepare_output_dir(Path(args.output_dir), args.overwrite)
+    runs, start = [], time.perf_counter()
+    for i, plan in enumerate(plans):
+        runs.append(evaluate_model(plan, args, tasks, dtype, device, rank, world_size))
+        elapsed = time.perf_counter() - start
+        logging.getLogger("evaluate").info(
+            "model %d/%d (%s) done; %.0f s so far, about %.0f s to go", i + 1, len(plans), plan.folder, elapsed,
+            elapsed / (i + 1) * (len(plans) - i - 1))
+    paths = None
+    if rank == 0:
+        paths = write_report(runs, args.target, args.output_dir, pairs=args.pairs,
+                             resamples=args.bootstrap_resamples, seed=args.bootstrap_seed)
+        finish_output_dir(Path(args.output_dir))
+        print(paths["summary_md"].read_text(), paths["forgetting_md"].read_text(), paths["comparisons_md"].read_text(),
+              sep="\n")
+        print(f"Report, predictions and charts (forgetting.png, tradeoff.png): {args.output_dir}")
     if world_size > 1:
         torch.distributed.destroy_process_group()
     return paths

@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> IMSMTrainer:
     dataset = SupervisedDataset(data_args.train_file, template, data_args.max_input_length,
                                 data_args.max_output_length, data_args.max_train_examples)
 
-    model = build_imsm_model(backbone, imsm_args, total_steps=optimizer_steps(len(dataset), training_args))
+    model = build_imsm_model(backbone, imsm_args, total_steps=optimizer_steps(len(dataset), training_args),
+                             template=template, max_input_length=data_args.max_input_length)
     counts = {"adapter": 0, "gate": 0}
     for name, p in model.named_parameters():
         if p.requires_grad:

@@ -1,7 +1,8 @@
-"""PEFT adapters by name (lora, adalora, dora, ia3) and their default target modules per ``config.model_type``.
+"""Adapters by name (lora, adalora, dora, ia3, loramoe) and their default target modules per ``config.model_type``.
 
 The defaults are the paper's choices: Llama q_proj,v_proj for LoRA/AdaLoRA/DoRA and k_proj,v_proj,down_proj for
-(IA)3 with down_proj as the feed-forward module; Qwen2 q_proj; ChatGLM query_key_value. ``--target_modules`` (and
+(IA)3 with down_proj as the feed-forward module; Qwen2 q_proj; ChatGLM query_key_value. LoRAMoE (``imsm/loramoe.py``,
+not a PEFT method) puts its experts on the feed-forward projections, as its paper. ``--target_modules`` (and
 ``--feedforward_modules`` for (IA)3) on the command line override the table.
 """
 
@@ -11,6 +12,10 @@ from collections.abc import Callable
 
 import torch
 from peft import AdaLoraConfig, IA3Config, LoraConfig, PeftConfig, TaskType, get_peft_model
+from peft.tuners.lora.config import CordaConfig
+
+from imsm.lora_init import LORA_INITS
+from imsm.loramoe import LoRAMoEConfig, LoRAMoEModel
 
 LORA_TARGET_MODULES: dict[str, list[str]] = {
     "llama": ["q_proj", "v_proj"],
@@ -30,6 +35,12 @@ IA3_FEEDFORWARD_MODULES: dict[str, list[str]] = {
     "qwen2": ["down_proj"],
     "chatglm": ["dense_4h_to_h"],
 }
+LORAMOE_TARGET_MODULES: dict[str, list[str]] = {
+    "llama": ["gate_proj", "up_proj", "down_proj"],
+    "mistral": ["gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["gate_proj", "up_proj", "down_proj"],
+    "chatglm": ["dense_h_to_4h", "dense_4h_to_h"],
+}
 
 
 def _lookup(table: dict[str, list[str]], model_type: str, what: str) -> list[str]:
@@ -42,9 +53,12 @@ def _lookup(table: dict[str, list[str]], model_type: str, what: str) -> list[str
 
 
 def _lora(args, model_type: str, total_steps: int | None) -> PeftConfig:
+    init = args.init_lora_weights
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         target_modules=args.target_modules or _lookup(LORA_TARGET_MODULES, model_type, "LoRA target modules"),
+        init_lora_weights=LORA_INITS[init](args),
+        corda_config=CordaConfig(corda_method="kpm") if init == "corda" else None,
     )
 
 
@@ -74,18 +88,31 @@ def _ia3(args, model_type: str, total_steps: int | None) -> PeftConfig:
     return IA3Config(task_type=TaskType.CAUSAL_LM, target_modules=targets, feedforward_modules=ff)
 
 
-PEFT_METHODS: dict[str, Callable[..., PeftConfig]] = {"lora": _lora, "dora": _dora, "adalora": _adalora, "ia3": _ia3}
+def _loramoe(args, model_type: str, total_steps: int | None) -> LoRAMoEConfig:
+    return LoRAMoEConfig(
+        target_modules=args.target_modules or _lookup(LORAMOE_TARGET_MODULES, model_type, "LoRAMoE target modules"),
+        num_experts=args.loramoe_num_experts, r=args.loramoe_r, alpha=args.loramoe_alpha,
+        dropout=args.loramoe_dropout, knowledge_experts=args.loramoe_knowledge_experts,
+        balance_weight=args.loramoe_balance_weight, balance_delta=args.loramoe_balance_delta,
+    )
 
 
-def build_peft_config(args, model_type: str, total_steps: int | None = None) -> PeftConfig:
-    """The PEFT config for ``args.peft`` with the hyperparameters in ``args`` (an ``ImsmArguments``)."""
+PEFT_METHODS: dict[str, Callable[..., PeftConfig | LoRAMoEConfig]] = {
+    "lora": _lora, "dora": _dora, "adalora": _adalora, "ia3": _ia3, "loramoe": _loramoe,
+}
+
+
+def build_peft_config(args, model_type: str, total_steps: int | None = None) -> PeftConfig | LoRAMoEConfig:
+    """The adapter config for ``args.peft`` with the hyperparameters in ``args`` (an ``ImsmArguments``)."""
     if args.peft not in PEFT_METHODS:
         raise ValueError(f"unknown PEFT method {args.peft!r}; choose one of {sorted(PEFT_METHODS)}")
     return PEFT_METHODS[args.peft](args, model_type, total_steps)
 
 
-def attach_adapter(backbone: torch.nn.Module, peft_config: PeftConfig):
+def attach_adapter(backbone: torch.nn.Module, peft_config: PeftConfig | LoRAMoEConfig):
     """Wrap the backbone in place: the base weights stay where they are and only the adapter is trainable."""
+    if isinstance(peft_config, LoRAMoEConfig):
+        return LoRAMoEModel(backbone, peft_config)
     return get_peft_model(backbone, peft_config)
 
 
@@ -95,6 +122,8 @@ def adalora_orth_regularizer(peft_model) -> torch.Tensor | None:
     IMSM calls the backbone's decoder directly (it needs the hidden state, not the logits), which bypasses that
     forward, so the term is added here with the same weight and formula.
     """
+    if isinstance(peft_model, LoRAMoEModel):
+        return None
     config = peft_model.peft_config[peft_model.active_adapter]
     if config.peft_type.value != "ADALORA" or config.orth_reg_weight == 0:
         return None

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from imsm.adapters import PEFT_METHODS
+from imsm.adapters import LORA_INITS, PEFT_METHODS
 from imsm.gate import GATES
+from imsm.loramoe import LoRAMoEConfig
 from imsm.templates import TEMPLATES
 
 
@@ -67,6 +68,32 @@ class ImsmArguments:
     adalora_tfinal: int = field(default=0, metadata={"help": "AdaLoRA final fine-tuning steps."})
     adalora_delta_t: int = field(default=1, metadata={"help": "AdaLoRA steps between budget allocations."})
     adalora_orth_reg_weight: float = field(default=0.5, metadata={"help": "AdaLoRA orthogonality penalty."})
+    loramoe_num_experts: int = field(default=6, metadata={"help": "LoRAMoE experts per adapted layer."})
+    loramoe_r: int = field(default=4, metadata={"help": "LoRAMoE rank of each expert."})
+    loramoe_alpha: float = field(default=32.0, metadata={"help": "LoRAMoE scale numerator (scaling alpha / r)."})
+    loramoe_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRAMoE experts' input."})
+    loramoe_knowledge_experts: int | None = field(
+        default=None, metadata={"help": "Experts in the world-knowledge group (the first ones); default: half."}
+    )
+    loramoe_balance_weight: float = field(default=0.1, metadata={"help": "Weight β of the balancing constraint."})
+    loramoe_balance_delta: float = field(
+        default=0.1, metadata={"help": "Imbalance δ: coefficients 1+δ (task group) and 1−δ (knowledge group)."}
+    )
+    init_lora_weights: str = field(
+        default="default",
+        metadata={"help": f"LoRA initialisation: one of {sorted(LORA_INITS)}; pissa and corda rewrite the base "
+                          "weights, so they need --gate none."},
+    )
+    pissa_niter: int | None = field(
+        default=None, metadata={"help": "PiSSA: randomized SVD with this many subspace iterations (default: exact)."}
+    )
+    corda_calibration_file: str | None = field(
+        default=None, metadata={"help": "CorDA: JSONL of general-domain prompts ('input') for the calibration pass."}
+    )
+    corda_calibration_examples: int = field(default=256, metadata={"help": "CorDA: calibration prompts used."})
+    corda_calibration_skip: int = field(
+        default=0, metadata={"help": "CorDA: rows of the calibration file skipped before the ones used."}
+    )
 
     def __post_init__(self) -> None:
         if self.peft not in PEFT_METHODS:
@@ -77,3 +104,32 @@ class ImsmArguments:
             raise ValueError("--gate_rank must be at least 1")
         if not 0.0 <= self.gate_dropout < 1.0:
             raise ValueError("--gate_dropout must be in [0, 1)")
+        if self.peft == "loramoe":
+            LoRAMoEConfig(  # checks the LoRAMoE options; the target modules come later, from the model
+                target_modules=["*"], num_experts=self.loramoe_num_experts, r=self.loramoe_r,
+                alpha=self.loramoe_alpha, dropout=self.loramoe_dropout,
+                knowledge_experts=self.loramoe_knowledge_experts, balance_weight=self.loramoe_balance_weight,
+                balance_delta=self.loramoe_balance_delta,
+            )
+        self._check_lora_init()
+
+    def _check_lora_init(self) -> None:
+        if self.init_lora_weights not in LORA_INITS:
+            raise ValueError(f"--init_lora_weights {self.init_lora_weights!r}: choose one of {sorted(LORA_INITS)}")
+        if self.init_lora_weights != "default":
+            if self.peft != "lora":
+                raise ValueError(f"--init_lora_weights {self.init_lora_weights} applies to --peft lora only")
+            if self.gate != "none":
+                raise ValueError(
+                    f"--init_lora_weights {self.init_lora_weights} cannot be combined with the IMSM gate "
+                    f"(--gate {self.gate}): it moves the top singular directions of each target weight into the "
+                    "adapter and leaves the residual in the base layer, so the model with the adapter disabled is "
+                    "no longer the pretrained model and the frozen memory would be wrong; use --gate none"
+                )
+        if (self.init_lora_weights == "corda") != (self.corda_calibration_file is not None):
+            raise ValueError("--init_lora_weights corda needs --corda_calibration_file, and that file is only used "
+                             "by corda")
+        if self.corda_calibration_examples < 1 or self.corda_calibration_skip < 0:
+            raise ValueError("--corda_calibration_examples must be at least 1 and --corda_calibration_skip >= 0")
+        if self.pissa_niter is not None and (self.init_lora_weights != "pissa" or self.pissa_niter < 1):
+            raise ValueError("--pissa_niter (at least 1) only applies to --init_lora_weights pissa")

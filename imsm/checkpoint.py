@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from imsm.atomic import atomic_write_json
 from imsm.gate import GATE_PARAM_PREFIX
 from imsm.loader import GATE_FILE, IMSM_CONFIG, RUN_ARGS
+from imsm.lora_init import convert_saved_adapter
 from imsm.model import IMSMModel
 
 
@@ -41,6 +42,8 @@ def save_run_files(model: IMSMModel, out_dir: str | Path, settings: dict, run_ar
         full = {n[len("peft_model."):]: p.detach().cpu().clone() for n, p in named if n.startswith("peft_model.")}
         # save_pretrained picks the adapter's entries out of this (AdaLoRA: cut to the allocated ranks)
         model.peft_model.save_pretrained(str(out_dir), state_dict=full, safe_serialization=True)
+        if model.lora_initial_state is not None:
+            convert_saved_adapter(out_dir, model.lora_initial_state)
         gate = {n[len(GATE_PARAM_PREFIX):]: p.detach().cpu().float().contiguous().clone()
                 for n, p in named if n.startswith(GATE_PARAM_PREFIX)}
         save_file(gate, str(out_dir / GATE_FILE), metadata={"format": "pt", "variant": settings["gate"]})

@@ -27,7 +27,7 @@ Branches (``build_decoder`` picks them from the model):
   ``adapter_names`` are entered around the whole batch through ``LoraModel._enable_peft_forward_hooks``;
   ``tests/test_generation.py`` checks that the frozen half equals the ``disable_adapter()`` pass and the tuned half
   the adapter pass.
-* ``TwoCacheBranches``: any other PEFT method (AdaLoRA, DoRA, (IA)3 ignore ``adapter_names`` or refuse it): two
+* ``TwoCacheBranches``: any other adapter (AdaLoRA, DoRA, (IA)3, LoRAMoE ignore ``adapter_names`` or refuse it): two
   passes per step, the frozen one under ``peft_model.disable_adapter()``, each with its own KV cache.
 
 Greedy decoding by default; temperature / top-p sampling draws from a seeded ``torch.Generator`` (reproducible for
@@ -52,6 +52,7 @@ from torch import nn
 
 from imsm.gate import query_mean
 from imsm.model import IMSMModel
+from imsm.scoring import SequenceScore
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ class Generation:
     finish_reason: str  # "eos", "stop" (a stop string) or "length"
     gate_mean: float | None  # mean gate over the generated tokens (IMSM only): the share of the frozen memory
     logits: torch.Tensor | None = None  # (num_tokens, vocab) float32 when ``output_logits``
+    answer_scores: list[SequenceScore] | None = None  # teacher-forced scores of the given answers, in their order
 
 
 # --------------------------------------------------------------------------------------------------- branches
@@ -128,6 +130,11 @@ class MemoryBranches:
 
     def __call__(self, input_ids, attention_mask, position_ids) -> tuple[torch.Tensor | None, torch.Tensor]:
         raise NotImplementedError
+
+    def rewind(self, tokens: int) -> None:
+        """Forget the newest ``tokens`` positions of every cache (after scoring answers on top of the prompt)."""
+        for cache in self._caches.values():
+            cache.crop(-tokens)
 
 
 class SingleBranch(MemoryBranches):
@@ -180,6 +187,8 @@ def supports_mixed_batch(model: IMSMModel) -> bool:
     from peft.tuners.lora import LoraLayer
 
     peft_model = model.peft_model
+    if not hasattr(peft_model, "peft_config"):  # LoRAMoE is not a PEFT method
+        return False
     config = peft_model.peft_config[peft_model.active_adapter]
     if config.peft_type != PeftType.LORA or not hasattr(peft_model.base_model, "_enable_peft_forward_hooks"):
         return False
@@ -210,6 +219,58 @@ class Decoder:
         mixed, gate = self.model.mix(h_frozen, h_tuned, q_frozen, q_tuned)
         gate_row = gate.float().reshape(gate.shape[0], -1).mean(-1) if gate.dim() == 3 else gate.float().mean()
         return self.lm_head(mixed[:, -1]).float(), gate_row.expand(h_tuned.shape[0])
+
+
+    def all_logits(self, h_frozen, h_tuned, q_frozen, q_tuned, keep: torch.Tensor):
+        """(float32 logits (K, V), gate per kept position (K,) or None) at the positions ``keep`` (B, T) of (B, T, d)
+        memories."""
+        if not self.siamese:
+            return self.lm_head(h_tuned[keep]).float(), None
+        mixed, gate = self.model.mix(h_frozen, h_tuned, q_frozen, q_tuned)
+        gates = gate[keep].float().mean(-1) if gate.dim() == 3 else gate.float().expand(int(keep.sum()))
+        return self.lm_head(mixed[keep]).float(), gates
+
+
+def _score_answers(decoder: Decoder, answers: Sequence[Sequence[int]], first_logits: torch.Tensor,
+                   first_gate: torch.Tensor | None, mask: torch.Tensor, next_pos: torch.Tensor, pad_id: int,
+                   q_frozen, q_tuned) -> list[SequenceScore | None]:
+    """Teacher-force one answer per row on top of the prompt caches, then rewind the caches to the prompt.
+
+    The first answer token is scored with the prefill's last logits; the rest with one extension pass over the
+    answers (right-padded after the left-padded prompts), exactly what ``imsm.scoring`` computes from scratch.
+    """
+    device = mask.device
+    n = len(answers)
+    width = max(len(a) for a in answers)
+    ids = torch.full((n, width), pad_id, dtype=torch.long, device=device)
+    keep = torch.zeros((n, width), dtype=torch.bool, device=device)
+    for i, answer in enumerate(answers):
+        if answer:
+            ids[i, : len(answer)] = torch.tensor(list(answer), dtype=torch.long, device=device)
+            keep[i, : len(answer)] = True
+    first = torch.log_softmax(first_logits, -1).gather(-1, ids[:, :1]).squeeze(-1)
+    first_greedy = first_logits.argmax(-1) == ids[:, 0]
+    sums, misses = first.clone(), (~first_greedy).long()
+    gate_sums = None if first_gate is None else first_gate.clone()
+    if width > 1:
+        ext_mask = torch.cat([mask, keep.long()], dim=1)
+        positions = next_pos + torch.arange(width, device=device)
+        h_frozen, h_tuned = decoder.branches(ids, ext_mask, positions)
+        scored = keep[:, 1:]  # answer position j - 1 predicts answer token j
+        logits, gates = decoder.all_logits(None if h_frozen is None else h_frozen[:, :-1], h_tuned[:, :-1],
+                                           q_frozen, q_tuned, scored)
+        targets = ids[:, 1:][scored]
+        token_logprob = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        rows = scored.nonzero()[:, 0]
+        sums = sums.index_add(0, rows, token_logprob)
+        misses = misses.index_add(0, rows, (logits.argmax(-1) != targets).long())
+        if gate_sums is not None:
+            gate_sums = gate_sums.index_add(0, rows, gates)
+        decoder.branches.rewind(width)
+    return [None if not answer else SequenceScore(
+        logprob_sum=float(sums[i]), num_tokens=len(answer), is_greedy=bool(misses[i] == 0),
+        gate_mean=None if gate_sums is None else float(gate_sums[i]) / len(answer))
+        for i, answer in enumerate(answers)]
 
 
 def build_decoder(model: nn.Module, mixed_batch: bool | None = None) -> Decoder:
@@ -286,9 +347,12 @@ def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
 @torch.inference_mode()
 def decode_batch(decoder: Decoder, prompts: Sequence[Sequence[int]], pad_id: int, eos_ids: Sequence[int],
                  config: DecodingConfig, generator: torch.Generator | None = None,
+                 answers: Sequence[Sequence[Sequence[int]]] | None = None,
                  stops: Callable[[Sequence[int]], bool] | None = None):
     """Decode one batch; returns CPU tensors (tokens (B, N), lengths (B,), gate sums (B,) or None, hit EOS (B,),
-    logits (B, N, V) or None, hit a stop string (B,)). ``stops`` says whether a row's generated ids end it."""
+    hit a stop string (B,), logits (B, N, V) or None) and, when ``answers`` (per row, a list of answer ids) are given,
+    their teacher-forced scores per row, computed on the prompt's KV cache before decoding (the prefill is shared),
+    else None. ``stops`` says whether a row's generated ids end it (a stop string)."""
     device = next(decoder.lm_head.parameters()).device
     input_ids, mask = left_pad(prompts, pad_id, device)
     n, steps = len(prompts), config.max_new_tokens
@@ -311,6 +375,15 @@ def decode_batch(decoder: Decoder, prompts: Sequence[Sequence[int]], pad_id: int
         logits, gate = decoder.logits(None if h_frozen is None else h_frozen[:, -1:], h_tuned[:, -1:],
                                       q_frozen, q_tuned)
         next_pos = positions[:, -1:] + 1
+        answer_scores: list[list[SequenceScore]] | None = None
+        if answers is not None:
+            answer_scores = [[] for _ in range(n)]
+            for k in range(max(len(a) for a in answers)):  # the k-th answer of every row that has one
+                kth = [a[k] if k < len(a) else [] for a in answers]
+                for i, score in enumerate(_score_answers(decoder, kth, logits, gate, mask, next_pos, pad_id,
+                                                         q_frozen, q_tuned)):
+                    if score is not None:
+                        answer_scores[i].append(score)
         for step in range(steps):
             if config.output_logits:
                 step_logits.append(logits)
@@ -337,12 +410,20 @@ def decode_batch(decoder: Decoder, prompts: Sequence[Sequence[int]], pad_id: int
             next_pos = next_pos + 1
     gates = gate_sums.cpu() if decoder.siamese else None
     all_logits = torch.stack(step_logits, dim=1).cpu() if step_logits else None
-    return tokens.cpu(), lengths.cpu(), gates, hit_eos.cpu(), all_logits, hit_stop.cpu()
+    return tokens.cpu(), lengths.cpu(), gates, hit_eos.cpu(), hit_stop.cpu(), all_logits, answer_scores
 
 
-def generate(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]],
-             config: DecodingConfig | None = None) -> list[Generation]:
-    """Decode token-id prompts with an ``IMSMModel`` (any gate) or a plain causal LM; results in input order."""
+def generate(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]], config: DecodingConfig | None = None,
+             answers: Sequence[Sequence[Sequence[int]]] | None = None) -> list[Generation]:
+    """Decode token-id prompts with an ``IMSMModel`` (any gate) or a plain causal LM; results in input order.
+
+    ``answers[i]`` (a list of answer id lists, e.g. the gold answers) are also scored teacher-forced on prompt i's KV
+    cache before decoding, into ``Generation.answer_scores``: the prefill is shared, so the likelihood costs only the
+    answer tokens (``imsm.scoring.score_continuations`` computes the same from scratch)."""
+    if answers is not None and len(answers) != len(prompts):
+        raise ValueError(f"{len(answers)} answer lists for {len(prompts)} prompts")
+    if answers is not None and any(not a or any(len(x) == 0 for x in a) for a in answers):
+        raise ValueError("every prompt needs at least one answer, and every answer at least one token")
     config = config or DecodingConfig()
     decoder = build_decoder(model, config.mixed_batch)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -357,9 +438,9 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]],
     try:
         for start in range(0, len(order), config.batch_size):
             chunk = order[start : start + config.batch_size]
-            tokens, lengths, gate_sums, hit_eos, logits, hit_stop = decode_batch(
-                decoder, [prompts[i] for i in chunk], pad_id, eos_ids, config, generator, stops
-            )
+            tokens, lengths, gate_sums, hit_eos, hit_stop, logits, scores = decode_batch(
+                decoder, [prompts[i] for i in chunk], pad_id, eos_ids, config, generator,
+                None if answers is None else [answers[i] for i in chunk], stops)
             for row, i in enumerate(chunk):
                 n = int(lengths[row])
                 ids = tokens[row, :n].tolist()
@@ -370,6 +451,7 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]],
                     finish_reason="eos" if hit_eos[row] else "stop" if hit_stop[row] else "length",
                     gate_mean=None if gate_sums is None else float(gate_sums[row]) / max(n, 1),
                     logits=None if logits is None else logits[row, :n].clone(),
+                    answer_scores=None if scores is None else scores[row],
                 )
             logger.debug("decoded %d / %d prompts", min(start + config.batch_size, len(order)), len(order))
     finally:

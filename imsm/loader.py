@@ -1,7 +1,8 @@
 """One build/load path for training and evaluation: backbone + tokenizer, the PEFT adapter, the gate, and a saved run.
 
-A saved run folder is a PEFT adapter folder (``adapter_config.json``, ``adapter_model.safetensors``) plus
-``gate.safetensors``, ``imsm_config.json`` (the IMSM settings, prompt template included) and ``run_args.json``.
+A saved run folder is a PEFT adapter folder (``adapter_config.json``, ``adapter_model.safetensors``; LoRAMoE:
+``loramoe_config.json``, ``loramoe_model.safetensors``) plus ``gate.safetensors``, ``imsm_config.json`` (the IMSM
+settings, prompt template included) and ``run_args.json``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from imsm.adapters import attach_adapter, build_peft_config
 from imsm.default_model import resolve_model_path
 from imsm.gate import GATE_PARAM_PREFIX, build_gate
+from imsm.lora_init import RESIDUAL_ADAPTER, calibrate_corda, calibration_record, initial_adapter_state, mutates_base
+from imsm.loramoe import LORAMOE_CONFIG, LORAMOE_WEIGHTS, LoRAMoEModel
 from imsm.model import IMSMModel
 
 logger = logging.getLogger(__name__)
@@ -27,6 +30,13 @@ GATE_FILE = "gate.safetensors"
 RUN_ARGS = "run_args.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+TRAIN_STATS = "train_stats.json"
+# (config, weights) of a run's adapter by method; anything else is a PEFT adapter folder
+ADAPTER_FILES: dict[str, tuple[str, str]] = {"loramoe": (LORAMOE_CONFIG, LORAMOE_WEIGHTS)}
+
+
+def adapter_files(peft: str) -> tuple[str, str]:
+    return ADAPTER_FILES.get(peft, (ADAPTER_CONFIG, ADAPTER_WEIGHTS))
 
 
 def pick_attn_implementation(requested: str) -> str:
@@ -56,12 +66,18 @@ def load_backbone(model_name_or_path: str | None, dtype: torch.dtype = torch.flo
     return model, load_tokenizer(path, trust_remote_code), path
 
 
-def build_imsm_model(backbone, imsm_args, total_steps: int | None = None) -> IMSMModel:
-    """Attach a fresh adapter and gate; only they require grad."""
+def build_imsm_model(backbone, imsm_args, total_steps: int | None = None, template=None,
+                     max_input_length: int = 1024) -> IMSMModel:
+    """Attach a fresh adapter and gate; only they require grad. CorDA calibrates on ``imsm_args``' calibration
+    file first, encoding its prompts with ``template``."""
     peft_config = build_peft_config(imsm_args, backbone.config.model_type, total_steps)
+    if imsm_args.init_lora_weights == "corda":
+        calibrate_corda(backbone, peft_config, imsm_args, template, max_input_length)
     peft_model = attach_adapter(backbone, peft_config)
     gate = build_gate(imsm_args.gate, backbone.config.hidden_size, imsm_args.gate_rank, imsm_args.gate_dropout)
     model = IMSMModel(peft_model, gate)
+    if mutates_base(imsm_args.init_lora_weights):
+        model.lora_initial_state = initial_adapter_state(peft_model)
     for name, p in model.named_parameters():
         p.requires_grad_(model.is_trainable_name(name))
     return model
@@ -78,6 +94,8 @@ def imsm_settings(imsm_args, data_args, model_path: str, hidden_size: int) -> di
         "hidden_size": hidden_size,
         "prompt_template": data_args.prompt_template,
         "system_prompt": data_args.system_prompt,
+        "init_lora_weights": imsm_args.init_lora_weights,
+        "calibration": calibration_record(imsm_args),
     }
 
 
@@ -89,7 +107,7 @@ def resolve_run_dir(run: str | Path) -> Path:
             break
     else:
         raise FileNotFoundError(f"{run}: not an IMSM run folder (no {IMSM_CONFIG} here or in {run / 'final'})")
-    for needed in (ADAPTER_CONFIG, GATE_FILE):
+    for needed in (adapter_files(read_settings(candidate).get("peft", ""))[0], GATE_FILE):
         if not (candidate / needed).is_file():
             raise FileNotFoundError(f"{candidate}: incomplete run folder, {needed} is missing")
     return candidate
@@ -100,6 +118,13 @@ def read_settings(run_dir: Path) -> dict:
         return json.loads((run_dir / IMSM_CONFIG).read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{run_dir / IMSM_CONFIG}: not valid JSON ({e.msg})") from None
+
+
+def read_train_stats(run: str | Path) -> dict | None:
+    """A run's cost (``train_stats.json``: train_runtime_s, optimizer_steps, tokens_seen, ...); None for runs saved
+    before it was recorded."""
+    path = resolve_run_dir(run) / TRAIN_STATS
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def load_gate_into(model: IMSMModel, gate_path: Path) -> None:
@@ -121,8 +146,9 @@ def load_gate_into(model: IMSMModel, gate_path: Path) -> None:
 def check_run_fits(run_dir: Path, settings: dict, hidden_size: int, model_path: str) -> None:
     """The run's adapter weights exist and its gate fits a base model of ``hidden_size``; loads no model weights,
     so evaluate.py can check every run before it decodes or writes anything."""
-    if not (run_dir / ADAPTER_WEIGHTS).is_file():
-        raise FileNotFoundError(f"{run_dir}: incomplete run folder, {ADAPTER_WEIGHTS} is missing")
+    weights = adapter_files(settings.get("peft", ""))[1]
+    if not (run_dir / weights).is_file():
+        raise FileNotFoundError(f"{run_dir}: incomplete run folder, {weights} is missing")
     if settings.get("hidden_size", hidden_size) != hidden_size:
         raise ValueError(f"{run_dir / IMSM_CONFIG}: the run was trained on hidden size {settings['hidden_size']}, "
                          f"{model_path} has {hidden_size}")
@@ -136,7 +162,13 @@ def load_trained_weights(model: IMSMModel, run_dir: str | Path) -> None:
     from peft import set_peft_model_state_dict
 
     run_dir = resolve_run_dir(run_dir)
-    result = set_peft_model_state_dict(model.peft_model, load_file(str(run_dir / ADAPTER_WEIGHTS)))
+    if isinstance(model.peft_model, LoRAMoEModel):
+        model.peft_model.load_adapter_weights(run_dir / LORAMOE_WEIGHTS)
+        load_gate_into(model, run_dir / GATE_FILE)
+        return
+    # a PiSSA/CorDA run's adapter file is converted to the pretrained weights; resume from the unconverted one
+    weights = RESIDUAL_ADAPTER if model.lora_initial_state is not None else ADAPTER_WEIGHTS
+    result = set_peft_model_state_dict(model.peft_model, load_file(str(run_dir / weights)))
     missing = [k for k in result.missing_keys if model.adapter_prefix() in k]
     if missing:
         raise ValueError(f"{run_dir}: the saved adapter lacks {missing[:3]}")
@@ -154,7 +186,10 @@ def load_run(run: str | Path, model_name_or_path: str | None = None, dtype: torc
     backbone, tokenizer, path = load_backbone(model_name_or_path or settings.get("base_model"), dtype,
                                               attn_implementation, trust_remote_code)
     check_run_fits(run_dir, settings, backbone.config.hidden_size, path)
-    peft_model = PeftModel.from_pretrained(backbone, str(run_dir))
+    if settings.get("peft") == "loramoe":
+        peft_model = LoRAMoEModel.from_pretrained(backbone, run_dir)
+    else:
+        peft_model = PeftModel.from_pretrained(backbone, str(run_dir))
     gate = build_gate(settings["gate"], backbone.config.hidden_size, settings["gate_rank"], settings["gate_dropout"])
     model = IMSMModel(peft_model, gate)
     load_gate_into(model, run_dir / GATE_FILE)

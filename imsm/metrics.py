@@ -20,13 +20,14 @@ Every metric is a fraction in [0, 1] (MCC in [-1, 1]); an empty prediction is wr
 
 from __future__ import annotations
 
-import math
 import re
 import string
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
+
+import numpy as np
 
 YES, NO = "yes", "no"
 
@@ -146,43 +147,92 @@ def _contains(prediction: str, gold: str) -> float:
     return float(bool(norm_gold) and norm_gold in normalize_answer(prediction))
 
 
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else 0.0
-
-
-def _f1_from_counts(tp: int, fp: int, fn: int) -> float:
+def _f1_from_means(tp, fp, fn):
+    """F1 of the positive class from the (mean) counts; 0 where the denominator is 0. Works on arrays too."""
     denom = 2 * tp + fp + fn
-    return 2 * tp / denom if denom else 0.0
+    return np.divide(2 * tp, denom, out=np.zeros_like(denom, dtype=float), where=denom != 0)
 
 
-def _mcc(tp: int, tn: int, fp: int, fn: int) -> float:
-    denom = (tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)
-    return (tp * tn - fp * fn) / math.sqrt(denom) if denom else 0.0
+def _mcc_from_means(tp, tn, fp, fn):
+    """Matthews correlation from the (mean) confusion counts; 0 where any factor is 0. Works on arrays too."""
+    denom = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return np.divide(tp * tn - fp * fn, denom, out=np.zeros_like(denom, dtype=float), where=denom != 0)
 
 
-def _yes_no_metrics(task: str, predictions: Sequence[str], golds: Sequence[str | Sequence[str]]) -> dict[str, float]:
+# A metric is f(mean over examples of a per-example component vector): a plain mean for accuracy-type metrics, the
+# confusion counts for F1 and MCC (both are unchanged when every count is divided by n). Resampling examples then only
+# means re-averaging the components (``imsm.stats``), and a seed group averages f over its runs.
+METRIC_FUNCTIONS = {
+    "f1_counts": lambda m: _f1_from_means(m[..., 0], m[..., 1], m[..., 2]),
+    "mcc_counts": lambda m: _mcc_from_means(m[..., 0], m[..., 1], m[..., 2], m[..., 3]),
+    "mean": lambda m: m[..., 0],
+}
+# Metrics whose per-example component is a single 0/1 outcome: McNemar's test applies to them.
+BINARY_METRICS = ("accuracy", "contain", "em")
+
+
+@dataclass
+class ExampleScores:
+    """Per-example components of every metric of a task: ``metric -> (function name, array (n, c))``."""
+
+    components: dict[str, tuple[str, np.ndarray]]
+
+    def value(self, metric: str, rows: np.ndarray | None = None) -> float:
+        kind, comp = self.components[metric]
+        comp = comp if rows is None else comp[rows]
+        return float(METRIC_FUNCTIONS[kind](comp.mean(0))) if len(comp) else 0.0
+
+
+def _column(values) -> tuple[str, np.ndarray]:
+    return "mean", np.asarray(values, dtype=float).reshape(-1, 1)
+
+
+def _yes_no_components(task: str, predictions: Sequence[str], golds: Sequence[str | Sequence[str]]):
     read = [read_yes_no(p) for p in predictions]
     gold = [_single_gold_yes_no(g) for g in golds]
-    metrics: dict[str, float] = {
-        "accuracy": _mean([float(p == g) for p, g in zip(read, gold, strict=True)]),
-        "yes_rate": _mean([float(p == YES) for p in read]),
-        "invalid_rate": _mean([float(p is None) for p in read]),
+    comps = {
+        "accuracy": _column([p == g for p, g in zip(read, gold, strict=True)]),
+        "yes_rate": _column([p == YES for p in read]),
+        "invalid_rate": _column([p is None for p in read]),
     }
-    if task == "mrpc":
-        tp = sum(p == YES and g == YES for p, g in zip(read, gold, strict=True))
-        fp = sum(p == YES and g == NO for p, g in zip(read, gold, strict=True))
-        fn = sum(p != YES and g == YES for p, g in zip(read, gold, strict=True))
-        metrics["f1"] = _f1_from_counts(tp, fp, fn)
+    if task == "mrpc":  # tp, fp, fn of the "yes" class; an invalid answer is a miss of a gold yes
+        comps["f1"] = ("f1_counts", np.array([[p == YES and g == YES, p == YES and g == NO, p != YES and g == YES]
+                                              for p, g in zip(read, gold, strict=True)], dtype=float).reshape(-1, 3))
     if task == "cola":
         # An invalid answer is scored as the wrong class, so it can only lower the correlation.
         effective = [p if p is not None else (NO if g == YES else YES) for p, g in zip(read, gold, strict=True)]
-        pairs = list(zip(effective, gold, strict=True))
-        tp = sum(p == YES and g == YES for p, g in pairs)
-        tn = sum(p == NO and g == NO for p, g in pairs)
-        fp = sum(p == YES and g == NO for p, g in pairs)
-        fn = sum(p == NO and g == YES for p, g in pairs)
-        metrics["mcc"] = _mcc(tp, tn, fp, fn)
-    return metrics
+        comps["mcc"] = ("mcc_counts", np.array(
+            [[p == YES and g == YES, p == NO and g == NO, p == YES and g == NO, p == NO and g == YES]
+             for p, g in zip(effective, gold, strict=True)], dtype=float).reshape(-1, 4))
+    return comps
+
+
+def example_scores(task: str, predictions: Sequence[str], golds: Sequence[str | Sequence[str]]) -> ExampleScores:
+    """The per-example components of every metric of ``task`` (see ``METRIC_FUNCTIONS``)."""
+    spec = get_task(task)
+    if len(predictions) != len(golds):
+        raise ValueError(f"{task}: {len(predictions)} predictions but {len(golds)} golds")
+    if spec.kind == "yesno":
+        return ExampleScores(_yes_no_components(task, predictions, golds))
+    if spec.kind == "gsm8k":
+        hits = []
+        for pred, gold in zip(predictions, golds, strict=True):
+            extracted = extract_gsm8k_answer(pred)
+            gold_answers = {extract_gsm8k_answer(g) for g in _golds_list(gold)} - {None}
+            hits.append(extracted is not None and extracted in gold_answers)
+        return ExampleScores({"accuracy": _column(hits)})
+    pairs = [(p, _golds_list(g)) for p, g in zip(predictions, golds, strict=True)]
+    if spec.kind == "span":
+        return ExampleScores({
+            "em": _column([max((_exact_match(p, g) for g in gs), default=0.0) for p, gs in pairs]),
+            "f1": _column([max((_token_f1(p, g) for g in gs), default=0.0) for p, gs in pairs]),
+        })
+    if spec.kind == "qa":
+        return ExampleScores({
+            "contain": _column([max((_contains(p, g) for g in gs), default=0.0) for p, gs in pairs]),
+            "em": _column([max((_exact_match(p, g) for g in gs), default=0.0) for p, gs in pairs]),
+        })
+    raise AssertionError(f"task {task!r} has unsupported kind {spec.kind!r}")  # a TaskSpec no scorer handles
 
 
 def compute_metrics(task: str, predictions: list[str], golds: list[str | list[str]]) -> dict[str, float]:
@@ -191,31 +241,7 @@ def compute_metrics(task: str, predictions: list[str], golds: list[str | list[st
     ``golds[i]`` may be one answer or a list of acceptable answers (scores take the maximum over the list). The result
     always holds ``n``, the number of scored rows.
     """
-    spec = get_task(task)
-    if len(predictions) != len(golds):
-        raise ValueError(f"{task}: {len(predictions)} predictions but {len(golds)} golds")
-    if spec.kind == "yesno":
-        metrics = _yes_no_metrics(task, predictions, golds)
-    elif spec.kind == "gsm8k":
-        hits = []
-        for pred, gold in zip(predictions, golds, strict=True):
-            extracted = extract_gsm8k_answer(pred)
-            gold_answers = {extract_gsm8k_answer(g) for g in _golds_list(gold)} - {None}
-            hits.append(float(extracted is not None and extracted in gold_answers))
-        metrics = {"accuracy": _mean(hits)}
-    elif spec.kind == "span":
-        pairs = [(p, _golds_list(g)) for p, g in zip(predictions, golds, strict=True)]
-        metrics = {
-            "em": _mean([max((_exact_match(p, g) for g in gs), default=0.0) for p, gs in pairs]),
-            "f1": _mean([max((_token_f1(p, g) for g in gs), default=0.0) for p, gs in pairs]),
-        }
-    elif spec.kind == "qa":
-        pairs = [(p, _golds_list(g)) for p, g in zip(predictions, golds, strict=True)]
-        metrics = {
-            "contain": _mean([max((_contains(p, g) for g in gs), default=0.0) for p, gs in pairs]),
-            "em": _mean([max((_exact_match(p, g) for g in gs), default=0.0) for p, gs in pairs]),
-        }
-    else:  # a TaskSpec with a kind no scorer handles is a bug in TASKS
-        raise AssertionError(f"task {task!r} has unsupported kind {spec.kind!r}")
+    scores = example_scores(task, predictions, golds)
+    metrics = {name: scores.value(name) for name in scores.components}
     metrics["n"] = len(predictions)
     return metrics

@@ -21,6 +21,7 @@ from torch import nn
 from imsm.adapters import adalora_orth_regularizer
 from imsm.data import IGNORE_INDEX
 from imsm.gate import GATE_PARAM_PREFIX, Gate, NoGate, query_mean
+from imsm.loramoe import LoRAMoEModel
 
 
 class IMSMModel(nn.Module):
@@ -29,6 +30,8 @@ class IMSMModel(nn.Module):
 
     # The loss is normalised by the Trainer's ``num_items_in_batch`` (answer tokens over the accumulated batch).
     accepts_loss_kwargs = True
+    # PiSSA/CorDA: the adapter as initialised (B0, A0), to save the run as a LoRA on the pretrained weights
+    lora_initial_state: dict[str, torch.Tensor] | None = None
 
     def __init__(self, peft_model: nn.Module, gate: Gate) -> None:
         super().__init__()
@@ -102,6 +105,12 @@ class IMSMModel(nn.Module):
         reg = adalora_orth_regularizer(self.peft_model)
         if reg is not None:
             loss = loss + reg
+        if isinstance(self.peft_model, LoRAMoEModel) and self.training:
+            # weighted like this micro-batch's share of the answer tokens, so that it sums to one mean over the
+            # accumulated batch exactly as the cross-entropy does
+            share = selected.sum() / denom
+            out["balance_loss"] = self.peft_model.balancing_loss(attention_mask)
+            loss = loss + out["balance_loss"] * share
         out["loss"] = loss
         with torch.no_grad():
             if gate.dim() == 3:

@@ -45,7 +45,7 @@ class SequenceScore:
 
 
 def _hidden_and_head(model: nn.Module, input_ids, attention_mask, query_mask):
-    """(final hidden states (B, T, d) that become logits, the LM head, gate or None) of an IMSM model or a causal LM."""
+    """(final hidden states (B, T, d) that become logits, LM head, gate or None) of an IMSM model or a causal LM."""
     if isinstance(model, IMSMModel):
         _, _, mixed, gate = model.hidden_states(input_ids, attention_mask, query_mask)
         return mixed, model.lm_head, gate if model.uses_frozen_memory else None
@@ -132,6 +132,23 @@ class AnswerScore:
     gate_mean: float | None
 
 
+def gold_answers(template: PromptTemplate, row: dict) -> list[tuple[int, list[int]]]:
+    """(index in the row's gold list, token ids) of every gold answer with a token to score, encoded as training
+    encodes answers (the answer and its closing EOS)."""
+    golds = row["output"] if isinstance(row["output"], list) else [row["output"]]
+    return [(j, ids) for j, gold in enumerate(golds) if (ids := template.encode_answer(row["input"], gold))]
+
+
+def best_answer(row: dict, scored: Sequence[tuple[int, SequenceScore]]) -> AnswerScore:
+    """The gold with the lowest mean NLL among ``(gold index, score)``; errors name the example's golds."""
+    if not scored:
+        raise ValueError(f"no gold answer has a token to score ({row['output']!r})")
+    j, s = min(scored, key=lambda item: item[1].nll_mean)
+    if not math.isfinite(s.nll_mean):
+        raise ValueError(f"the answer likelihood of {row['output']!r} is not finite ({s.nll_mean})")
+    return AnswerScore(s.nll_mean, -s.logprob_sum, s.num_tokens, j, s.gate_mean)
+
+
 def answer_nll(model: nn.Module, template: PromptTemplate, rows: Sequence[dict], max_input_length: int,
                batch_size: int = 16) -> list[AnswerScore]:
     """Score every row's gold answer(s) teacher-forced, encoded as in training (prompt cut to ``max_input_length``
@@ -139,21 +156,12 @@ def answer_nll(model: nn.Module, template: PromptTemplate, rows: Sequence[dict],
     pairs, owners = [], []
     for i, row in enumerate(rows):
         prompt = encode_prompt(template, row["input"], max_input_length)
-        golds = row["output"] if isinstance(row["output"], list) else [row["output"]]
-        for j, gold in enumerate(golds):
-            answer = template.encode_answer(row["input"], gold)
-            if answer:
-                pairs.append((prompt, answer))
-                owners.append((i, j))
+        for j, answer in gold_answers(template, row):
+            pairs.append((prompt, answer))
+            owners.append((i, j))
     pad_id = template.tokenizer.pad_token_id
     scores = score_continuations(model, pairs, batch_size, 0 if pad_id is None else pad_id)
-    best: list[AnswerScore | None] = [None] * len(rows)
+    per_row: list[list[tuple[int, SequenceScore]]] = [[] for _ in rows]
     for (i, j), s in zip(owners, scores, strict=True):
-        if best[i] is None or s.nll_mean < best[i].nll_mean:
-            best[i] = AnswerScore(s.nll_mean, -s.logprob_sum, s.num_tokens, j, s.gate_mean)
-    for i, score in enumerate(best):
-        if score is None:
-            raise ValueError(f"example {i}: no gold answer has a token to score ({rows[i]['output']!r})")
-        if not math.isfinite(score.nll_mean):
-            raise ValueError(f"example {i}: the answer likelihood is not finite ({score.nll_mean})")
-    return best
+        per_row[i].append((j, s))
+    return [best_answer(row, scored) for row, scored in zip(rows, per_row, strict=True)]

@@ -8,7 +8,10 @@ Written by hand, and why:
   as the latest usable one (the Trainer writes ``checkpoint-N`` in place);
 - DeepSpeed checkpoints without the frozen backbone (the Trainer only does that for a bare PeftModel);
 - AdaLoRA's ``update_and_allocate`` after every optimizer step, reading gradients that DeepSpeed keeps partitioned;
-- the mean gate value in the logs.
+- the mean gate value (and LoRAMoE's balancing constraint) in the logs;
+- what the run cost, written as ``train_stats.json`` into every checkpoint and the final folder: training wall time
+  (summed over resumed sessions), optimizer steps, non-padding input tokens seen over all ranks (the Trainer's own
+  count), trainable parameters.
 """
 
 from __future__ import annotations
@@ -16,18 +19,20 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from imsm.atomic import replace_dir
+from imsm.atomic import atomic_write_json, replace_dir
 from imsm.checkpoint import save_run_files
 from imsm.gate import GATE_PARAM_PREFIX
-from imsm.loader import load_trained_weights
+from imsm.loader import TRAIN_STATS, load_trained_weights
 
 logger = logging.getLogger(__name__)
 STAGING = ".staging"
@@ -38,7 +43,14 @@ class IMSMTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.imsm_settings, self.run_args, self.gate_learning_rate = imsm_settings, run_args, gate_learning_rate
         self._gate_values: list[float] = []
+        self._balance_values: list[float] = []  # LoRAMoE's balancing constraint
         self._staging = False
+        self._seconds_before = 0.0  # wall time of earlier sessions of a resumed run
+        self._started: float | None = None
+        self._ended: float | None = None
+        self._trainable = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters() if p.requires_grad)
+        if self.args.include_num_input_tokens_seen in ("no", False):
+            self.args.include_num_input_tokens_seen = "non_padding"
         if imsm_settings["peft"] == "adalora":
             self.add_callback(AdaLoraAllocator(self))
 
@@ -74,6 +86,8 @@ class IMSMTrainer(Trainer):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if model.training:
             self._gate_values.append(float(outputs["gate_mean"]))
+            if "balance_loss" in outputs:
+                self._balance_values.append(float(outputs["balance_loss"]))
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
@@ -81,7 +95,36 @@ class IMSMTrainer(Trainer):
             # This rank's micro-batches since the last log: the share of the frozen memory in the mix.
             logs["gate_mean"] = round(sum(self._gate_values) / len(self._gate_values), 4)
             self._gate_values.clear()
+        if "loss" in logs and self._balance_values:
+            logs["balance_loss"] = round(sum(self._balance_values) / len(self._balance_values), 6)
+            self._balance_values.clear()
         super().log(logs, *args, **kwargs)
+
+    # ---- cost ---------------------------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | None = None, *args, **kwargs):
+        if isinstance(resume_from_checkpoint, str) and (Path(resume_from_checkpoint) / TRAIN_STATS).is_file():
+            previous = json.loads((Path(resume_from_checkpoint) / TRAIN_STATS).read_text())
+            self._seconds_before = float(previous.get("train_runtime_s", 0.0))
+        self._started, self._ended = time.monotonic(), None
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            self._ended = time.monotonic()
+
+    def train_stats(self) -> dict:
+        """What the run cost so far (see the module docstring)."""
+        now = self._ended if self._ended is not None else time.monotonic()
+        session = now - self._started if self._started is not None else 0.0
+        return {
+            "train_runtime_s": round(self._seconds_before + session, 3),
+            "optimizer_steps": self.state.global_step,
+            "tokens_seen": int(self.state.num_input_tokens_seen),
+            "tokens_counted": self.args.include_num_input_tokens_seen,
+            "trainable_parameters": int(self._trainable),
+            "world_size": self.args.world_size,
+            "per_device_train_batch_size": self.args.per_device_train_batch_size,
+            "gradient_accumulation_steps": self.args.gradient_accumulation_steps,
+        }
 
     # ---- saving -------------------------------------------------------------------------------------------------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -95,6 +138,8 @@ class IMSMTrainer(Trainer):
         save_run_files(unwrapped, target, self.imsm_settings, self.run_args, is_main)
         if self.processing_class is not None and is_main:
             self.processing_class.save_pretrained(str(target))
+        if is_main:
+            atomic_write_json(target / TRAIN_STATS, self.train_stats())
         if not _internal_call:
             self.accelerator.wait_for_everyone()
             if is_main:

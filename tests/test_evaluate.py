@@ -19,6 +19,7 @@ from imsm.checkpoint import save_run_files
 from imsm.data import truncate_prompt
 from imsm.generation import DecodingConfig, generate
 from imsm.loader import build_imsm_model, imsm_settings, load_backbone, load_run
+from imsm.scoring import answer_nll
 from imsm.templates import build_template
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +67,10 @@ def runs(model_dir, tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("runs")
     return {"imsm": _save_run(model_dir, base / "imsm", "query_aware"),
             "lora": _save_run(model_dir, base / "lora", "none", seed=1),
-            "imsm_chat": _save_run(model_dir, base / "imsm_chat", "query_aware", template="chat", seed=2)}
+            "imsm_chat": _save_run(model_dir, base / "imsm_chat", "query_aware", template="chat", seed=2),
+            "imsm_s2": _save_run(model_dir, base / "imsm_s2", "query_aware", seed=3),
+            "lora_s2": _save_run(model_dir, base / "lora_s2", "none", seed=4),
+            "equal": _save_run(model_dir, base / "equal", "equal", seed=5)}
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +99,8 @@ def test_end_to_end_files_metrics_and_report(model_dir, data_dir, runs, tmp_path
     out = tmp_path / "eval"
     paths = evaluate.main(_argv(model_dir, data_dir, out, "--run", str(runs["imsm"]), "--run", str(runs["lora"]),
                                 "--untuned", "--tasks", "mrpc,gsm8k,webq", "--target", "gsm8k"))
-    assert set(paths) == {"summary_md", "summary_csv", "forgetting_md", "forgetting_png"}
+    assert set(paths) == {"summary_md", "summary_csv", "forgetting_md", "forgetting_png", "comparisons_md",
+                          "stats_json", "stats_csv", "tradeoff_png", "tradeoff_csv"}
     assert all(p.is_file() and p.stat().st_size > 0 for p in paths.values())
     for label in ("untuned", "IMSM-LoRA", "LoRA"):
         result = json.loads((out / label / "results.json").read_text())
@@ -111,9 +116,10 @@ def test_end_to_end_files_metrics_and_report(model_dir, data_dir, runs, tmp_path
             assert metrics["metrics"]["n"] == len(rows) and metrics["metrics"] == result["metrics"][task]
             assert (metrics["gate_mean"] is not None) == (label == "IMSM-LoRA")
     assert set(json.loads((out / "IMSM-LoRA" / "mrpc" / "metrics.json").read_text())["metrics"]) == \
-        {"accuracy", "yes_rate", "invalid_rate", "f1", "n"}
+        {"accuracy", "yes_rate", "invalid_rate", "f1", "n", "answer_nll", "answer_nll_per_token"}
+    assert not (out / "INCOMPLETE").exists()
     assert "IMSM-LoRA" in (out / "summary.md").read_text()
-    assert "GSM8K" in (out / "forgetting.md").read_text().splitlines()[0]
+    assert "| GSM8K |" in (out / "forgetting.md").read_text().splitlines()[2]
     assert not [p for p in out.rglob(".*") if p.is_file()]  # no temporary files left behind
 
 
@@ -199,7 +205,7 @@ def test_argument_errors(model_dir, data_dir, runs, tmp_path):
     with pytest.raises(ValueError, match="--labels has 1 names for 2 models"):
         evaluate.main(_argv(model_dir, data_dir, tmp_path / "o", "--run", str(runs["imsm"]), "--untuned",
                             "--tasks", "mrpc", "--labels", "x"))
-    with pytest.raises(ValueError, match="unique"):
+    with pytest.raises(ValueError, match="not seeds of one method.*prompt template 'raw'"):
         evaluate.main(_argv(model_dir, data_dir, tmp_path / "o", "--run", str(runs["imsm"]), "--run",
                             str(runs["imsm_chat"]), "--tasks", "mrpc"))
     with pytest.raises(ValueError, match="at least 1"):
@@ -226,6 +232,7 @@ def test_two_processes_give_the_single_process_predictions(model_dir, data_dir, 
             single = _predictions(tmp_path / "single" / label / task / "predictions.jsonl")
             assert [p["input"] for p in multi] == [r["input"] for r in TASK_ROWS[task]]
             assert [p["prediction"] for p in multi] == [p["prediction"] for p in single]
+            assert [p["answer_nll"] for p in multi] == pytest.approx([p["answer_nll"] for p in single], abs=1e-5)
             assert [p.get("gate_mean") for p in multi] == pytest.approx([p.get("gate_mean") for p in single],
                                                                         abs=1e-5)
     assert (tmp_path / "multi" / "summary.md").read_text() == (tmp_path / "single" / "summary.md").read_text()
@@ -247,9 +254,9 @@ def test_training_and_evaluation_feed_the_same_prompt_ids(model_dir, data_dir, t
     seen = []
     real_generate = imsm.evaluation.generate
 
-    def spy(model, tokenizer, prompts, config):
+    def spy(model, tokenizer, prompts, config, answers=None):
         seen.extend(list(p) for p in prompts)
-        return real_generate(model, tokenizer, prompts, config)
+        return real_generate(model, tokenizer, prompts, config, answers)
 
     monkeypatch.setattr(imsm.evaluation, "generate", spy)
     evaluate.main(_argv(model_dir, data_dir, tmp_path / "eval", "--run", str(tmp_path / "run"), "--tasks", "mrpc",
@@ -259,3 +266,75 @@ def test_training_and_evaluation_feed_the_same_prompt_ids(model_dir, data_dir, t
     bos = tokenizer.bos_token_id
     assert all(ids[0] == bos and ids[1] != bos for ids in seen)  # one BOS, kept through the left cut
     assert all(len(ids) <= 12 for ids in seen)
+
+
+def test_seeds_share_a_label_and_every_comparison_is_paired(model_dir, data_dir, runs, tmp_path):
+    out = tmp_path / "eval"
+    evaluate.main(_argv(model_dir, data_dir, out, "--untuned", "--run", str(runs["lora"]), str(runs["lora_s2"]),
+                        str(runs["imsm"]), str(runs["imsm_s2"]), "--labels", "untuned,LoRA,LoRA,IMSM,IMSM",
+                        "--tasks", "mrpc,webq", "--target", "mrpc", "--compare", "IMSM:LoRA",
+                        "--bootstrap_resamples", "1000"))
+    stats = json.loads((out / "stats.json").read_text())
+    for label, members in (("LoRA", ("lora", "lora_s2")), ("IMSM", ("imsm", "imsm_s2"))):
+        assert stats["labels"][label]["runs"] == [str(runs[m]) for m in members]
+        for k in (1, 2):
+            per_run = json.loads((out / label / f"run{k}" / "results.json").read_text())["metrics"]
+            for task in ("mrpc", "webq"):
+                for metric in ("answer_nll", "accuracy" if task == "mrpc" else "contain"):
+                    assert stats["labels"][label]["tasks"][task][metric]["per_run"][k - 1] == per_run[task][metric]
+        # the per-example answer NLL is the run's own teacher-forced score of the gold (best of WebQ's golds)
+        model, tokenizer, _ = load_run(runs[members[0]])
+        expected = answer_nll(model, build_template("raw", tokenizer), TASK_ROWS["webq"], 1024)
+        preds = _predictions(out / label / "run1" / "webq" / "predictions.jsonl")
+        assert [p["answer_nll"] for p in preds] == pytest.approx([e.nll_mean for e in expected], abs=1e-5)
+        assert [p["answer_tokens"] for p in preds] == [e.num_tokens for e in expected]
+    pairs = {(c["a"], c["b"], c["measure"], c["column"]): c for c in stats["comparisons"]}
+    imsm_vs_lora = pairs[("IMSM", "LoRA", "answer_nll", "webq")]
+    mean = {lab: sum(stats["labels"][lab]["tasks"]["webq"]["answer_nll"]["per_run"]) / 2 for lab in ("IMSM", "LoRA")}
+    assert imsm_vs_lora["delta"] == pytest.approx(mean["IMSM"] - mean["LoRA"])
+    assert imsm_vs_lora["low"] <= imsm_vs_lora["delta"] <= imsm_vs_lora["high"]
+    assert pairs[("IMSM", "LoRA", "primary", "mrpc")]["p_mcnemar"] is not None
+    assert ("LoRA", "untuned", "answer_nll", "general") in pairs
+    summary = (out / "summary.md").read_text()
+    assert "| LoRA | raw | 2 |" in summary and "±" in summary
+    assert "IMSM − LoRA" in (out / "comparisons.md").read_text()
+    assert (out / "tradeoff.png").is_file() and (out / "tradeoff.csv").read_text().count("\n") == 1 + 2 * 2 * 3
+
+
+def test_likelihood_only_scores_without_decoding(model_dir, data_dir, runs, tmp_path, monkeypatch):
+    import imsm.evaluation
+
+    monkeypatch.setattr(imsm.evaluation, "generate", lambda *a, **k: pytest.fail("decoded with --score likelihood"))
+    out = tmp_path / "eval"
+    evaluate.main(_argv(model_dir, data_dir, out, "--run", str(runs["imsm"]), "--untuned", "--tasks", "mrpc,gsm8k",
+                        "--score", "likelihood"))
+    preds = _predictions(out / "IMSM-LoRA" / "gsm8k" / "predictions.jsonl")
+    assert all("prediction" not in p and p["answer_nll"] > 0 and "answer_gate_mean" in p for p in preds)
+    metrics = json.loads((out / "IMSM-LoRA" / "gsm8k" / "metrics.json").read_text())["metrics"]
+    assert set(metrics) == {"answer_nll", "answer_nll_per_token", "n"}
+    assert "NLL" in (out / "summary.md").read_text() and "answer NLL" in (out / "forgetting.md").read_text()
+
+
+def test_bad_groups_and_report_folders(model_dir, data_dir, runs, tmp_path):
+    cases = [(("--run", str(runs["imsm"]), str(runs["equal"]), "--labels", "A,A"), "method"),
+             (("--untuned", "--run", str(runs["imsm"]), "--labels", "A,A"), "untuned model and to runs"),
+             (("--run", str(runs["imsm"]), "--labels", "summary.md"), "folder name"),
+             (("--run", str(runs["imsm"]), "--compare", "IMSM-LoRA:LoRA"), "'LoRA', which is not a label"),
+             (("--untuned", "--max_examples", "0"), "at least 1"),
+             (("--untuned", "--score", "nll"), "--score"),
+             (("--untuned", "--compare", "A"), "LABEL_A:LABEL_B")]
+    for extra, message in cases:
+        out = tmp_path / "o"
+        with pytest.raises(ValueError, match=message):
+            evaluate.main(_argv(model_dir, data_dir, out, "--tasks", "mrpc", *extra))
+        assert _files(out) == []
+    # a folder holding an earlier evaluation is refused, and replaced whole with --overwrite
+    out = tmp_path / "eval"
+    evaluate.main(_argv(model_dir, data_dir, out, "--run", str(runs["imsm"]), "--tasks", "mrpc,webq"))
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        evaluate.main(_argv(model_dir, data_dir, out, "--untuned", "--tasks", "mrpc"))
+    (out / ".summary.md.123.tmp").write_text("left by a killed evaluation")
+    evaluate.main(_argv(model_dir, data_dir, out, "--untuned", "--tasks", "mrpc", "--overwrite"))
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["untuned"]
+    assert not (out / "INCOMPLETE").exists() and not list(out.glob(".*"))
+    assert "IMSM" not in (out / "summary.md").read_text()

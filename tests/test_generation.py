@@ -272,3 +272,34 @@ def test_smollm2_imsm_lora_cached_decode_matches_reference():
     for prompt, gen in zip(prompts, out, strict=True):
         assert gen.token_ids == reference_generate(model, prompt, 8)
         assert 0.0 < gen.gate_mean < 1.0
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("peft", ["lora", "dora"])  # the doubled mixed-adapter batch, and two KV caches
+def test_answers_scored_on_the_prefill_equal_scoring_from_scratch(tokenizer, variant, peft):
+    """Scoring answers on the prompts' KV caches gives the teacher-forced scores of imsm.scoring and leaves the
+    decoded outputs exactly as without them (the caches are rewound)."""
+    from imsm.scoring import score_continuations
+
+    if variant == "untuned" and peft == "dora":
+        pytest.skip("the untuned model has no adapter")
+    model = _model(tokenizer, variant, peft=peft)
+    prompts = _prompts(tokenizer)
+    g = torch.Generator().manual_seed(9)
+    answers = [[torch.randint(4, len(tokenizer), (n,), generator=g).tolist() for n in lengths]
+               for lengths in ([3], [1, 4], [2], [5, 1, 2], [1])]
+    config = DecodingConfig(max_new_tokens=5, batch_size=3, stop_at_eos=False)
+    plain = generate(model, tokenizer, prompts, config)
+    scored = generate(model, tokenizer, prompts, config, answers=answers)
+    assert [r.token_ids for r in scored] == [r.token_ids for r in plain]
+    for prompt, row, result in zip(prompts, answers, scored, strict=True):
+        expected = score_continuations(model, [(prompt, a) for a in row])
+        assert len(result.answer_scores) == len(row)
+        for got, want in zip(result.answer_scores, expected, strict=True):
+            assert got.logprob_sum == pytest.approx(want.logprob_sum, abs=1e-4)
+            assert got.num_tokens == want.num_tokens and got.is_greedy == want.is_greedy
+            assert (got.gate_mean is None) == (want.gate_mean is None)
+            if got.gate_mean is not None:
+                assert got.gate_mean == pytest.approx(want.gate_mean, abs=1e-5)
+    with pytest.raises(ValueError, match="at least one answer"):
+        generate(model, tokenizer, prompts[:1], config, answers=[[]])

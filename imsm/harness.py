@@ -54,6 +54,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
 
 from imsm.data import encode_prompt, truncate_prompt
 from imsm.evaluation import DTYPES
@@ -65,6 +66,7 @@ from imsm.templates import TEMPLATES, build_template
 logger = logging.getLogger(__name__)
 
 DECODING_KEYS = {"until", "max_gen_toks", "do_sample", "temperature", "top_p"}
+PROGRESS_BATCHES = 8  # batches per progress-bar update
 
 
 @dataclass
@@ -286,11 +288,24 @@ class IMSMLM(TemplateLM):
 
     # ------------------------------------------------------------------------------------------ requests
 
-    def _score(self, pairs: list[tuple[list[int], list[int]]]):
-        return score_continuations(self.model, pairs, self.args.batch_size, self.pad_id)
+    def _score(self, pairs: list[tuple[list[int], list[int]]], desc: str, disable_tqdm: bool = False):
+        """``score_continuations`` over the pairs, longest first, in chunks of a few batches for a progress bar."""
+        order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+        scores = [None] * len(pairs)
+        step = self.args.batch_size * PROGRESS_BATCHES
+        with tqdm(total=len(pairs), desc=desc, disable=disable_tqdm or self._rank != 0) as bar:
+            for start in range(0, len(order), step):
+                chunk = order[start : start + step]
+                chunk_scores = score_continuations(self.model, [pairs[i] for i in chunk], self.args.batch_size,
+                                                   self.pad_id)
+                for i, score in zip(chunk, chunk_scores, strict=True):
+                    scores[i] = score
+                bar.update(len(chunk))
+        return scores
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        scores = self._score([(context, continuation) for _, context, continuation in requests])
+        scores = self._score([(context, continuation) for _, context, continuation in requests], "loglikelihood",
+                             disable_tqdm)
         results = []
         for (key, _, _), score in zip(requests, scores, strict=True):
             result = (score.logprob_sum, score.is_greedy)
@@ -307,7 +322,7 @@ class IMSMLM(TemplateLM):
                 pairs.append(window)
                 owners.append(i)
         totals = [0.0] * len(requests)
-        scores = self._score(pairs) if pairs else []
+        scores = self._score(pairs, "loglikelihood_rolling", disable_tqdm)
         for i, score in zip(owners, scores, strict=True):
             totals[i] += score.logprob_sum
         for req, total in zip(requests, totals, strict=True):
@@ -329,16 +344,26 @@ class IMSMLM(TemplateLM):
         )
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Requests grouped by their gen_kwargs, each group decoded longest prompt first in chunks of a few batches
+        (chunk k samples with seed + k; greedy answers do not depend on the chunking)."""
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
             groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
         texts: list[str | None] = [None] * len(requests)
-        for indices in groups.values():
-            config = self.decoding_config(requests[indices[0]].args[1])
-            prompts = [self.encode_context(requests[i].args[0]) for i in indices]
-            for i, gen in zip(indices, generate(self.model, self.tokenizer, prompts, config), strict=True):
-                texts[i] = gen.text
-                self.cache_hook.add_partial("generate_until", requests[i].args, gen.text)
+        step = self.args.batch_size * PROGRESS_BATCHES
+        with tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm or self._rank != 0) as bar:
+            for indices in groups.values():
+                config = self.decoding_config(requests[indices[0]].args[1])
+                prompts = {i: self.encode_context(requests[i].args[0]) for i in indices}
+                indices = sorted(indices, key=lambda i: -len(prompts[i]))
+                for k, start in enumerate(range(0, len(indices), step)):
+                    chunk = indices[start : start + step]
+                    chunk_config = dataclasses.replace(config, seed=config.seed + k)
+                    for i, gen in zip(chunk, generate(self.model, self.tokenizer, [prompts[i] for i in chunk],
+                                                      chunk_config), strict=True):
+                        texts[i] = gen.text
+                        self.cache_hook.add_partial("generate_until", requests[i].args, gen.text)
+                    bar.update(len(chunk))
         return texts
 
     def _log_gate(self, kind: str, scores) -> None:

@@ -139,7 +139,9 @@ def _logprob_by_hand(model, context: list[int], continuation: list[int]) -> floa
 
 
 @pytest.mark.parametrize("kind", ["untuned", "vanilla", "imsm"])
-def test_harness_scores_and_generations_are_the_projects_own(task_manager, model_dir, runs, kind):
+def test_harness_scores_and_generations_are_the_projects_own(task_manager, model_dir, runs, kind, monkeypatch):
+    if kind == "imsm":  # progress chunks of one batch: several chunks per request type, results unchanged
+        monkeypatch.setattr("imsm.harness.PROGRESS_BATCHES", 1)
     results = _evaluate(task_manager, _model_args(kind, model_dir, runs))
     model, tokenizer, template_name = _load(kind, model_dir, runs)
     template = build_template(template_name, tokenizer)

@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> dict[str, Path] | None:
     skips = calibration_skips(plans, files)
     tasks = {task: read_task(task, path, args.max_examples, {i for rows in skips.get(task, {}).values() for i in rows})
              for task, path in files.items()}
-    notes = [f"{task}: rows {_ranges(rows)} of {files[task]} not scored for any model (CorDA calibration rows of {run})"
-             for task, by_run in skips.items() for run, rows in by_run.items()]
+    notes = [f"{task}: rows {_ranges(rows)} of {files[task]} not scored for any model (CorDA calibration rows of "
+             f"{run})" for task, by_run in skips.items() for run, rows in by_run.items()]
     for note in notes:
         logging.getLogger("evaluate").warning(note)
 

@@ -43,6 +43,7 @@ from transformers import HfArgumentParser
 from imsm.evaluation import (
     DTYPES,
     EvalArguments,
+    calibration_skips,
     evaluate_model,
     finish_output_dir,
     plan_models,
@@ -51,6 +52,18 @@ from imsm.evaluation import (
     task_files,
 )
 from imsm.report import write_report
+
+
+def _ranges(rows: list[int]) -> str:
+    """[3, 4, 5, 9] -> "3-5, 9"."""
+    spans, start = [], None
+    for prev, cur in zip([None, *rows], [*rows, None], strict=True):
+        if start is None:
+            start = cur
+        elif cur is None or cur != prev + 1:
+            spans.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = cur
+    return ", ".join(spans)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Path] | None:
@@ -68,8 +81,15 @@ def main(argv: list[str] | None = None) -> dict[str, Path] | None:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
-    tasks = {task: read_task(task, path, args.max_examples) for task, path in task_files(args).items()}
+    files = task_files(args)
     plans = plan_models(args)
+    skips = calibration_skips(plans, files)
+    tasks = {task: read_task(task, path, args.max_examples, {i for rows in skips.get(task, {}).values() for i in rows})
+             for task, path in files.items()}
+    notes = [f"{task}: rows {_ranges(rows)} of {files[task]} not scored for any model (CorDA calibration rows of "
+             f"{run})" for task, by_run in skips.items() for run, rows in by_run.items()]
+    for note in notes:
+        logging.getLogger("evaluate").warning(note)
 
     if rank == 0:
         prepare_output_dir(Path(args.output_dir), args.overwrite)
@@ -83,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path] | None:
     paths = None
     if rank == 0:
         paths = write_report(runs, args.target, args.output_dir, pairs=args.pairs,
-                             resamples=args.bootstrap_resamples, seed=args.bootstrap_seed)
+                             resamples=args.bootstrap_resamples, seed=args.bootstrap_seed, notes=notes)
         finish_output_dir(Path(args.output_dir))
         print(paths["summary_md"].read_text(), paths["forgetting_md"].read_text(), paths["comparisons_md"].read_text(),
               sep="\n")

@@ -171,9 +171,28 @@ def task_files(args: EvalArguments) -> dict[str, Path]:
     return {t: overrides.get(t) or Path(args.data_dir) / t / "test.jsonl" for t in args.task_names}
 
 
-def read_task(task: str, path: Path, max_examples: int | None) -> list[dict]:
-    """The task's rows, their golds checked by scoring empty predictions (a yes/no task needs yes/no golds)."""
-    rows = read_jsonl(path, require_output=True)[:max_examples]
+def calibration_skips(plans: list[ModelPlan], files: dict[str, Path]) -> dict[str, dict[str, list[int]]]:
+    """task -> {run folder: row indices of the task's file that the run calibrated on (CorDA)}: never score a model
+    on what it calibrated on, and skip those rows for every model so the comparisons stay paired."""
+    from imsm.lora_init import calibration_rows
+
+    skips: dict[str, dict[str, list[int]]] = {}
+    for plan in plans:
+        if plan.run_dir is None:
+            continue
+        rows = calibration_rows(plan.run_dir)
+        for task, path in files.items():
+            hit = sorted(i for f, i in rows if Path(f).resolve() == Path(path).resolve())
+            if hit:
+                skips.setdefault(task, {})[str(plan.run_dir)] = hit
+    return skips
+
+
+def read_task(task: str, path: Path, max_examples: int | None, skip: set[int] | None = None) -> list[dict]:
+    """The task's rows less ``skip`` (row indices), the first ``max_examples`` of them, their golds checked by
+    scoring empty predictions (a yes/no task needs yes/no golds)."""
+    rows = [r for i, r in enumerate(read_jsonl(path, require_output=True)) if not skip or i not in skip]
+    rows = rows[:max_examples]
     try:
         compute_metrics(task, [""] * len(rows), [r["output"] for r in rows])
     except ValueError as e:

@@ -81,10 +81,9 @@ def calibrate_corda(backbone: torch.nn.Module, lora_config, args, template, max_
     """CorDA's preprocessing: input covariances of every target layer over the calibration prompts, then the SVD of
     W·C (kept on the layers for ``get_peft_model``). One prompt at a time, so no padding enters a covariance."""
     from peft.tuners.lora.corda import preprocess_corda
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
     from imsm.data import encode_prompt, read_jsonl
-
-    from transformers.integrations import is_deepspeed_zero3_enabled
 
     if template is None:
         raise ValueError("CorDA's calibration pass needs the prompt template (and its tokenizer)")

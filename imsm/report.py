@@ -532,7 +532,8 @@ def plot_forgetting(runs: list[RunResult], target: str, path: str | Path) -> Pat
 
 
 def write_report(runs: list[RunResult], target: str, out_dir: str | Path, baseline_label: str = "untuned",
-                 pairs: list[tuple[str, str]] | None = None, resamples: int = 2000, seed: int = 0) -> dict[str, Path]:
+                 pairs: list[tuple[str, str]] | None = None, resamples: int = 2000, seed: int = 0,
+                 notes: list[str] | None = None) -> dict[str, Path]:
     """Write summary.{md,csv}, forgetting.{md,png}, comparisons.md, stats.{json,csv} and tradeoff.{png,csv} into
     ``out_dir``; return their paths by key."""
     out_dir = Path(out_dir)
@@ -557,6 +558,9 @@ def write_report(runs: list[RunResult], target: str, out_dir: str | Path, baseli
             compared.append(f"### Comparisons: {title} (A − B, paired bootstrap {CONFIDENCE:.0%} interval, "
                             "McNemar's exact p)\n\n" + comparison_table(runs, target, pairs, measure, comparisons))
     records = stats_records(runs, target, baseline_label, pairs, comparisons)
+    records["notes"] = list(notes or [])
+    if notes:
+        summary_md += "\n" + "".join(f"Note: {note}.\n" for note in notes)
     points = tradeoff_points(runs, target, baseline_label, comparisons)
     paths = {key: out_dir / name for key, name in (
         ("summary_md", "summary.md"), ("summary_csv", "summary.csv"), ("forgetting_md", "forgetting.md"),

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import json
+import logging
 import os
 import shutil
 import time

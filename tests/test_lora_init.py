@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM
 
 import train
 from imsm.args import ImsmArguments
-from imsm.lora_init import calibration_rows
 from imsm.loader import load_run
+from imsm.lora_init import calibration_rows
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -141,3 +141,26 @@ def test_deepspeed_pissa_run_reloads_to_the_engines_model(tiny_model_dir, tiny_t
     engine_model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoint-4")), strict=True)
     reloaded, _, _ = load_run(out / "final")  # the pretrained weights plus the converted adapter
     torch.testing.assert_close(_probe_logits(reloaded, tokenizer), _probe_logits(engine_model, tokenizer))
+
+
+def test_evaluation_skips_the_calibration_rows_for_every_model(tiny_model_dir, tiny_train_file, calibration_file,
+                                                               tmp_path):
+    import evaluate
+
+    data = tmp_path / "data" / "webq"
+    data.mkdir(parents=True)
+    shutil.copy(calibration_file, data / "test.jsonl")  # the general benchmark's test file is the calibration file
+    run = tmp_path / "corda"
+    _train(tiny_model_dir, tiny_train_file, run, "--init_lora_weights", "corda", "--corda_calibration_file",
+           str(data / "test.jsonl"), "--corda_calibration_examples", "8", "--corda_calibration_skip", "2")
+    out = tmp_path / "eval"
+    evaluate.main(["--model_name_or_path", str(tiny_model_dir), "--data_dir", str(tmp_path / "data"), "--tasks",
+                   "webq", "--untuned", "--run", str(run), "--labels", "untuned,CorDA", "--output_dir", str(out),
+                   "--max_new_tokens", "2"])
+    rows = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()]
+    expected = [r["input"] for i, r in enumerate(rows) if not 2 <= i < 10]  # rows 2-9 calibrated CorDA
+    for label in ("untuned", "CorDA"):
+        preds = [json.loads(line) for line in (out / label / "webq" / "predictions.jsonl").read_text().splitlines()]
+        assert [p["input"] for p in preds] == expected
+    assert "rows 2-9 of" in (out / "summary.md").read_text()
+    assert json.loads((out / "stats.json").read_text())["notes"][0].startswith("webq: rows 2-9")

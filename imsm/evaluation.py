@@ -49,6 +49,7 @@ PEFT_DISPLAY = {"lora": "LoRA", "dora": "DoRA", "adalora": "AdaLoRA", "ia3": "IA
 GATE_PREFIX = {"query_aware": "IMSM-", "token": "IMSM-token-", "equal": "IMSM-equal-", "none": ""}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SCORE_MODES = ("both", "decode", "likelihood")
+SCALABLE_PEFT = ("lora", "dora", "adalora", "ia3")  # methods whose run merges into one weight update
 REPORT_FILES = ("summary.md", "summary.csv", "forgetting.md", "forgetting.png", "comparisons.md", "stats.json",
                 "stats.csv", "tradeoff.png", "tradeoff.csv")
 INCOMPLETE = "INCOMPLETE"  # present while an evaluation writes its folder; removed once the report is complete
@@ -240,16 +241,18 @@ def plan_models(args: EvalArguments) -> list[ModelPlan]:
 
 
 def expand_scales(plans: list[ModelPlan], scales: list[float]) -> list[ModelPlan]:
-    """Every vanilla run becomes one plan per scale, labelled ``label@scale``; IMSM runs and the untuned model stay."""
+    """Every vanilla PEFT run becomes one plan per scale, labelled ``label@scale``; IMSM runs, LoRAMoE runs (their
+    router makes the update depend on the input: no single weight update either) and the untuned model stay."""
     out = []
     for plan in plans:
-        if plan.run_dir is None or plan.method[1] != "none":
+        if plan.run_dir is None or plan.method[1] != "none" or plan.method[0] not in SCALABLE_PEFT:
             out.append(plan)
             continue
         out += [replace(plan, label=f"{plan.label}@{scale:g}", scale=scale) for scale in scales]
     if not any(p.scale is not None for p in out):
-        raise ValueError("--adapter_scale scales vanilla PEFT runs (trained with --gate none), and none is given: an "
-                         "IMSM run mixes two passes through a gate and has no single weight update to scale")
+        raise ValueError(f"--adapter_scale scales vanilla PEFT runs ({', '.join(SCALABLE_PEFT)} trained with --gate "
+                         "none), and none is given: an IMSM run mixes two passes through a gate and a LoRAMoE run "
+                         "routes per token, so neither has a single weight update to scale")
     return out
 
 

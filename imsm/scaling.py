@@ -39,6 +39,9 @@ def parse_scales(spec: str | None) -> list[float]:
 
 
 def check_scalable(settings: dict, run_dir) -> None:
+    if settings["peft"] not in ("lora", "dora", "adalora", "ia3"):
+        raise ValueError(f"{run_dir}: --adapter_scale needs a PEFT adapter that merges into one weight update "
+                         f"(lora, dora, adalora, ia3); {settings['peft']!r} does not")
     if settings["gate"] != "none":
         raise ValueError(
             f"{run_dir}: --adapter_scale scales a vanilla PEFT run's weight update (train with --gate none); this is "

@@ -111,3 +111,17 @@ def test_evaluate_makes_one_row_per_scale(tiny_model_dir, tmp_path):
         evaluate.main([*base, "--output_dir", str(tmp_path / "o2"), "--run", str(imsm), "--adapter_scale", "0.5"])
     with pytest.raises(ValueError, match="not a number"):
         evaluate.main([*base, "--output_dir", str(tmp_path / "o3"), "--run", str(lora), "--adapter_scale", "x"])
+
+
+def test_only_mergeable_vanilla_runs_are_expanded(tmp_path):
+    from imsm.evaluation import ModelPlan, expand_scales
+
+    plans = [ModelPlan("untuned", "m", "raw", None),
+             ModelPlan("LoRAMoE", "m", "raw", None, tmp_path / "a", ("loramoe", "none", 8)),
+             ModelPlan("IMSM", "m", "raw", None, tmp_path / "b", ("lora", "query_aware", 8)),
+             ModelPlan("IA3", "m", "raw", None, tmp_path / "c", ("ia3", "none", 8))]
+    out = expand_scales(plans, [0.5, 1.0])
+    assert [(p.label, p.scale) for p in out] == [("untuned", None), ("LoRAMoE", None), ("IMSM", None),
+                                                 ("IA3@0.5", 0.5), ("IA3@1", 1.0)]
+    with pytest.raises(ValueError, match="LoRAMoE run routes per token"):
+        expand_scales(plans[:3], [0.5])

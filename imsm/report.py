@@ -455,6 +455,15 @@ def tradeoff_points(runs: list[RunResult], target: str, baseline_label: str,
     return points
 
 
+def _save_png(fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    path = Path(path)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
 def plot_tradeoff(points: list[dict[str, Any]], target: str, path: str | Path) -> Path:
     """Two panels (decoded metric, answer likelihood): x = change on the target, y = change on the general average,
     small dots per run, a large marker per label with its 95% intervals as bars."""
@@ -492,12 +501,7 @@ def plot_tradeoff(points: list[dict[str, Any]], target: str, path: str | Path) -
         ax.legend(fontsize="small")
     fig.suptitle(f"Learning vs forgetting, target {display} (bars: paired bootstrap {CONFIDENCE:.0%} intervals)",
                  fontsize="medium")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    path = Path(path)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
+    return _save_png(fig, path)
 
 
 def plot_forgetting(runs: list[RunResult], target: str, path: str | Path) -> Path:
@@ -523,12 +527,7 @@ def plot_forgetting(runs: list[RunResult], target: str, path: str | Path) -> Pat
     ax.set_title(f"Target {get_task(target).display}: target score and general benchmarks")
     ax.axhline(0.0, color="black", linewidth=0.5)
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    path = Path(path)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
+    return _save_png(fig, path)
 
 
 def write_report(runs: list[RunResult], target: str, out_dir: str | Path, baseline_label: str = "untuned",

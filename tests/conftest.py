@@ -70,3 +70,14 @@ def tiny_train_file(tmp_path_factory) -> Path:
     rows = [{"input": f"Question: Is {i % 10} odd ? Output:", "output": "yes" if i % 2 else "no"} for i in range(32)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny Llama whose tokenizer has ``CHAT_TEMPLATE``, usable as --model_name_or_path."""
+    path = tmp_path_factory.mktemp("tiny_chat_llama")
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    make_llama(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

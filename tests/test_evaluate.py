@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CHAT_TEMPLATE, make_llama, make_tokenizer
+from conftest import make_tokenizer
 from safetensors.torch import save_file
 
 import evaluate
@@ -38,13 +38,8 @@ def _one_thread(single_thread):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny_chat_llama")
-    tokenizer = make_tokenizer()
-    tokenizer.chat_template = CHAT_TEMPLATE
-    make_llama(len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+def model_dir(chat_model_dir) -> Path:
+    return chat_model_dir
 
 
 def _save_run(model_dir: Path, out: Path, gate: str, template: str = "raw", seed: int = 0) -> Path:

@@ -12,7 +12,6 @@ from pathlib import Path
 import lm_eval
 import pytest
 import torch
-from conftest import CHAT_TEMPLATE, make_llama, make_tokenizer
 from lm_eval.tasks import TaskManager
 
 from imsm.args import DataArguments, ImsmArguments
@@ -37,13 +36,8 @@ def _one_thread(single_thread):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny_chat_llama")
-    tokenizer = make_tokenizer()
-    tokenizer.chat_template = CHAT_TEMPLATE
-    make_llama(len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+def model_dir(chat_model_dir) -> Path:
+    return chat_model_dir
 
 
 def _save_run(model_dir: Path, out: Path, gate: str, template: str = "raw", seed: int = 0) -> Path:

@@ -81,3 +81,23 @@ def chat_model_dir(tmp_path_factory) -> Path:
     make_llama(len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def save_random_run(model_dir, out: Path, gate: str, template: str = "raw", seed: int = 0,
+                    system_prompt: str | None = None) -> Path:
+    """A run folder as train.py writes it (LoRA r=4, gate rank 4), with random non-zero adapter and gate weights."""
+    from imsm.args import DataArguments, ImsmArguments
+    from imsm.checkpoint import save_run_files
+    from imsm.loader import build_imsm_model, imsm_settings, load_backbone
+
+    backbone, _, path = load_backbone(str(model_dir), attn_implementation="sdpa")
+    imsm_args = ImsmArguments(gate=gate, gate_dropout=0.0, lora_dropout=0.0, lora_r=4, gate_rank=4)
+    model = build_imsm_model(backbone, imsm_args)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    data_args = DataArguments(prompt_template=template, system_prompt=system_prompt)
+    save_run_files(model, out, imsm_settings(imsm_args, data_args, path, backbone.config.hidden_size), None, True)
+    return out

@@ -10,15 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tokenizer
+from conftest import make_tokenizer, save_random_run
 from safetensors.torch import save_file
 
 import evaluate
-from imsm.args import DataArguments, ImsmArguments
-from imsm.checkpoint import save_run_files
 from imsm.data import truncate_prompt
 from imsm.generation import DecodingConfig, generate
-from imsm.loader import build_imsm_model, imsm_settings, load_backbone, load_run
+from imsm.loader import load_run
 from imsm.scoring import answer_nll
 from imsm.templates import build_template
 
@@ -42,19 +40,7 @@ def model_dir(chat_model_dir) -> Path:
     return chat_model_dir
 
 
-def _save_run(model_dir: Path, out: Path, gate: str, template: str = "raw", seed: int = 0) -> Path:
-    """A run folder as train.py writes it, with random (non-zero) adapter and gate weights."""
-    backbone, _, path = load_backbone(str(model_dir), attn_implementation="sdpa")
-    imsm_args = ImsmArguments(gate=gate, gate_dropout=0.0, lora_dropout=0.0, lora_r=4, gate_rank=4)
-    model = build_imsm_model(backbone, imsm_args)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    settings = imsm_settings(imsm_args, DataArguments(prompt_template=template), path, backbone.config.hidden_size)
-    save_run_files(model, out, settings, None, True)
-    return out
+_save_run = save_random_run
 
 
 @pytest.fixture(scope="module")

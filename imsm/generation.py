@@ -214,20 +214,17 @@ class Decoder:
 
     def logits(self, h_frozen, h_tuned, q_frozen=None, q_tuned=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(float32 logits (B, V), per-row mean gate (B,) or None) for the newest position of (B, 1, d) memories."""
-        if not self.siamese:
-            return self.lm_head(h_tuned[:, -1]).float(), None
-        mixed, gate = self.model.mix(h_frozen, h_tuned, q_frozen, q_tuned)
-        gate_row = gate.float().reshape(gate.shape[0], -1).mean(-1) if gate.dim() == 3 else gate.float().mean()
-        return self.lm_head(mixed[:, -1]).float(), gate_row.expand(h_tuned.shape[0])
+        newest = torch.zeros(h_tuned.shape[:2], dtype=torch.bool, device=h_tuned.device)
+        newest[:, -1] = True
+        return self.positions_logits(h_frozen, h_tuned, q_frozen, q_tuned, newest)
 
-
-    def all_logits(self, h_frozen, h_tuned, q_frozen, q_tuned, keep: torch.Tensor):
-        """(float32 logits (K, V), gate per kept position (K,) or None) at the positions ``keep`` (B, T) of (B, T, d)
-        memories."""
+    def positions_logits(self, h_frozen, h_tuned, q_frozen, q_tuned, keep: torch.Tensor):
+        """(float32 logits (K, V), mean gate per kept position (K,) or None) at the positions ``keep`` (B, T) of
+        (B, T, d) memories: the gate and the mix, then the LM head only where it is needed."""
         if not self.siamese:
             return self.lm_head(h_tuned[keep]).float(), None
         mixed, gate = self.model.mix(h_frozen, h_tuned, q_frozen, q_tuned)
-        gates = gate[keep].float().mean(-1) if gate.dim() == 3 else gate.float().expand(int(keep.sum()))
+        gates = gate[keep].float().mean(-1) if gate.dim() == 3 else gate.float().mean().expand(int(keep.sum()))
         return self.lm_head(mixed[keep]).float(), gates
 
 
@@ -257,7 +254,7 @@ def _score_answers(decoder: Decoder, answers: Sequence[Sequence[int]], first_log
         positions = next_pos + torch.arange(width, device=device)
         h_frozen, h_tuned = decoder.branches(ids, ext_mask, positions)
         scored = keep[:, 1:]  # answer position j - 1 predicts answer token j
-        logits, gates = decoder.all_logits(None if h_frozen is None else h_frozen[:, :-1], h_tuned[:, :-1],
+        logits, gates = decoder.positions_logits(None if h_frozen is None else h_frozen[:, :-1], h_tuned[:, :-1],
                                            q_frozen, q_tuned, scored)
         targets = ids[:, 1:][scored]
         token_logprob = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)

@@ -46,7 +46,6 @@ NLL = "answer_nll"
 PRIMARY = "primary"  # the measure "each task's primary metric"
 MEASURES = (PRIMARY, NLL)
 COST_COLUMNS = (("train_runtime_s", "Train s"), ("optimizer_steps", "Steps"), ("tokens_seen", "Tokens"))
-COST_DIGITS = {"train_runtime_s": 0, "optimizer_steps": 0, "tokens_seen": 0}
 
 
 @dataclass
@@ -193,7 +192,7 @@ def summary_table(runs: list[RunResult]) -> tuple[str, str]:
             line.append(_fmt(*_mean_sd(row, task, key, _scale(measure)), digits=_digits(measure)))
         for key in costs:  # what training cost, mean over the label's runs (equal compute, visible)
             values = [run.cost.get(key) if run.cost else None for run in row.runs]
-            line.append(MISSING if any(v is None for v in values) else f"{np.mean(values):.{COST_DIGITS[key]}f}")
+            line.append(MISSING if any(v is None for v in values) else f"{np.mean(values):.0f}")
         cells.append(line)
     return _markdown(header, cells), _csv(header, cells)
 

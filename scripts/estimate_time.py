@@ -26,16 +26,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from imsm.args import ImsmArguments
 from imsm.data import SupervisedCollator, SupervisedDataset, encode_prompt, read_jsonl
-from imsm.evaluation import EvalArguments
 from imsm.gate import build_gate
-from imsm.generation import generate
+from imsm.generation import DecodingConfig, generate
 from imsm.loader import build_imsm_model, load_backbone
+from imsm.metrics import get_task
 from imsm.model import IMSMModel
 from imsm.scoring import answer_nll
 from imsm.templates import build_template
 
 SAMPLE = 8  # examples per task timed for evaluation
-LOAD_SECONDS = 20.0  # loading the model and data once per process, measured on SmolLM2 (10-25 s)
+PROCESS_START_SECONDS = 20.0  # a fresh train.py process: imports, model and data loading (10-25 s seen on SmolLM2)
 
 
 def _parse() -> argparse.Namespace:
@@ -73,7 +73,7 @@ def _time_eval(model, tokenizer, template, rows, task: str, score: str) -> float
     """Seconds to decode and/or likelihood-score ``rows`` of ``task`` with ``model``."""
     start = time.perf_counter()
     if score in ("both", "decode"):
-        decoding = EvalArguments(output_dir="-", untuned=True, tasks=task, batch_size=16).decoding(task)
+        decoding = DecodingConfig(max_new_tokens=get_task(task).max_new_tokens, batch_size=16)
         generate(model, tokenizer, [encode_prompt(template, r["input"], 1024) for r in rows], decoding)
     if score in ("both", "likelihood"):
         answer_nll(model, template, rows, 1024, 16)
@@ -113,7 +113,7 @@ def main() -> None:
     step = {"none": _time_steps(vanilla, batch), "query_aware": _time_steps(model, batch)}
     step["equal"] = step["token"] = step["query_aware"]
     torch.set_num_threads(threads)
-    per_run = {gate: args.steps * s + LOAD_SECONDS for gate, s in step.items()}
+    per_run = {gate: args.steps * s + PROCESS_START_SECONDS for gate, s in step.items()}
     todo = [per_run.get(gate, per_run["query_aware"]) for gate, done in runs if not done]
     train_total = sum(todo) / max(1, min(args.jobs, len(todo))) if todo else 0.0
 

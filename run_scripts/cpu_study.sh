@@ -34,14 +34,12 @@ GATES="none query_aware"
 [ "$ABLATIONS" = 1 ] && GATES="$GATES equal token"
 declare -A LABEL=([none]=LoRA [query_aware]=IMSM-LoRA [equal]=IMSM-equal-LoRA [token]=IMSM-token-LoRA)
 
-RUNS=() LABELS=(untuned)
+RUNS=() LABELS=(untuned) GATES_TO_TRAIN=()
 for gate in $GATES; do
     for seed in $(seq 1 "$SEEDS"); do
-        RUNS+=("$OUTPUT_DIR/${LABEL[$gate]}/seed$seed") LABELS+=("${LABEL[$gate]}")
+        RUNS+=("$OUTPUT_DIR/${LABEL[$gate]}/seed$seed") LABELS+=("${LABEL[$gate]}") GATES_TO_TRAIN+=("$gate:$seed")
     done
 done
-GATES_TO_TRAIN=()
-for gate in $GATES; do for seed in $(seq 1 "$SEEDS"); do GATES_TO_TRAIN+=("$gate:$seed"); done; done
 
 JOBS=${JOBS:-2}
 "$PY" scripts/estimate_time.py --label cpu_study --data_dir "$DATA_DIR" --target "$TARGET" --tasks "$TASKS" \

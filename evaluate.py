@@ -40,7 +40,8 @@ from pathlib import Path
 import torch
 from transformers import HfArgumentParser
 
-from imsm.evaluation import (
+from imsm.evaluation.report import write_report
+from imsm.evaluation.runner import (
     DTYPES,
     EvalArguments,
     calibration_skips,
@@ -51,7 +52,6 @@ from imsm.evaluation import (
     read_task,
     task_files,
 )
-from imsm.report import write_report
 
 
 def _ranges(rows: list[int]) -> str:

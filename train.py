@@ -25,7 +25,7 @@ from imsm.data import SupervisedCollator, SupervisedDataset
 from imsm.distributed import configure_cpu_deepspeed
 from imsm.loader import build_imsm_model, imsm_settings, load_backbone
 from imsm.templates import build_template
-from imsm.trainer import IMSMTrainer
+from imsm.training.trainer import IMSMTrainer
 
 logger = logging.getLogger("train")
 

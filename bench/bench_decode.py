@@ -52,9 +52,9 @@ def build(args):
     import torch
 
     from imsm.args import ImsmArguments
-    from imsm.gate import NoGate
     from imsm.loader import build_imsm_model, load_backbone
-    from imsm.model import IMSMModel
+    from imsm.method.gate import NoGate
+    from imsm.method.model import IMSMModel
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -121,7 +121,7 @@ def timed(fn) -> float:
 def main(argv=None) -> dict:
     import torch
 
-    from imsm.generation import DecodingConfig, generate, reference_generate
+    from imsm.evaluation.generation import DecodingConfig, generate, reference_generate
 
     args = parse_args(argv)
     logging.basicConfig(format="%(message)s", level=logging.INFO, stream=sys.stdout)

@@ -43,10 +43,10 @@ def main(argv=None) -> dict[str, float]:
 
     from imsm.args import ImsmArguments
     from imsm.data import encode_prompt, read_jsonl
-    from imsm.generation import DecodingConfig, generate
+    from imsm.evaluation.generation import DecodingConfig, generate
+    from imsm.evaluation.metrics import get_task
+    from imsm.evaluation.scoring import answer_nll, gold_answers
     from imsm.loader import build_imsm_model, load_backbone
-    from imsm.metrics import get_task
-    from imsm.scoring import answer_nll, gold_answers
     from imsm.templates import build_template
 
     args = parse_args(argv)

@@ -1,6 +1,6 @@
-"""Per-document scores of the local harness tasks, computed by the project's own metrics (imsm/metrics.py)."""
+"""Per-document scores of the local harness tasks, computed by imsm/evaluation/metrics.py."""
 
-from imsm.metrics import compute_metrics
+from imsm.evaluation.metrics import compute_metrics
 
 
 def process_qa(doc: dict, results: list[str]) -> dict[str, float]:

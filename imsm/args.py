@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from imsm.adapters import LORA_INITS, PEFT_METHODS
-from imsm.gate import GATES
-from imsm.loramoe import LoRAMoEConfig
+from imsm.method.adapters import LORA_INITS, PEFT_METHODS
+from imsm.method.gate import GATES
+from imsm.method.loramoe import LoRAMoEConfig
 from imsm.templates import TEMPLATES
 
 

@@ -16,12 +16,18 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from imsm.adapters import attach_adapter, build_peft_config
 from imsm.default_model import resolve_model_path
-from imsm.gate import GATE_PARAM_PREFIX, build_gate
-from imsm.lora_init import RESIDUAL_ADAPTER, calibrate_corda, calibration_record, initial_adapter_state, mutates_base
-from imsm.loramoe import LORAMOE_CONFIG, LORAMOE_WEIGHTS, LoRAMoEModel
-from imsm.model import IMSMModel
+from imsm.method.adapters import attach_adapter, build_peft_config
+from imsm.method.gate import GATE_PARAM_PREFIX, build_gate
+from imsm.method.lora_init import (
+    RESIDUAL_ADAPTER,
+    calibrate_corda,
+    calibration_record,
+    initial_adapter_state,
+    mutates_base,
+)
+from imsm.method.loramoe import LORAMOE_CONFIG, LORAMOE_WEIGHTS, LoRAMoEModel
+from imsm.method.model import IMSMModel
 
 logger = logging.getLogger(__name__)
 

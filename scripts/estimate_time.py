@@ -26,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from imsm.args import ImsmArguments
 from imsm.data import SupervisedCollator, SupervisedDataset, encode_prompt, read_jsonl
-from imsm.gate import build_gate
-from imsm.generation import DecodingConfig, generate
+from imsm.evaluation.generation import DecodingConfig, generate
+from imsm.evaluation.metrics import get_task
+from imsm.evaluation.scoring import answer_nll
 from imsm.loader import build_imsm_model, load_backbone
-from imsm.metrics import get_task
-from imsm.model import IMSMModel
-from imsm.scoring import answer_nll
+from imsm.method.gate import build_gate
+from imsm.method.model import IMSMModel
 from imsm.templates import build_template
 
 SAMPLE = 8  # examples per task timed for evaluation

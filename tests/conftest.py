@@ -87,8 +87,8 @@ def save_random_run(model_dir, out: Path, gate: str, template: str = "raw", seed
                     system_prompt: str | None = None) -> Path:
     """A run folder as train.py writes it (LoRA r=4, gate rank 4), with random non-zero adapter and gate weights."""
     from imsm.args import DataArguments, ImsmArguments
-    from imsm.checkpoint import save_run_files
     from imsm.loader import build_imsm_model, imsm_settings, load_backbone
+    from imsm.training.checkpoint import save_run_files
 
     backbone, _, path = load_backbone(str(model_dir), attn_implementation="sdpa")
     imsm_args = ImsmArguments(gate=gate, gate_dropout=0.0, lora_dropout=0.0, lora_r=4, gate_rank=4)

@@ -15,9 +15,9 @@ from safetensors.torch import save_file
 
 import evaluate
 from imsm.data import truncate_prompt
-from imsm.generation import DecodingConfig, generate
+from imsm.evaluation.generation import DecodingConfig, generate
+from imsm.evaluation.scoring import answer_nll
 from imsm.loader import load_run
-from imsm.scoring import answer_nll
 from imsm.templates import build_template
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,7 +222,7 @@ def test_two_processes_give_the_single_process_predictions(model_dir, data_dir, 
 @pytest.mark.parametrize("template", ["raw", "chat"])
 def test_training_and_evaluation_feed_the_same_prompt_ids(model_dir, data_dir, tmp_path, monkeypatch, template):
     """The query of a training example is token for token what evaluate.py feeds the model for the same row."""
-    import imsm.evaluation
+    import imsm.evaluation.runner
     import train
 
     rows = TASK_ROWS["mrpc"]
@@ -233,13 +233,13 @@ def test_training_and_evaluation_feed_the_same_prompt_ids(model_dir, data_dir, t
                           "--report_to", "none", "--prompt_template", template, "--max_input_length", "12"])
     trained = [ex["input_ids"][: ex["query_length"]] for ex in trainer.train_dataset.examples]
     seen = []
-    real_generate = imsm.evaluation.generate
+    real_generate = imsm.evaluation.runner.generate
 
     def spy(model, tokenizer, prompts, config, answers=None):
         seen.extend(list(p) for p in prompts)
         return real_generate(model, tokenizer, prompts, config, answers)
 
-    monkeypatch.setattr(imsm.evaluation, "generate", spy)
+    monkeypatch.setattr(imsm.evaluation.runner, "generate", spy)
     evaluate.main(_argv(model_dir, data_dir, tmp_path / "eval", "--run", str(tmp_path / "run"), "--tasks", "mrpc",
                         "--max_input_length", "12"))
     assert seen == trained
@@ -283,9 +283,10 @@ def test_seeds_share_a_label_and_every_comparison_is_paired(model_dir, data_dir,
 
 
 def test_likelihood_only_scores_without_decoding(model_dir, data_dir, runs, tmp_path, monkeypatch):
-    import imsm.evaluation
+    import imsm.evaluation.runner
 
-    monkeypatch.setattr(imsm.evaluation, "generate", lambda *a, **k: pytest.fail("decoded with --score likelihood"))
+    monkeypatch.setattr(imsm.evaluation.runner, "generate",
+                        lambda *a, **k: pytest.fail("decoded with --score likelihood"))
     out = tmp_path / "eval"
     evaluate.main(_argv(model_dir, data_dir, out, "--run", str(runs["imsm"]), "--untuned", "--tasks", "mrpc,gsm8k",
                         "--score", "likelihood"))

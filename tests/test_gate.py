@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from imsm.gate import GATES, build_gate, query_mean
+from imsm.method.gate import GATES, build_gate, query_mean
 
 
 def _memories(b=3, t=7, d=16, seed=0):

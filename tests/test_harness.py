@@ -16,10 +16,10 @@ from conftest import save_random_run
 from lm_eval.tasks import TaskManager
 
 from imsm.data import encode_prompt
-from imsm.generation import DecodingConfig, generate
-from imsm.harness import IMSMLM, rolling_windows
+from imsm.evaluation.generation import DecodingConfig, generate
+from imsm.evaluation.harness import IMSMLM, rolling_windows
+from imsm.evaluation.scoring import score_continuations
 from imsm.loader import load_backbone, load_run
-from imsm.scoring import score_continuations
 from imsm.templates import build_template
 
 MC_ROWS = [{"n": n, "label": n % 2} for n in range(6)]
@@ -122,7 +122,7 @@ def _logprob_by_hand(model, context: list[int], continuation: list[int]) -> floa
 @pytest.mark.parametrize("kind", ["untuned", "vanilla", "imsm"])
 def test_harness_scores_and_generations_are_the_projects_own(task_manager, model_dir, runs, kind, monkeypatch):
     if kind == "imsm":  # progress chunks of one batch: several chunks per request type, results unchanged
-        monkeypatch.setattr("imsm.harness.PROGRESS_BATCHES", 1)
+        monkeypatch.setattr("imsm.evaluation.harness.PROGRESS_BATCHES", 1)
     results = _evaluate(task_manager, _model_args(kind, model_dir, runs))
     model, tokenizer, template_name = _load(kind, model_dir, runs)
     template = build_template(template_name, tokenizer)
@@ -238,7 +238,7 @@ def test_bad_run_folder_and_model_args_are_clear_errors(tmp_path, task_manager, 
 
 def test_command_line_finds_the_imsm_model(task_manager, model_dir, runs, tmp_path, monkeypatch):
     """``lm-eval-imsm run --model imsm ...`` (the harness's own command line) runs and writes its results."""
-    from imsm.harness import main
+    from imsm.evaluation.harness import main
 
     include = task_manager.include_path
     monkeypatch.setattr(sys, "argv", ["lm-eval-imsm", "run", "--model", "imsm", "--model_args",
@@ -269,7 +269,7 @@ def test_two_processes_give_the_single_process_results(task_manager, runs, tmp_p
     outputs = {}
     for name, launcher in (("multi", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]),
                            ("single", ["-m"])):
-        cmd = [sys.executable, *launcher, "imsm.harness", *common, "--output_path", str(tmp_path / name)]
+        cmd = [sys.executable, *launcher, "imsm.evaluation.harness", *common, "--output_path", str(tmp_path / name)]
         proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         if name == "multi":  # the harness split the documents over two ranks

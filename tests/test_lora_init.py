@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 import train
 from imsm.args import ImsmArguments
 from imsm.loader import load_run
-from imsm.lora_init import calibration_rows
+from imsm.method.lora_init import calibration_rows
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -100,7 +100,7 @@ def test_corda_is_refused_under_zero3(calibration_file):
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    from imsm.lora_init import calibrate_corda
+    from imsm.method.lora_init import calibrate_corda
 
     args = ImsmArguments(gate="none", init_lora_weights="corda", corda_calibration_file=str(calibration_file))
     ds_config = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}})

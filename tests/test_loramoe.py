@@ -13,9 +13,16 @@ import evaluate
 import train
 from imsm.args import ImsmArguments
 from imsm.data import SupervisedDataset
-from imsm.generation import DecodingConfig, SingleBranch, TwoCacheBranches, build_decoder, generate, reference_generate
+from imsm.evaluation.generation import (
+    DecodingConfig,
+    SingleBranch,
+    TwoCacheBranches,
+    build_decoder,
+    generate,
+    reference_generate,
+)
 from imsm.loader import build_imsm_model, load_backbone, load_run, read_train_stats
-from imsm.loramoe import LoRAMoEConfig, LoRAMoELinear
+from imsm.method.loramoe import LoRAMoEConfig, LoRAMoELinear
 from imsm.templates import build_template
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from imsm.metrics import (
+from imsm.evaluation.metrics import (
     TASKS,
     TaskSpec,
     compute_metrics,

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from conftest import make_llama
 
 from imsm.args import ImsmArguments
-from imsm.gate import query_mean
 from imsm.loader import build_imsm_model
+from imsm.method.gate import query_mean
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -134,7 +134,7 @@ def test_default_target_modules_and_override():
 
 
 def test_unknown_model_type_asks_for_target_modules():
-    from imsm.adapters import build_peft_config
+    from imsm.method.adapters import build_peft_config
 
     with pytest.raises(ValueError, match="pass --target_modules"):
         build_peft_config(ImsmArguments(), "gpt_neox")

@@ -7,7 +7,7 @@ import io
 
 import pytest
 
-from imsm.report import RunResult, forgetting_table, plot_forgetting, summary_table, write_report
+from imsm.evaluation.report import RunResult, forgetting_table, plot_forgetting, summary_table, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -8,9 +8,9 @@ import torch
 
 import evaluate
 from imsm.args import DataArguments, ImsmArguments
-from imsm.checkpoint import save_run_files
 from imsm.loader import build_imsm_model, imsm_settings, load_backbone, load_run
-from imsm.scaling import load_scaled_run, parse_scales
+from imsm.method.scaling import load_scaled_run, parse_scales
+from imsm.training.checkpoint import save_run_files
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -114,7 +114,7 @@ def test_evaluate_makes_one_row_per_scale(tiny_model_dir, tmp_path):
 
 
 def test_only_mergeable_vanilla_runs_are_expanded(tmp_path):
-    from imsm.evaluation import ModelPlan, expand_scales
+    from imsm.evaluation.runner import ModelPlan, expand_scales
 
     plans = [ModelPlan("untuned", "m", "raw", None),
              ModelPlan("LoRAMoE", "m", "raw", None, tmp_path / "a", ("loramoe", "none", 8)),

@@ -10,9 +10,9 @@ import math
 import numpy as np
 import pytest
 
-from imsm.metrics import ExampleScores, compute_metrics, example_scores
-from imsm.report import RunResult, comparison_table, forgetting_table, write_report
-from imsm.stats import LabelScores, mcnemar, mcnemar_exact, paired_difference, resample_counts
+from imsm.evaluation.metrics import ExampleScores, compute_metrics, example_scores
+from imsm.evaluation.report import RunResult, comparison_table, forgetting_table, write_report
+from imsm.evaluation.stats import LabelScores, mcnemar, mcnemar_exact, paired_difference, resample_counts
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -71,9 +71,9 @@ def test_resume_reaches_the_uninterrupted_adapter(tiny_model_dir, tiny_train_fil
 
 
 def test_interrupted_checkpoint_save_keeps_the_previous_one(tiny_model_dir, tiny_train_file, tmp_path, monkeypatch):
-    import imsm.checkpoint
+    import imsm.training.checkpoint
 
-    real, calls = imsm.checkpoint.save_file, []
+    real, calls = imsm.training.checkpoint.save_file, []
 
     def failing_save(*a, **kw):
         calls.append(1)
@@ -81,7 +81,7 @@ def test_interrupted_checkpoint_save_keeps_the_previous_one(tiny_model_dir, tiny
             raise OSError("disk full (simulated)")
         return real(*a, **kw)
 
-    monkeypatch.setattr(imsm.checkpoint, "save_file", failing_save)
+    monkeypatch.setattr(imsm.training.checkpoint, "save_file", failing_save)
     out = tmp_path / "run"
     with pytest.raises(OSError, match="simulated"):
         train.main(_args(tiny_model_dir, tiny_train_file, out, "--max_steps", "4", "--save_steps", "2"))
@@ -91,7 +91,7 @@ def test_interrupted_checkpoint_save_keeps_the_previous_one(tiny_model_dir, tiny
     leftover = out / ".staging" / "checkpoint-4"
     assert leftover.is_dir()  # the half-written one never took the checkpoint's name
     (leftover / "stale.txt").write_text("from the crashed save")
-    monkeypatch.setattr(imsm.checkpoint, "save_file", real)
+    monkeypatch.setattr(imsm.training.checkpoint, "save_file", real)
     train.main(_args(tiny_model_dir, tiny_train_file, out, "--max_steps", "4", "--save_steps", "2",
                      "--resume_from_checkpoint", "latest"))
     assert (out / "checkpoint-4" / "gate.safetensors").is_file() and (out / "final" / "gate.safetensors").is_file()
@@ -102,12 +102,12 @@ def test_interrupted_final_save_keeps_the_old_final(tiny_model_dir, tiny_train_f
     out = tmp_path / "run"
     train.main(_args(tiny_model_dir, tiny_train_file, out, "--max_steps", "2", "--save_strategy", "no"))
     before = _state(out / "final")
-    import imsm.checkpoint
+    import imsm.training.checkpoint
 
     def failing_save(*a, **kw):
         raise OSError("killed mid-save (simulated)")
 
-    monkeypatch.setattr(imsm.checkpoint, "save_file", failing_save)
+    monkeypatch.setattr(imsm.training.checkpoint, "save_file", failing_save)
     with pytest.raises(OSError, match="simulated"):
         train.main(_args(tiny_model_dir, tiny_train_file, out, "--max_steps", "3", "--save_strategy", "no"))
     after = _state(out / "final")

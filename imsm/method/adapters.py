@@ -1,7 +1,7 @@
 """Adapters by name (lora, adalora, dora, ia3, loramoe) and their default target modules per ``config.model_type``.
 
 The defaults are the paper's choices: Llama q_proj,v_proj for LoRA/AdaLoRA/DoRA and k_proj,v_proj,down_proj for
-(IA)3 with down_proj as the feed-forward module; Qwen2 q_proj; ChatGLM query_key_value. LoRAMoE (``imsm/loramoe.py``,
+(IA)3 with down_proj as the feed-forward module; Qwen2 q_proj; ChatGLM query_key_value. LoRAMoE (``loramoe.py``,
 not a PEFT method) puts its experts on the feed-forward projections, as its paper. ``--target_modules`` (and
 ``--feedforward_modules`` for (IA)3) on the command line override the table.
 """
@@ -14,8 +14,8 @@ import torch
 from peft import AdaLoraConfig, IA3Config, LoraConfig, PeftConfig, TaskType, get_peft_model
 from peft.tuners.lora.config import CordaConfig
 
-from imsm.lora_init import LORA_INITS
-from imsm.loramoe import LoRAMoEConfig, LoRAMoEModel
+from imsm.method.lora_init import LORA_INITS
+from imsm.method.loramoe import LoRAMoEConfig, LoRAMoEModel
 
 LORA_TARGET_MODULES: dict[str, list[str]] = {
     "llama": ["q_proj", "v_proj"],

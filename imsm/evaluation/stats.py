@@ -1,6 +1,6 @@
 """Paired statistics for models scored on the same examples: seed groups, paired bootstrap intervals, McNemar.
 
-Every metric is f(mean over examples of a per-example component vector) (``imsm.metrics.METRIC_FUNCTIONS``): the
+Every metric is f(mean over examples of a per-example component vector) (``metrics.METRIC_FUNCTIONS``): the
 0/1 outcome for accuracy-type metrics, the confusion counts for F1 and MCC, the per-token NLL for ``answer_nll``.
 A report row is a *label*: one run, or several runs (seeds) sharing it. Its value on a task is the mean over its runs
 of each run's metric, and its spread the standard deviation over runs (n − 1 in the denominator).
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from imsm.metrics import METRIC_FUNCTIONS
+from imsm.evaluation.metrics import METRIC_FUNCTIONS
 
 CONFIDENCE = 0.95
 

@@ -7,11 +7,11 @@
 ``lm-eval-imsm`` (installed by ``scripts/setup.sh``) is the harness's own command line with this class registered
 first: lm-eval 0.4.13 looks ``--model`` up in its in-process registry only and discovers no external package, so
 the class has to be imported before the command line resolves the name (its documented ``register_model`` route).
-From Python: ``import imsm.harness`` and then ``lm_eval.simple_evaluate(model="imsm", ...)``.
+From Python: ``import imsm.evaluation.harness`` and then ``lm_eval.simple_evaluate(model="imsm", ...)``.
 
 Each request type maps onto the project's own code path, the one evaluate.py and training use:
 
-* ``loglikelihood(context, continuation)``: the token ids go to ``imsm.scoring.score_continuations``, whose context
+* ``loglikelihood(context, continuation)``: the token ids go to ``scoring.score_continuations``, whose context
   is the query: q_M and q_M' are the memory means over the context positions, exactly as training's ``query_mask``
   covers the prompt. Returns (sum of log-probs, every token greedy).
 * ``loglikelihood_rolling(text)``: the harness's disjoint windows (``get_rolling_token_windows``, one prefix token),
@@ -21,7 +21,7 @@ Each request type maps onto the project's own code path, the one evaluate.py and
   is causal and the query mean covers earlier positions only). Training never sees a query this short (its query is
   a whole prompt), so rolling perplexities measure the mixed model in an unfamiliar gate regime; for the untuned and
   vanilla models the query plays no part and this is the ordinary perplexity.
-* ``generate_until(context, gen_kwargs)``: ``imsm.generation.generate`` (the batched KV-cache decoder) with the
+* ``generate_until(context, gen_kwargs)``: ``generation.generate`` (the batched KV-cache decoder) with the
   harness's ``until`` as stop strings, ``max_gen_toks`` as ``max_new_tokens``, greedy unless ``do_sample`` (then
   ``temperature``, ``top_p`` and the model argument ``seed``). The text is the decoder's: special tokens dropped,
   cut before the first stop string, stripped — what evaluate.py scores.
@@ -57,10 +57,10 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from imsm.data import encode_prompt, truncate_prompt
-from imsm.evaluation import DTYPES
-from imsm.generation import DecodingConfig, generate
+from imsm.evaluation.generation import DecodingConfig, generate
+from imsm.evaluation.runner import DTYPES
+from imsm.evaluation.scoring import score_continuations
 from imsm.loader import load_backbone, load_run
-from imsm.scoring import score_continuations
 from imsm.templates import TEMPLATES, build_template
 
 logger = logging.getLogger(__name__)

@@ -50,9 +50,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from imsm.gate import query_mean
-from imsm.model import IMSMModel
-from imsm.scoring import SequenceScore
+from imsm.evaluation.scoring import SequenceScore
+from imsm.method.gate import query_mean
+from imsm.method.model import IMSMModel
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ def _score_answers(decoder: Decoder, answers: Sequence[Sequence[int]], first_log
     """Teacher-force one answer per row on top of the prompt caches, then rewind the caches to the prompt.
 
     The first answer token is scored with the prefill's last logits; the rest with one extension pass over the
-    answers (right-padded after the left-padded prompts), exactly what ``imsm.scoring`` computes from scratch.
+    answers (right-padded after the left-padded prompts), exactly what ``scoring`` computes from scratch.
     """
     device = mask.device
     n = len(answers)
@@ -416,7 +416,7 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]], conf
 
     ``answers[i]`` (a list of answer id lists, e.g. the gold answers) are also scored teacher-forced on prompt i's KV
     cache before decoding, into ``Generation.answer_scores``: the prefill is shared, so the likelihood costs only the
-    answer tokens (``imsm.scoring.score_continuations`` computes the same from scratch)."""
+    answer tokens (``imsm.evaluation.scoring.score_continuations`` computes the same from scratch)."""
     if answers is not None and len(answers) != len(prompts):
         raise ValueError(f"{len(answers)} answer lists for {len(prompts)} prompts")
     if answers is not None and any(not a or any(len(x) == 0 for x in a) for a in answers):

@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import save_file
 
 from imsm.atomic import atomic_write_json
-from imsm.gate import GATE_PARAM_PREFIX
 from imsm.loader import GATE_FILE, IMSM_CONFIG, RUN_ARGS
-from imsm.lora_init import convert_saved_adapter
-from imsm.model import IMSMModel
+from imsm.method.gate import GATE_PARAM_PREFIX
+from imsm.method.lora_init import convert_saved_adapter
+from imsm.method.model import IMSMModel
 
 
 def _gathered(params: list[torch.nn.Parameter]):

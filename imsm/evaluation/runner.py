@@ -2,7 +2,7 @@
 decoding + likelihood-scoring one model on every task (rank 0 writes; other ranks work on their shard).
 
 Prompts are encoded with ``imsm.data.encode_prompt``, the function training uses, so the query the model sees at test
-time is token for token the one it was trained on; answer likelihoods (``imsm.scoring.answer_nll``) score the gold
+time is token for token the one it was trained on; answer likelihoods (``scoring.answer_nll``) score the gold
 answer tokens training puts its loss on.
 
 Runs may share a label (``--labels untuned,LoRA,LoRA,LoRA,IMSM-LoRA,...``): they are seeds of one method, reported
@@ -26,7 +26,10 @@ from transformers import AutoConfig
 from imsm.atomic import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from imsm.data import encode_prompt, read_jsonl
 from imsm.default_model import resolve_model_path
-from imsm.generation import DecodingConfig, gather_shards, generate, shard
+from imsm.evaluation.generation import DecodingConfig, gather_shards, generate, shard
+from imsm.evaluation.metrics import ExampleScores, compute_metrics, example_scores, get_task
+from imsm.evaluation.report import RunResult, parse_pairs
+from imsm.evaluation.scoring import answer_nll, best_answer, gold_answers
 from imsm.loader import (
     check_run_fits,
     load_backbone,
@@ -36,10 +39,7 @@ from imsm.loader import (
     read_train_stats,
     resolve_run_dir,
 )
-from imsm.metrics import ExampleScores, compute_metrics, example_scores, get_task
-from imsm.report import RunResult, parse_pairs
-from imsm.scaling import load_scaled_run, parse_scales
-from imsm.scoring import answer_nll, best_answer, gold_answers
+from imsm.method.scaling import load_scaled_run, parse_scales
 from imsm.templates import TEMPLATES, build_template
 
 logger = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ def task_files(args: EvalArguments) -> dict[str, Path]:
 def calibration_skips(plans: list[ModelPlan], files: dict[str, Path]) -> dict[str, dict[str, list[int]]]:
     """task -> {run folder: row indices of the task's file that the run calibrated on (CorDA)}: never score a model
     on what it calibrated on, and skip those rows for every model so the comparisons stay paired."""
-    from imsm.lora_init import calibration_rows
+    from imsm.method.lora_init import calibration_rows
 
     skips: dict[str, dict[str, list[int]]] = {}
     for plan in plans:

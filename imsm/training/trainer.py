@@ -30,9 +30,9 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from imsm.atomic import atomic_write_json, replace_dir
-from imsm.checkpoint import save_run_files
-from imsm.gate import GATE_PARAM_PREFIX
 from imsm.loader import TRAIN_STATS, load_trained_weights
+from imsm.method.gate import GATE_PARAM_PREFIX
+from imsm.training.checkpoint import save_run_files
 
 logger = logging.getLogger(__name__)
 STAGING = ".staging"

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from imsm.data import encode_prompt
-from imsm.model import IMSMModel
+from imsm.method.model import IMSMModel
 from imsm.templates import PromptTemplate
 
 

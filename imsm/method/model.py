@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imsm.adapters import adalora_orth_regularizer
 from imsm.data import IGNORE_INDEX
-from imsm.gate import GATE_PARAM_PREFIX, Gate, NoGate, query_mean
-from imsm.loramoe import LoRAMoEModel
+from imsm.method.adapters import adalora_orth_regularizer
+from imsm.method.gate import GATE_PARAM_PREFIX, Gate, NoGate, query_mean
+from imsm.method.loramoe import LoRAMoEModel
 
 
 class IMSMModel(nn.Module):

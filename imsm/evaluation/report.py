@@ -1,6 +1,6 @@
 """Result tables, paired comparisons and charts.
 
-Every decoded-metric cell is a metric from ``imsm.metrics`` scaled by 100 with one decimal (MCC too, so it lies in
+Every decoded-metric cell is a metric from ``metrics`` scaled by 100 with one decimal (MCC too, so it lies in
 [-100, 100]); ``answer_nll`` cells are nats per answer token with three decimals (lower is better); a task a run was
 not scored on shows ``-``. Runs sharing a label (seeds) form one row: the mean over its runs, ``±`` their standard
 deviation.
@@ -11,7 +11,7 @@ deviation.
   (WebQ, MultiRC, MRPC, FreebaseQA, less the target), and ``Avg (general)``, the plain mean of the general cells.
   Rows other than the baseline (the untuned model, with the same prompt template where there is one) show the change
   against it; where per-example scores exist the change carries its paired bootstrap 95% interval,
-  ``41.2 (-3.1 [-5.0, -1.2])`` (``imsm.stats``), else the change of the shown numbers, ``41.2 (-3.1)``.
+  ``41.2 (-3.1 [-5.0, -1.2])`` (``imsm.evaluation.stats``), else the change of the shown numbers, ``41.2 (-3.1)``.
 * ``comparison_table``: named pairs (e.g. IMSM-LoRA vs LoRA): the change per task and on the general average with
   its interval, and McNemar's p for accuracy-type metrics.
 * ``stats.json`` / ``stats.csv``: every value, spread, per-run value and comparison, unrounded.
@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 
 from imsm.atomic import atomic_write_bytes, atomic_write_text
-from imsm.metrics import BINARY_METRICS, TASKS, ExampleScores, get_task
-from imsm.stats import CONFIDENCE, Difference, LabelScores, mcnemar, paired_difference, resample_counts
+from imsm.evaluation.metrics import BINARY_METRICS, TASKS, ExampleScores, get_task
+from imsm.evaluation.stats import CONFIDENCE, Difference, LabelScores, mcnemar, paired_difference, resample_counts
 
 logger = logging.getLogger(__name__)
 

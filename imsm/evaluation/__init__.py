@@ -1,0 +1,2 @@
+"""Evaluation: batched decoding, answer likelihood, the paper's metrics, statistics, reports and the
+lm-evaluation-harness model."""

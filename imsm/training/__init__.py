@@ -1,0 +1,1 @@
+"""Training: the Trainer with what IMSM needs on top, and writing run folders and checkpoints."""

@@ -5,7 +5,9 @@
         --bf16 --num_train_epochs 3 --per_device_train_batch_size 2 --gradient_accumulation_steps 1
 
 Without ``--model_name_or_path`` the embedded SmolLM2-135M-Instruct is used. ``--resume_from_checkpoint latest``
-continues from the newest complete checkpoint in ``--output_dir``. The final run folder is ``OUTPUT_DIR/final``.
+continues from the newest complete checkpoint in ``--output_dir``; a run that already reached its last step is not
+trained again. ``--eval_file`` (or ``--validation_fraction``) scores held-out examples every ``--eval_steps``. The
+final run folder is ``OUTPUT_DIR/final`` (its format: ``imsm/run_folder.py``).
 """
 
 from __future__ import annotations
@@ -14,16 +16,19 @@ import dataclasses
 import logging
 import math
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 import transformers
-from transformers import HfArgumentParser, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import HfArgumentParser, IntervalStrategy, TrainingArguments, set_seed
 
+from imsm import run_folder
 from imsm.args import DataArguments, ImsmArguments, ModelArguments
-from imsm.data import SupervisedCollator, SupervisedDataset
+from imsm.data import SupervisedCollator, SupervisedDataset, read_jsonl, split_validation
 from imsm.distributed import configure_cpu_deepspeed
-from imsm.loader import build_imsm_model, imsm_settings, load_backbone
+from imsm.loader import build_imsm_model, load_backbone
+from imsm.run_folder import RunConfig
 from imsm.templates import build_template
 from imsm.training.trainer import IMSMTrainer
 
@@ -37,14 +42,60 @@ def setup_logging(training_args: TrainingArguments) -> None:
 
 
 def resolve_resume(training_args: TrainingArguments) -> str | None:
+    """The checkpoint to resume from: ``latest`` is the newest complete one (None when there is none yet); a named
+    checkpoint must be complete."""
     resume = training_args.resume_from_checkpoint
-    if resume != "latest":
-        return resume
-    last = get_last_checkpoint(training_args.output_dir)
-    if last is None:
-        logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting fresh",
-                       training_args.output_dir)
-    return last
+    if resume is None:
+        return None
+    if resume == "latest":
+        last = run_folder.latest_checkpoint(training_args.output_dir)
+        if last is None:
+            logger.warning("--resume_from_checkpoint latest: no complete checkpoint in %s, starting fresh",
+                           training_args.output_dir)
+        return None if last is None else str(last)
+    if not Path(resume).is_dir():
+        raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no such checkpoint folder")
+    if not run_folder.is_complete(resume):
+        raise ValueError(f"--resume_from_checkpoint {resume}: an interrupted checkpoint (no {run_folder.COMPLETE}); "
+                         "resume from an earlier one or from latest")
+    return resume
+
+
+def check_before_loading(data_args: DataArguments, training_args: TrainingArguments) -> None:
+    """What can fail without the model fails before it loads: the data files parse and the output folder is
+    writable (else a long run would be lost at its first save)."""
+    if data_args.train_file is None:
+        raise ValueError("--train_file is required (JSONL with 'input' and 'output')")
+    read_jsonl(data_args.train_file)
+    if data_args.eval_file is not None:
+        read_jsonl(data_args.eval_file)
+    out = Path(training_args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--output_dir {out} is a file")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise PermissionError(f"--output_dir {out} is not writable ({e.strerror}); nothing was trained") from None
+    if training_args.load_best_model_at_end and data_args.eval_file is None and not data_args.validation_fraction:
+        raise ValueError("--load_best_model_at_end needs validation data: --eval_file or --validation_fraction")
+
+
+def already_finished(resume: str | None, training_args: TrainingArguments) -> bool:
+    """A resumed run whose checkpoint reached the last step is not trained again: ``final/`` is written from that
+    checkpoint when missing, and nothing else changes."""
+    if resume is None or not run_folder.finished_checkpoint(resume, training_args.max_steps,
+                                                            training_args.num_train_epochs):
+        return False
+    final = Path(training_args.output_dir) / "final"
+    run_folder.recover_final(Path(training_args.output_dir))
+    if training_args.should_save and not run_folder.is_complete(final):
+        run_folder.finish_from_checkpoint(resume, final)
+        logger.info("%s already reached the last step; wrote %s from it without training", resume, final)
+    else:
+        logger.info("%s already reached the last step and %s exists: nothing to train", resume, final)
+    return True
 
 
 def optimizer_steps(n_examples: int, training_args: TrainingArguments) -> int:
@@ -55,13 +106,26 @@ def optimizer_steps(n_examples: int, training_args: TrainingArguments) -> int:
     return max(1, batches // training_args.gradient_accumulation_steps) * math.ceil(training_args.num_train_epochs)
 
 
-def main(argv: list[str] | None = None) -> IMSMTrainer:
+def configure_validation(training_args: TrainingArguments, n_examples: int) -> None:
+    """Score the held-out examples every ``--eval_steps`` (default: every logging step) unless another evaluation
+    strategy was asked for; only the loss is computed (no logits are gathered)."""
+    if training_args.eval_strategy == IntervalStrategy.NO:
+        training_args.eval_strategy = IntervalStrategy.STEPS
+        training_args.eval_steps = training_args.eval_steps or training_args.logging_steps
+    training_args.prediction_loss_only = True
+    logger.info("validation: %d examples, %s every %s", n_examples, training_args.eval_strategy.value,
+                training_args.eval_steps if training_args.eval_strategy == IntervalStrategy.STEPS else "epoch")
+
+
+def main(argv: list[str] | None = None) -> IMSMTrainer | None:
     argv = configure_cpu_deepspeed(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, ImsmArguments, TrainingArguments))
     model_args, data_args, imsm_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     setup_logging(training_args)
-    if data_args.train_file is None:
-        raise ValueError("--train_file is required (JSONL with 'input' and 'output')")
+    check_before_loading(data_args, training_args)
+    resume = resolve_resume(training_args)
+    if already_finished(resume, training_args):
+        return None
     set_seed(training_args.seed)
 
     dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
@@ -71,27 +135,33 @@ def main(argv: list[str] | None = None) -> IMSMTrainer:
     template = build_template(data_args.prompt_template, tokenizer, data_args.system_prompt)
     dataset = SupervisedDataset(data_args.train_file, template, data_args.max_input_length,
                                 data_args.max_output_length, data_args.max_train_examples)
+    eval_dataset = None
+    if data_args.eval_file is not None:
+        eval_dataset = SupervisedDataset(data_args.eval_file, template, data_args.max_input_length,
+                                         data_args.max_output_length)
+    elif data_args.validation_fraction:
+        dataset, eval_dataset = split_validation(dataset, data_args.validation_fraction, training_args.data_seed
+                                                 if training_args.data_seed is not None else training_args.seed)
+    if eval_dataset is not None:
+        configure_validation(training_args, len(eval_dataset))
 
     model = build_imsm_model(backbone, imsm_args, total_steps=optimizer_steps(len(dataset), training_args),
                              template=template, max_input_length=data_args.max_input_length)
-    counts = {"adapter": 0, "gate": 0}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            counts["gate" if name.startswith("imsm_gate.") else "adapter"] += p.ds_numel if hasattr(p, "ds_numel") \
-                else p.numel()
+    counts = {group: sum(getattr(p, "ds_numel", p.numel()) for _, p in named)
+              for group, named in model.trainable_parameters().items()}
     logger.info("trainable parameters: adapter %d, gate %d (%s gate, %s)", counts["adapter"], counts["gate"],
                 imsm_args.gate, imsm_args.peft)
 
-    settings = imsm_settings(imsm_args, data_args, model_path, backbone.config.hidden_size)
+    config = RunConfig.from_args(imsm_args, data_args, model_path, backbone.config.hidden_size)
     run_args = {k: v for a in (model_args, data_args, imsm_args) for k, v in dataclasses.asdict(a).items()}
     run_args |= {"training": training_args.to_dict(), "resolved_model_path": model_path}
     training_args.remove_unused_columns = False  # query_mask is ours, not a backbone forward argument
     trainer = IMSMTrainer(
-        model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
-        data_collator=SupervisedCollator(tokenizer.pad_token_id), imsm_settings=settings, run_args=run_args,
+        model=model, args=training_args, train_dataset=dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
+        data_collator=SupervisedCollator(tokenizer.pad_token_id), run_config=config, run_args=run_args,
         gate_learning_rate=imsm_args.gate_learning_rate,
     )
-    trainer.train(resume_from_checkpoint=resolve_resume(training_args))
+    trainer.train(resume_from_checkpoint=resume)
     final_dir = f"{training_args.output_dir}/final"
     trainer.save_model(final_dir)
     logger.info("saved the run folder %s", final_dir)

@@ -33,6 +33,12 @@ class DataArguments:
     max_train_examples: int | None = field(default=None, metadata={"help": "Use only the first N examples."})
     prompt_template: str = field(default="raw", metadata={"help": f"One of {sorted(TEMPLATES)}."})
     system_prompt: str | None = field(default=None, metadata={"help": "System turn for the chat template."})
+    eval_file: str | None = field(
+        default=None, metadata={"help": "JSONL of validation examples: answer loss and mean gate while training."}
+    )
+    validation_fraction: float = field(
+        default=0.0, metadata={"help": "Hold out this fraction of the training examples (seeded) as validation data."}
+    )
 
     def __post_init__(self) -> None:
         if self.prompt_template not in TEMPLATES:
@@ -41,6 +47,10 @@ class DataArguments:
             raise ValueError("--system_prompt only applies to --prompt_template chat")
         if self.max_input_length < 1 or self.max_output_length < 1:
             raise ValueError("--max_input_length and --max_output_length must be at least 1")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError("--validation_fraction must be in [0, 1)")
+        if self.validation_fraction and self.eval_file is not None:
+            raise ValueError("give --eval_file or --validation_fraction, not both")
 
 
 @dataclass

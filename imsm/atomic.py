@@ -70,15 +70,17 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     replace_dir(staging, final)
 
 
-def replace_dir(src: str | os.PathLike, final: str | os.PathLike) -> None:
-    """Move the complete folder ``src`` to ``final``, replacing an existing ``final`` with two renames."""
+def replace_dir(src: str | os.PathLike, final: str | os.PathLike, old: str | os.PathLike | None = None) -> None:
+    """Move the complete folder ``src`` to ``final``, replacing an existing ``final`` with two renames through
+    ``old`` (default ``.<name>.old`` beside it), which is removed afterwards."""
     src, final = Path(src), Path(final)
-    old = None
+    old = Path(old) if old is not None else final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    moved = False
     if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
         os.replace(final, old)
+        moved = True
     os.replace(src, final)
-    if old is not None:
+    if moved:
         shutil.rmtree(old, ignore_errors=True)

@@ -125,6 +125,18 @@ class SupervisedDataset(torch.utils.data.Dataset):
         return self.examples[i]
 
 
+def split_validation(dataset: torch.utils.data.Dataset, fraction: float, seed: int):
+    """(training part, validation part): ``round(fraction · n)`` examples (at least one) drawn by a seeded
+    permutation; both keep the dataset's own example indices."""
+    n = len(dataset)
+    held = max(1, round(fraction * n))
+    if held >= n:
+        raise ValueError(f"--validation_fraction {fraction} leaves no training example of {n}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return (torch.utils.data.Subset(dataset, sorted(order[held:])),
+            torch.utils.data.Subset(dataset, sorted(order[:held])))
+
+
 @dataclass
 class SupervisedCollator:
     """Right-pads a batch; ``query_mask`` marks the prompt tokens that the gate's query means average over."""

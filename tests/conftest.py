@@ -87,8 +87,8 @@ def save_random_run(model_dir, out: Path, gate: str, template: str = "raw", seed
                     system_prompt: str | None = None) -> Path:
     """A run folder as train.py writes it (LoRA r=4, gate rank 4), with random non-zero adapter and gate weights."""
     from imsm.args import DataArguments, ImsmArguments
-    from imsm.loader import build_imsm_model, imsm_settings, load_backbone
-    from imsm.training.checkpoint import save_run_files
+    from imsm.loader import build_imsm_model, load_backbone
+    from imsm.run_folder import RunConfig, save_run_files
 
     backbone, _, path = load_backbone(str(model_dir), attn_implementation="sdpa")
     imsm_args = ImsmArguments(gate=gate, gate_dropout=0.0, lora_dropout=0.0, lora_r=4, gate_rank=4)
@@ -99,5 +99,6 @@ def save_random_run(model_dir, out: Path, gate: str, template: str = "raw", seed
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     data_args = DataArguments(prompt_template=template, system_prompt=system_prompt)
-    save_run_files(model, out, imsm_settings(imsm_args, data_args, path, backbone.config.hidden_size), None, True)
+    config = RunConfig.from_args(imsm_args, data_args, path, backbone.config.hidden_size)
+    save_run_files(model, out, config, None, True)
     return out

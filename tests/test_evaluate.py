@@ -141,13 +141,22 @@ def _broken_runs(runs, base: Path) -> dict[str, tuple[Path, str]]:
     """Damaged copies of the IMSM run, each with the file its error must name."""
     out = {}
     for name, damage in (("no_adapter", "adapter_model.safetensors"), ("no_gate", "gate.safetensors"),
-                         ("bad_gate", "gate.safetensors")):
+                         ("bad_gate", "gate.safetensors"), ("cut_adapter", "adapter_model.safetensors"),
+                         ("cut_gate", "gate.safetensors"), ("garbled_adapter", "adapter_model.safetensors"),
+                         ("newer_format", "imsm_config.json")):
         run = base / name
         shutil.copytree(runs["imsm"], run)
+        path = run / damage
         if name == "bad_gate":  # rank 3 where the settings say 4
-            save_file({"w_a.weight": torch.zeros(3, 4 * 32), "w_b.weight": torch.zeros(32, 3)}, str(run / damage))
+            save_file({"w_a.weight": torch.zeros(3, 4 * 32), "w_b.weight": torch.zeros(32, 3)}, str(path))
+        elif name.startswith("cut_"):  # a copy or save killed part-way
+            path.write_bytes(path.read_bytes()[:-100])
+        elif name == "garbled_adapter":
+            path.write_bytes(path.read_bytes()[:8] + b"\x00garbage" + path.read_bytes()[18:])
+        elif name == "newer_format":
+            path.write_text(json.dumps(json.loads(path.read_text()) | {"format_version": 99}))
         else:
-            (run / damage).unlink()
+            path.unlink()
         out[name] = (run, damage)
     return out
 
@@ -170,8 +179,9 @@ def test_bad_inputs_fail_before_anything_is_written(model_dir, data_dir, runs, t
     for i, (name, (run, damaged)) in enumerate(_broken_runs(runs, tmp_path).items()):
         error = FileNotFoundError if name.startswith("no_") else ValueError
         # the broken run comes after a good one: nothing may be decoded or written for the good one either
+        message = f"{run}: incomplete run folder, {damaged}" if name.startswith("no_") else str(run / damaged)
         cases.append((_argv(model_dir, data_dir, tmp_path / f"r{i}", *good, "--run", str(run), "--tasks", "mrpc"),
-                      error, str(run / damaged) if name == "bad_gate" else f"{run}: incomplete run folder, {damaged}"))
+                      error, message))
     for argv, error, message in cases:
         with pytest.raises(error) as info:
             evaluate.main(argv)

@@ -5,6 +5,7 @@ vanilla LoRA run and an IMSM run; every number is checked against the project's 
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -96,7 +97,7 @@ def _load(kind, model_dir, runs):
         model, tokenizer, _ = load_backbone(str(model_dir), attn_implementation="sdpa")
         return model.eval(), tokenizer, "raw"
     model, tokenizer, settings = load_run(runs[kind])
-    return model, tokenizer, settings["prompt_template"]
+    return model, tokenizer, settings.prompt_template
 
 
 @torch.no_grad()
@@ -197,7 +198,7 @@ def test_rolling_windows_leak_no_later_token(model_dir, runs):
 def test_chat_run_is_scored_with_its_training_template(task_manager, model_dir, runs):
     results = _evaluate(task_manager, {"run": str(runs["imsm_chat"])}, tasks=("imsm_local_mc", "imsm_local_gen"))
     model, tokenizer, settings = load_run(runs["imsm_chat"])
-    template = build_template("chat", tokenizer, settings["system_prompt"])
+    template = build_template("chat", tokenizer, settings.system_prompt)
     context = encode_prompt(template, "Question: Is 3 odd ? Output:", 1024)
     assert tokenizer.decode(context).startswith("<s> <unk> a number </s>")  # the system turn
     (score,) = score_continuations(model, [(context, tokenizer("yes", add_special_tokens=False)["input_ids"])])
@@ -228,6 +229,9 @@ def test_bad_run_folder_and_model_args_are_clear_errors(tmp_path, task_manager, 
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "imsm_config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"broken/imsm_config.json: missing keys \['base_model'"):
+        IMSMLM(run=str(broken))
+    shutil.copy(runs["imsm"] / "imsm_config.json", broken / "imsm_config.json")
     with pytest.raises(FileNotFoundError, match="broken.*adapter_config.json"):
         IMSMLM(run=str(broken))
     with pytest.raises(ValueError, match="unknown model_args.*rnu"):
@@ -295,7 +299,7 @@ def test_smollm2_imsm_run_through_the_harness(task_manager, tmp_path):
     results = _evaluate(task_manager, {"run": str(run), "batch_size": 4}, tasks=("imsm_local_mc", "imsm_local_gen"),
                         limit=3)
     model, tokenizer, settings = load_run(run)
-    template = build_template("chat", tokenizer, settings["system_prompt"])
+    template = build_template("chat", tokenizer, settings.system_prompt)
     mc = _samples(results, "imsm_local_mc")
     pairs = [(encode_prompt(template, f"Question: Is {row['n']} odd ? Output:", 1024),
               tokenizer(choice, add_special_tokens=False)["input_ids"]) for row in MC_ROWS[:3] for choice in

@@ -21,8 +21,9 @@ from imsm.evaluation.generation import (
     generate,
     reference_generate,
 )
-from imsm.loader import build_imsm_model, load_backbone, load_run, read_train_stats
+from imsm.loader import build_imsm_model, load_backbone, load_run
 from imsm.method.loramoe import LoRAMoEConfig, LoRAMoELinear
+from imsm.run_folder import read_train_stats
 from imsm.templates import build_template
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -199,7 +200,7 @@ def test_train_save_reload_evaluate_and_cost(tiny_model_dir, tiny_train_file, tm
     assert any("loramoe_B" in k and v.abs().sum() > 0 for k, v in weights.items())  # trained, not the zero init
     assert json.loads((final / "loramoe_config.json").read_text())["num_experts"] == 6
     reloaded, tokenizer, settings = load_run(final)
-    assert settings["peft"] == "loramoe"
+    assert settings.peft == "loramoe"
     torch.testing.assert_close(_probe(reloaded, tokenizer), _probe(trainer.model, tokenizer))
 
     # cost: 8 steps of 4 rows are one pass over the 32 rows, so every row's tokens were seen once
@@ -255,6 +256,6 @@ def test_imsm_gate_with_loramoe_and_checkpointing_trains_and_reloads(tiny_model_
     assert losses and all(torch.isfinite(torch.tensor(losses)))
     assert all(h["balance_loss"] > 0 for h in trainer.state.log_history if "loss" in h)
     reloaded, tokenizer, settings = load_run(out / "final")
-    assert settings["gate"] == "query_aware" and settings["peft"] == "loramoe"
+    assert settings.gate == "query_aware" and settings.peft == "loramoe"
     torch.testing.assert_close(_probe(reloaded, tokenizer), _probe(trainer.model, tokenizer))
     assert load_file(str(out / "final" / "gate.safetensors"))["w_b.weight"].abs().sum() > 0

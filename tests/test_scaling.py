@@ -8,9 +8,9 @@ import torch
 
 import evaluate
 from imsm.args import DataArguments, ImsmArguments
-from imsm.loader import build_imsm_model, imsm_settings, load_backbone, load_run
+from imsm.loader import build_imsm_model, load_backbone, load_run
 from imsm.method.scaling import load_scaled_run, parse_scales
-from imsm.training.checkpoint import save_run_files
+from imsm.run_folder import RunConfig, save_run_files
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -29,8 +29,8 @@ def _save(tiny_model_dir, out, peft="lora", gate="none", seed=0):
         for name, p in model.named_parameters():
             if p.requires_grad:
                 p.copy_((1.0 if "ia3" in name else 0.0) + torch.randn(p.shape, generator=g) * 0.3)
-    settings = imsm_settings(args, DataArguments(), path, backbone.config.hidden_size)
-    save_run_files(model, out, settings, None, True)
+    config = RunConfig.from_args(args, DataArguments(), path, backbone.config.hidden_size)
+    save_run_files(model, out, config, None, True)
     return out
 
 

@@ -31,8 +31,8 @@ def test_imsm_trains_and_decodes_on_smollm2(tmp_path):
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses and all(0 < loss < 20 for loss in losses)
     model, tokenizer, settings = load_run(out / "final")
-    assert settings["prompt_template"] == "chat" and "SmolLM2-135M-Instruct" in settings["base_model"]
-    template = build_template(settings["prompt_template"], tokenizer)
+    assert settings.prompt_template == "chat" and "SmolLM2-135M-Instruct" in settings.base_model
+    template = build_template(settings.prompt_template, tokenizer)
     prompts = [template.encode_prompt(r["input"]) for r in read_jsonl(data)[:4]]
     results = generate(model, tokenizer, prompts, DecodingConfig(max_new_tokens=6, batch_size=4))
     assert len(results) == 4

@@ -7,7 +7,8 @@ import pytest
 
 import train
 from imsm.data import SupervisedDataset
-from imsm.loader import load_backbone, read_train_stats
+from imsm.loader import load_backbone
+from imsm.run_folder import read_train_stats
 from imsm.templates import build_template
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -155,9 +155,9 @@ class IMSMLM(TemplateLM):
         self._rank, self._world_size, self._device = distributed_setup(args.device)
         dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if self._device.type == "cuda" else torch.float32)
         if args.run is not None:
-            model, tokenizer, settings = load_run(args.run, args.model_name_or_path, dtype, args.attn_implementation,
-                                                  args.trust_remote_code)
-            self.settings = settings
+            model, tokenizer, config = load_run(args.run, args.model_name_or_path, dtype, args.attn_implementation,
+                                                args.trust_remote_code)
+            self.settings = config.to_dict()
         else:
             model, tokenizer, path = load_backbone(args.model_name_or_path, dtype, args.attn_implementation,
                                                    args.trust_remote_code)

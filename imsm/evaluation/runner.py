@@ -30,16 +30,9 @@ from imsm.evaluation.generation import DecodingConfig, gather_shards, generate, 
 from imsm.evaluation.metrics import ExampleScores, compute_metrics, example_scores, get_task
 from imsm.evaluation.report import RunResult, parse_pairs
 from imsm.evaluation.scoring import answer_nll, best_answer, gold_answers
-from imsm.loader import (
-    check_run_fits,
-    load_backbone,
-    load_run,
-    load_tokenizer,
-    read_settings,
-    read_train_stats,
-    resolve_run_dir,
-)
+from imsm.loader import load_backbone, load_run, load_tokenizer
 from imsm.method.scaling import load_scaled_run, parse_scales
+from imsm.run_folder import RunConfig, read_train_stats, resolve, validate
 from imsm.templates import TEMPLATES, build_template
 
 logger = logging.getLogger(__name__)
@@ -154,9 +147,8 @@ class ModelPlan:
     scale: float | None = None  # --adapter_scale: the run's weight update times this (a plain causal LM)
 
 
-def default_label(settings: dict) -> str:
-    return GATE_PREFIX.get(settings["gate"], settings["gate"] + "-") + PEFT_DISPLAY.get(settings["peft"],
-                                                                                        settings["peft"])
+def default_label(config: RunConfig) -> str:
+    return GATE_PREFIX.get(config.gate, config.gate + "-") + PEFT_DISPLAY.get(config.peft, config.peft)
 
 
 def task_files(args: EvalArguments) -> dict[str, Path]:
@@ -208,20 +200,20 @@ def plan_models(args: EvalArguments) -> list[ModelPlan]:
         plans.append(ModelPlan("untuned", resolve_model_path(args.model_name_or_path), args.prompt_template or "raw",
                                args.system_prompt))
     for run in args.run_dir:
-        run_dir = resolve_run_dir(run)
-        settings = read_settings(run_dir)
-        recorded = (settings.get("prompt_template", "raw"), settings.get("system_prompt"))
+        run_dir = resolve(run)
+        config = validate(run_dir)
+        recorded = (config.prompt_template, config.system_prompt)
         template, system = recorded
         if args.prompt_template is not None:
             template, system = args.prompt_template, args.system_prompt
             if (template, system) != recorded:
                 logger.warning("%s was trained with prompt template %r (system prompt %r); decoding with %r (%r) "
                                "as --prompt_template asks", run_dir, recorded[0], recorded[1], template, system)
-        model_path = args.model_name_or_path or resolve_model_path(settings.get("base_model"))
+        model_path = args.model_name_or_path or resolve_model_path(config.base_model)
         hidden = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code).hidden_size
-        check_run_fits(run_dir, settings, hidden, model_path)
-        plans.append(ModelPlan(default_label(settings), model_path, template, system, run_dir,
-                               (settings["peft"], settings["gate"], settings.get("gate_rank"))))
+        validate(run_dir, hidden, model_path)
+        plans.append(ModelPlan(default_label(config), model_path, template, system, run_dir,
+                               (config.peft, config.gate, config.gate_rank)))
     if args.labels is not None:
         labels = [label.strip() for label in args.labels.split(",")]
         if len(labels) != len(plans):

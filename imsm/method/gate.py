@@ -43,6 +43,11 @@ class Gate(nn.Module):
         super().__init__()
         self.hidden_size, self.rank = hidden_size, rank
 
+    @classmethod
+    def parameter_shapes(cls, hidden_size: int, rank: int) -> dict[str, tuple[int, ...]]:
+        """{tensor name: shape} of this gate's parameters, known without building it (run-folder validation)."""
+        return {}
+
     def forward(self, h_frozen, h_tuned, q_frozen=None, q_tuned=None) -> torch.Tensor:
         raise NotImplementedError
 
@@ -65,6 +70,10 @@ class LowRankGate(Gate):
         self.w_a = nn.Linear(self.n_inputs * hidden_size, rank, bias=False, dtype=torch.float32)
         self.w_b = nn.Linear(rank, hidden_size, bias=False, dtype=torch.float32)
         self.reset_parameters()
+
+    @classmethod
+    def parameter_shapes(cls, hidden_size: int, rank: int) -> dict[str, tuple[int, ...]]:
+        return {"w_a.weight": (rank, cls.n_inputs * hidden_size), "w_b.weight": (hidden_size, rank)}
 
     def reset_parameters(self) -> None:
         """Kaiming-uniform W_A and zero W_B, as in LoRA: the gate starts at exactly 0.5 everywhere, so training

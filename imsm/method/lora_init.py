@@ -115,7 +115,7 @@ def initial_adapter_state(peft_model) -> dict[str, torch.Tensor]:
 
 def convert_saved_adapter(out_dir: str | Path, initial: dict[str, torch.Tensor]) -> None:
     """Turn the adapter PEFT just saved in ``out_dir`` (trained on W_res) into a plain LoRA on the pretrained W."""
-    from imsm.loader import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+    from imsm.run_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
     out_dir = Path(out_dir)
     trained = load_file(str(out_dir / ADAPTER_WEIGHTS))
@@ -146,9 +146,9 @@ def calibration_rows(run_dir: str | Path) -> set[tuple[str, int]]:
     Evaluation must skip these rows of those files so the model is not scored on its calibration data. A row index
     counts the file's non-empty lines, as ``imsm.data.read_jsonl`` reads them.
     """
-    from imsm.loader import read_settings, resolve_run_dir
+    from imsm.run_folder import RunConfig, resolve
 
-    record = read_settings(resolve_run_dir(run_dir)).get("calibration")
+    record = RunConfig.read(resolve(run_dir)).calibration
     if not record:
         return set()
     return {(record["file"], int(i)) for i in record["rows"]}

@@ -58,8 +58,23 @@ class IMSMModel(nn.Module):
         return self.peft_model.base_model.prefix
 
     def is_trainable_name(self, name: str) -> bool:
-        """Adapter and gate parameters, found by name prefix; freezing, counting and saving select this set."""
+        """Adapter and gate parameters, found by name: the gate by its prefix, the adapter by its method's tensor
+        prefix (``lora_``, ``ia3_``, ``loramoe_``). The one rule behind freezing, counting, the optimizer's groups and
+        saving (``trainable_parameters``, ``saved_parameters``)."""
         return name.startswith(GATE_PARAM_PREFIX) or self.adapter_prefix() in name
+
+    def trainable_parameters(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """{"adapter": [(name, p)], "gate": [(name, p)]}: the parameters training updates (``is_trainable_name``)."""
+        groups: dict[str, list[tuple[str, nn.Parameter]]] = {"adapter": [], "gate": []}
+        for name, p in self.named_parameters():
+            if self.is_trainable_name(name):
+                groups["gate" if name.startswith(GATE_PARAM_PREFIX) else "adapter"].append((name, p))
+        return groups
+
+    def saved_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The trainable parameters plus the adapter's fixed state that its format stores (AdaLoRA's ``ranknum``)."""
+        trainable = {n for group in self.trainable_parameters().values() for n, _ in group}
+        return [(n, p) for n, p in self.named_parameters() if n in trainable or ".ranknum." in n]
 
     def memory(self, adapter: bool, **decoder_kwargs):
         """One pass of the decoder; ``adapter=False`` gives the frozen memory (no gradient)."""

@@ -20,6 +20,7 @@ import math
 import torch
 
 from imsm.loader import load_backbone, load_run
+from imsm.run_folder import RunConfig
 
 
 def parse_scales(spec: str | None) -> list[float]:
@@ -38,14 +39,14 @@ def parse_scales(spec: str | None) -> list[float]:
     return scales
 
 
-def check_scalable(settings: dict, run_dir) -> None:
-    if settings["peft"] not in ("lora", "dora", "adalora", "ia3"):
+def check_scalable(config: RunConfig, run_dir) -> None:
+    if config.peft not in ("lora", "dora", "adalora", "ia3"):
         raise ValueError(f"{run_dir}: --adapter_scale needs a PEFT adapter that merges into one weight update "
-                         f"(lora, dora, adalora, ia3); {settings['peft']!r} does not")
-    if settings["gate"] != "none":
+                         f"(lora, dora, adalora, ia3); {config.peft!r} does not")
+    if config.gate != "none":
         raise ValueError(
             f"{run_dir}: --adapter_scale scales a vanilla PEFT run's weight update (train with --gate none); this is "
-            f"an IMSM run (gate {settings['gate']!r}), whose output mixes two passes through a gate, so it has no "
+            f"an IMSM run (gate {config.gate!r}), whose output mixes two passes through a gate, so it has no "
             "single weight update to scale")
 
 
@@ -53,11 +54,11 @@ def check_scalable(settings: dict, run_dir) -> None:
 def load_scaled_run(run_dir, scale: float, model_name_or_path: str | None = None,
                     dtype: torch.dtype = torch.float32, attn_implementation: str = "auto",
                     trust_remote_code: bool = False):
-    """(plain causal LM with W0 + scale·ΔW, tokenizer, settings) for a vanilla run folder."""
-    model, tokenizer, settings = load_run(run_dir, model_name_or_path, dtype, attn_implementation, trust_remote_code)
-    check_scalable(settings, run_dir)
+    """(plain causal LM with W0 + scale·ΔW, tokenizer, RunConfig) for a vanilla run folder."""
+    model, tokenizer, config = load_run(run_dir, model_name_or_path, dtype, attn_implementation, trust_remote_code)
+    check_scalable(config, run_dir)
     merged = model.peft_model.merge_and_unload()
-    base, _, _ = load_backbone(model_name_or_path or settings.get("base_model"), dtype, attn_implementation,
+    base, _, _ = load_backbone(model_name_or_path or config.base_model, dtype, attn_implementation,
                                trust_remote_code)
     originals = dict(base.named_parameters())
     for name, weight in merged.named_parameters():
@@ -65,4 +66,4 @@ def load_scaled_run(run_dir, scale: float, model_name_or_path: str | None = None
         if not torch.equal(weight, w0):
             weight.copy_(w0 + scale * (weight - w0))
     merged.requires_grad_(False)
-    return merged.eval(), tokenizer, settings
+    return merged.eval(), tokenizer, config

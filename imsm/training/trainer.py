@@ -3,10 +3,16 @@ resume and logging stay the Trainer's.
 
 Written by hand, and why:
 - the optimizer: two parameter groups, because the gate has its own learning rate;
-- saving: the run folder format (adapter + gate + settings), gathering only trainable weights under ZeRO-3, and
-  checkpoints built in a staging folder and renamed when complete, so a crash mid-save leaves the previous checkpoint
-  as the latest usable one (the Trainer writes ``checkpoint-N`` in place);
-- DeepSpeed checkpoints without the frozen backbone (the Trainer only does that for a bare PeftModel);
+- saving: the run folder format (``imsm/run_folder.py``), gathering only trainable weights under ZeRO-3;
+- complete checkpoints by construction: the Trainer writes ``checkpoint-N`` in place, and ``COMPLETE`` is written
+  into it last (``CheckpointCompletion``, a callback run after the Trainer's whole save), so an interrupted save is
+  never resumed from (``run_folder.latest_checkpoint``) and is removed when training starts again. Rotation
+  (``--save_total_limit``) also moves here and counts complete checkpoints only, keeping the best one;
+- the final folder built beside ``final/`` and swapped in whole;
+- validation (``eval_dataset``): the answer loss and the mean gate, logged as ``eval_loss`` / ``eval_gate_mean``;
+- DeepSpeed checkpoints without the frozen backbone (the Trainer only does that for a bare PeftModel) and loading
+  a run folder's weights on resume and for ``--load_best_model_at_end`` (the Trainer expects a full model file):
+  the only private Trainer methods overridden; ``tests/test_train.py`` pins what they rely on;
 - AdaLoRA's ``update_and_allocate`` after every optimizer step, reading gradients that DeepSpeed keeps partitioned;
 - the mean gate value (and LoRAMoE's balancing constraint) in the logs;
 - what the run cost, written as ``train_stats.json`` into every checkpoint and the final folder: training wall time
@@ -16,42 +22,43 @@ Written by hand, and why:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from imsm.atomic import atomic_write_json, replace_dir
-from imsm.loader import TRAIN_STATS, load_trained_weights
-from imsm.method.gate import GATE_PARAM_PREFIX
-from imsm.training.checkpoint import save_run_files
+from imsm import run_folder
+from imsm.atomic import atomic_write_json
+from imsm.loader import load_trained_weights
+from imsm.run_folder import TRAIN_STATS, RunConfig
 
 logger = logging.getLogger(__name__)
-STAGING = ".staging"
 
 
 class IMSMTrainer(Trainer):
-    def __init__(self, *args, imsm_settings: dict, run_args: dict, gate_learning_rate: float, **kwargs) -> None:
+    def __init__(self, *args, run_config: RunConfig, run_args: dict, gate_learning_rate: float, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.imsm_settings, self.run_args, self.gate_learning_rate = imsm_settings, run_args, gate_learning_rate
+        self.run_config, self.run_args, self.gate_learning_rate = run_config, run_args, gate_learning_rate
         self._gate_values: list[float] = []
+        self._eval_gate_values: list[float] = []
         self._balance_values: list[float] = []  # LoRAMoE's balancing constraint
-        self._staging = False
+        # rotation counts complete checkpoints only, so it runs after COMPLETE is written (CheckpointCompletion)
+        self.keep_checkpoints, self.args.save_total_limit = self.args.save_total_limit, None
+        self.add_callback(CheckpointCompletion(self))
         self._seconds_before = 0.0  # wall time of earlier sessions of a resumed run
         self._started: float | None = None
         self._ended: float | None = None
-        self._trainable = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters() if p.requires_grad)
+        self._trainable = sum(getattr(p, "ds_numel", p.numel()) for group in
+                              self.model.trainable_parameters().values() for _, p in group)
         if self.args.include_num_input_tokens_seen in ("no", False):
             self.args.include_num_input_tokens_seen = "non_padding"
-        if imsm_settings["peft"] == "adalora":
+        if run_config.peft == "adalora":
             self.add_callback(AdaLoraAllocator(self))
 
     # ---- optimisation -------------------------------------------------------------------------------------------
@@ -59,8 +66,8 @@ class IMSMTrainer(Trainer):
         if self.optimizer is not None:
             return self.optimizer
         model = self.model if model is None else model
-        adapter = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(GATE_PARAM_PREFIX)]
-        gate = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith(GATE_PARAM_PREFIX)]
+        trainable = self.accelerator.unwrap_model(model).trainable_parameters()
+        adapter, gate = ([p for _, p in trainable[group]] for group in ("adapter", "gate"))
         groups = [{"params": adapter, "weight_decay": self.args.weight_decay}]
         if gate:
             groups.append({"params": gate, "weight_decay": self.args.weight_decay, "lr": self.gate_learning_rate})
@@ -87,7 +94,9 @@ class IMSMTrainer(Trainer):
         if model.training:
             self._gate_values.append(float(outputs["gate_mean"]))
             if "balance_loss" in outputs:
-                self._balance_values.append(float(outputs["balance_loss"]))
+                self._balance_values.append(float(outputs["balance_loss"].detach()))
+        else:
+            self._eval_gate_values.append(float(outputs["gate_mean"]))
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
@@ -95,6 +104,9 @@ class IMSMTrainer(Trainer):
             # This rank's micro-batches since the last log: the share of the frozen memory in the mix.
             logs["gate_mean"] = round(sum(self._gate_values) / len(self._gate_values), 4)
             self._gate_values.clear()
+        if "eval_loss" in logs and self._eval_gate_values:
+            logs["eval_gate_mean"] = round(sum(self._eval_gate_values) / len(self._eval_gate_values), 4)
+            self._eval_gate_values.clear()
         if "loss" in logs and self._balance_values:
             logs["balance_loss"] = round(sum(self._balance_values) / len(self._balance_values), 6)
             self._balance_values.clear()
@@ -106,6 +118,9 @@ class IMSMTrainer(Trainer):
             previous = json.loads((Path(resume_from_checkpoint) / TRAIN_STATS).read_text())
             self._seconds_before = float(previous.get("train_runtime_s", 0.0))
         self._started, self._ended = time.monotonic(), None
+        if self.args.should_save:
+            run_folder.remove_incomplete_checkpoints(self.args.output_dir)
+        self.accelerator.wait_for_everyone()
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
@@ -128,14 +143,17 @@ class IMSMTrainer(Trainer):
 
     # ---- saving -------------------------------------------------------------------------------------------------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Write the run folder; outside checkpoints it is built beside ``output_dir`` and swapped in whole."""
+        """Write the run folder. A checkpoint's is written in place (``COMPLETE`` follows once the Trainer has saved
+        the rest); any other folder is built beside ``output_dir``, marked complete and swapped in whole."""
         output_dir = Path(output_dir or self.args.output_dir)
         is_main = self.args.should_save
         unwrapped = self.accelerator.unwrap_model(self.model)
-        target = output_dir if _internal_call else output_dir.with_name(f".{output_dir.name}.staging")
+        target = output_dir if _internal_call else run_folder.staging_dir(output_dir)
         if not _internal_call:
-            self._clear_leftover(target)
-        save_run_files(unwrapped, target, self.imsm_settings, self.run_args, is_main)
+            if is_main and target.exists():  # an interrupted save's leftover must not lend stale files
+                shutil.rmtree(target)
+            self.accelerator.wait_for_everyone()
+        run_folder.save_run_files(unwrapped, target, self.run_config, self.run_args, is_main)
         if self.processing_class is not None and is_main:
             self.processing_class.save_pretrained(str(target))
         if is_main:
@@ -143,18 +161,20 @@ class IMSMTrainer(Trainer):
         if not _internal_call:
             self.accelerator.wait_for_everyone()
             if is_main:
-                replace_dir(target, output_dir)
+                run_folder.mark_complete(target, self.state.global_step)
+                run_folder.replace_final(target, output_dir)
             self.accelerator.wait_for_everyone()
-
-    def _clear_leftover(self, staging: Path) -> None:
-        """A staging folder left by an interrupted save must not lend stale files to the new one."""
-        if self.args.should_save and staging.exists():
-            shutil.rmtree(staging)
-        self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         # The Trainer looks for full model weights; a checkpoint holds the adapter and the gate only.
         load_trained_weights(self.accelerator.unwrap_model(self.model), resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        if self.is_deepspeed_enabled:  # the engine's own checkpoint (frozen backbone excluded) holds the weights
+            return super()._load_best_model()
+        logger.info("loading the best checkpoint %s (%s %s)", self.state.best_model_checkpoint,
+                    self.args.metric_for_best_model, self.state.best_metric)
+        load_trained_weights(self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if not self.is_deepspeed_enabled:
@@ -169,27 +189,22 @@ class IMSMTrainer(Trainer):
         finally:
             del engine.save_checkpoint
 
-    def _get_output_dir(self, trial) -> str:
-        run_dir = super()._get_output_dir(trial)
-        return os.path.join(run_dir, STAGING) if self._staging else run_dir
 
-    def _save_checkpoint(self, model, trial) -> None:
-        """Build ``checkpoint-N`` under ``.staging/``, rename it into place once complete, then rotate."""
-        run_dir = super()._get_output_dir(trial)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        self._clear_leftover(Path(run_dir) / STAGING / name)
-        self._staging = True
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging = False
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            replace_dir(os.path.join(run_dir, STAGING, name), os.path.join(run_dir, name))
-            with contextlib.suppress(OSError):
-                os.rmdir(os.path.join(run_dir, STAGING))
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit, use_mtime=False)
-        self.accelerator.wait_for_everyone()
+class CheckpointCompletion(TrainerCallback):
+    """After the Trainer has written all of ``checkpoint-N`` (run files, optimizer, scheduler, RNG, trainer state) on
+    every rank: write ``COMPLETE`` into it, then rotate among complete checkpoints (``--save_total_limit``)."""
+
+    def __init__(self, trainer: IMSMTrainer) -> None:
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        trainer.accelerator.wait_for_everyone()
+        if args.should_save:
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            run_folder.mark_complete(folder, state.global_step)
+            run_folder.rotate_checkpoints(args.output_dir, trainer.keep_checkpoints, state.best_model_checkpoint)
+        trainer.accelerator.wait_for_everyone()
 
 
 class AdaLoraAllocator(TrainerCallback):

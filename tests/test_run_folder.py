@@ -1,0 +1,104 @@
+"""The run-folder contract (imsm/run_folder.py): the typed, versioned config, validation without a model, the
+safetensors integrity check, checkpoint completeness and rotation."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from imsm.method.gate import GATES, build_gate
+from imsm.run_folder import (
+    CONFIG_FILE,
+    FORMAT_VERSION,
+    RunConfig,
+    is_complete,
+    latest_checkpoint,
+    mark_complete,
+    rotate_checkpoints,
+    safetensors_header,
+)
+
+CONFIG = {"base_model": "/models/llama", "peft": "lora", "gate": "query_aware", "gate_rank": 8, "gate_dropout": 0.1,
+          "hidden_size": 64, "prompt_template": "chat", "system_prompt": None, "init_lora_weights": "default",
+          "calibration": None}
+
+
+def test_config_round_trips_and_older_folders_read_as_format_1(tmp_path):
+    config = RunConfig.from_dict(CONFIG | {"format_version": FORMAT_VERSION}, "x")
+    config.write(tmp_path)
+    assert json.loads((tmp_path / CONFIG_FILE).read_text())["format_version"] == FORMAT_VERSION
+    assert RunConfig.read(tmp_path) == config
+    legacy = RunConfig.from_dict(dict(CONFIG), "legacy")  # written before the format was versioned
+    assert legacy.format_version == 1 and legacy == RunConfig.from_dict(CONFIG | {"format_version": 1}, "x")
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"format_version": FORMAT_VERSION + 1}, "written by a newer imsm"),
+    ({"surprise": 1}, r"unknown keys \['surprise'\]"),
+    ({"gate_rank": "8"}, "gate_rank has the wrong type"),
+    ({"gate_rank": True}, "gate_rank has the wrong type"),
+    ({"gate": "softmax"}, "gate 'softmax' is not one of"),
+    ({"peft": "lokr"}, "peft 'lokr' is not one of"),
+])
+def test_bad_configs_name_the_file(tmp_path, change, message):
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(CONFIG | change))
+    with pytest.raises(ValueError, match=message) as info:
+        RunConfig.read(tmp_path)
+    assert str(tmp_path / CONFIG_FILE) in str(info.value)
+
+
+def test_missing_keys_and_bad_json(tmp_path):
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({k: v for k, v in CONFIG.items() if k != "hidden_size"}))
+    with pytest.raises(ValueError, match=r"missing keys \['hidden_size'\]"):
+        RunConfig.read(tmp_path)
+    (tmp_path / CONFIG_FILE).write_text("{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        RunConfig.read(tmp_path)
+
+
+@pytest.mark.parametrize("variant", sorted(GATES))
+def test_gate_shapes_known_without_building_equal_the_built_gate(variant):
+    built = {n: tuple(p.shape) for n, p in build_gate(variant, 24, 5).state_dict().items()}
+    assert GATES[variant].parameter_shapes(24, 5) == built
+
+
+def test_safetensors_header_catches_cut_and_padded_files(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.zeros(3, 4), "b": torch.ones(2, dtype=torch.bfloat16)}, str(path))
+    assert safetensors_header(path) == {"a": ("F32", (3, 4)), "b": ("BF16", (2,))}
+    whole = path.read_bytes()
+    for damaged, message in ((whole[:-1], "truncated or corrupt"), (whole + b"\0", "truncated or corrupt"),
+                             (whole[:5], "no header"), (whole[:8] + b"{" * (len(whole) - 8), "corrupt")):
+        path.write_bytes(damaged)
+        with pytest.raises(ValueError, match=message) as info:
+            safetensors_header(path)
+        assert str(path) in str(info.value)
+
+
+def _checkpoint(out, step, complete=True, legacy=False):
+    folder = out / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / CONFIG_FILE).write_text(json.dumps(CONFIG if legacy else CONFIG | {"format_version": 1}))
+    if complete and not legacy:
+        mark_complete(folder, step)
+    return folder
+
+
+def test_latest_skips_interrupted_checkpoints_and_accepts_older_complete_ones(tmp_path):
+    _checkpoint(tmp_path, 10, legacy=True)  # renamed into place whole by the versions before COMPLETE
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+    _checkpoint(tmp_path, 20)
+    _checkpoint(tmp_path, 30, complete=False)
+    (tmp_path / "checkpoint-40").write_text("a file, not a checkpoint")
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-20"
+    assert not is_complete(tmp_path / "checkpoint-30")
+
+
+def test_rotation_counts_complete_checkpoints_and_keeps_the_best(tmp_path):
+    for step in (1, 2, 3, 4):
+        _checkpoint(tmp_path, step)
+    _checkpoint(tmp_path, 5, complete=False)
+    rotate_checkpoints(tmp_path, keep=2, protect=tmp_path / "checkpoint-1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-3", "checkpoint-4",
+                                                         "checkpoint-5"]

@@ -280,7 +280,8 @@ def build_decoder(model: nn.Module, mixed_batch: bool | None = None) -> Decoder:
     if mixed_batch and not can_mix:
         raise ValueError("the mixed-adapter batch needs a plain LoRA adapter; use mixed_batch=None or False")
     branches = MixedBatchBranches(model) if can_mix and mixed_batch is not False else TwoCacheBranches(model)
-    logger.debug("IMSM decoding with %s", type(branches).__name__)
+    logger.info("IMSM decoding path: %s", "one mixed-adapter batch (PEFT's _enable_peft_forward_hooks)"
+                if isinstance(branches, MixedBatchBranches) else "two passes, two KV caches")
     return Decoder(branches, model.lm_head, model)
 
 

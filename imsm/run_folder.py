@@ -141,7 +141,7 @@ def resolve(run: str | Path) -> Path:
     A ``final/`` whose replacement was interrupted between its two renames is put back first (``recover_final``).
     """
     run = Path(run)
-    recover_final(run)
+    recover_final(run.parent if run.name == "final" else run)
     for candidate in (run, run / "final"):
         if (candidate / CONFIG_FILE).is_file():
             break

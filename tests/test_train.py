@@ -146,7 +146,7 @@ def test_crash_while_swapping_final_leaves_a_loadable_final(tiny_model_dir, tiny
     monkeypatch.undo()
     if crash_at == "between_renames":
         assert not (out / "final").exists()
-    load_run(out)  # as evaluate.py --run OUTPUT_DIR does
+    load_run(out / "final" if crash_at == "between_renames" else out)  # evaluate.py --run takes either
     assert json.loads((out / "final" / "COMPLETE").read_text())["global_step"] == 3
     assert not (out / ".final.old").exists() and not (out / ".final.staging").exists()
 

@@ -28,8 +28,12 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     train_file: str | None = field(default=None, metadata={"help": "JSONL with 'input' and 'output' per line."})
-    max_input_length: int = field(default=1024, metadata={"help": "Prompt tokens kept (cut from the left)."})
-    max_output_length: int = field(default=512, metadata={"help": "Answer tokens kept, closing EOS included."})
+    max_input_length: int = field(
+        default=1024, metadata={"help": "Prompt tokens kept: the user's text is cut from the left, the template kept."}
+    )
+    max_output_length: int = field(
+        default=512, metadata={"help": "Answer tokens kept, closing EOS included (a cut answer keeps its EOS)."}
+    )
     max_train_examples: int | None = field(default=None, metadata={"help": "Use only the first N examples."})
     prompt_template: str = field(default="raw", metadata={"help": f"One of {sorted(TEMPLATES)}."})
     system_prompt: str | None = field(default=None, metadata={"help": "System turn for the chat template."})
@@ -41,6 +45,9 @@ class DataArguments:
             raise ValueError("--system_prompt only applies to --prompt_template chat")
         if self.max_input_length < 1 or self.max_output_length < 1:
             raise ValueError("--max_input_length and --max_output_length must be at least 1")
+        if self.max_output_length < 2:
+            raise ValueError(f"--max_output_length {self.max_output_length}: an answer needs one token and its "
+                             "closing EOS; use at least 2")
         if self.max_train_examples is not None and self.max_train_examples < 1:
             raise ValueError(f"--max_train_examples {self.max_train_examples}: must be at least 1 "
                              "(omit it for every example)")

@@ -61,3 +61,8 @@ def test_every_method_specific_option_is_in_the_table():
     assert {f.name for f in fields(ImsmArguments) if f.name.startswith(("adalora_", "loramoe_", "lora_", "gate_",
                                                                          "corda_", "pissa_"))} <= tagged
     assert "feedforward_modules" in tagged and "target_modules" not in tagged
+
+
+def test_max_output_length_must_leave_room_for_an_answer_token_and_its_eos():
+    with pytest.raises(ValueError, match="--max_output_length 1: .*at least 2"):
+        DataArguments(max_output_length=1)

@@ -24,7 +24,7 @@ import torch
 from transformers import AutoConfig
 
 from imsm.atomic import atomic_write_json, atomic_write_jsonl, atomic_write_text
-from imsm.data import encode_prompt, read_jsonl
+from imsm.data import Truncation, encode_prompt, read_jsonl
 from imsm.default_model import resolve_model_path
 from imsm.evaluation.generation import DecodingConfig, gather_shards, generate, shard
 from imsm.evaluation.metrics import ExampleScores, compute_metrics, example_scores, get_task
@@ -93,7 +93,9 @@ class EvalArguments:
         "help": "Replace the results of an earlier evaluation in --output_dir (otherwise such a folder is refused)."})
     batch_size: int = field(default=16, metadata={"help": "Prompts decoded together per process."})
     max_new_tokens: int | None = field(default=None, metadata={"help": "Override every task's answer length."})
-    max_input_length: int = field(default=1024, metadata={"help": "Prompt tokens kept (cut from the left)."})
+    max_input_length: int = field(
+        default=1024, metadata={"help": "Prompt tokens kept: the user's text is cut from the left, the template kept."}
+    )
     prompt_template: str | None = field(default=None, metadata={
         "help": f"One of {sorted(TEMPLATES)}; overrides the runs' recorded template (untuned default: raw)."})
     system_prompt: str | None = field(default=None, metadata={"help": "System turn with --prompt_template chat."})
@@ -318,7 +320,9 @@ def load_model(plan: ModelPlan, args: EvalArguments, dtype: torch.dtype, device:
 def _decode(model, tokenizer, template, rows, args, task, rank, world_size, likelihood: bool):
     """Decode this rank's shard; with ``likelihood`` also score its golds on the same prefill (one KV cache)."""
     mine = shard(rows, rank, world_size)
-    prompts = [encode_prompt(template, r["input"], args.max_input_length) for r in mine]
+    truncation = _truncation(task, rank, world_size)
+    prompts = [encode_prompt(template, r["input"], args.max_input_length, truncation) for r in mine]
+    truncation.warn()
     golds = [gold_answers(template, r) for r in mine] if likelihood else None
     local = generate(model, tokenizer, prompts, args.decoding(task),
                      answers=None if golds is None else [[ids for _, ids in g] for g in golds])
@@ -335,8 +339,16 @@ def _decode(model, tokenizer, template, rows, args, task, rank, world_size, like
     return [d for d, _ in gathered], [s for _, s in gathered] if likelihood else None
 
 
-def _likelihood(model, template, rows, args, rank, world_size):
-    local = answer_nll(model, template, shard(rows, rank, world_size), args.max_input_length, args.batch_size)
+def _truncation(task: str, rank: int, world_size: int) -> Truncation:
+    """The counter of what --max_input_length cuts from a task's prompts (this rank's shard when several)."""
+    return Truncation(f"task {task}" + (f" (rank {rank}'s shard)" if world_size > 1 else ""))
+
+
+def _likelihood(model, template, rows, args, task, rank, world_size):
+    truncation = _truncation(task, rank, world_size)
+    local = answer_nll(model, template, shard(rows, rank, world_size), args.max_input_length, args.batch_size,
+                       truncation)
+    truncation.warn()
     local = [(s.nll_mean, s.nll_sum, s.num_tokens, s.gate_mean) for s in local]
     return gather_shards(local, len(rows), rank, world_size)
 
@@ -358,7 +370,7 @@ def evaluate_model(plan, args, tasks, dtype, device, rank, world_size) -> RunRes
             seconds["decode" + ("+likelihood" if likelihood else "")] = time.perf_counter() - start
         else:
             start = time.perf_counter()
-            scored = _likelihood(model, template, rows, args, rank, world_size)
+            scored = _likelihood(model, template, rows, args, task, rank, world_size)
             seconds["likelihood"] = time.perf_counter() - start
         if rank != 0:
             continue

@@ -213,6 +213,21 @@ def test_argument_errors(model_dir, data_dir, runs, tmp_path):
     assert _files(tmp_path / "o") == []
 
 
+def test_the_published_yes_no_rule_is_an_option_recorded_in_the_report(model_dir, data_dir, tmp_path):
+    out = tmp_path / "eval"
+    evaluate.main(_argv(model_dir, data_dir, out, "--untuned", "--tasks", "mrpc,gsm8k", "--yes_no_rule", "anywhere"))
+    preds = _predictions(out / "untuned" / "mrpc" / "predictions.jsonl")
+    gold = [r["output"] for r in TASK_ROWS["mrpc"]]
+    read = ["yes" if "yes" in p["prediction"].lower() else "no" for p in preds]
+    metrics = json.loads((out / "untuned" / "mrpc" / "metrics.json").read_text())
+    assert metrics["yes_no_rule"] == "anywhere" and metrics["metrics"]["invalid_rate"] == 0
+    assert metrics["metrics"]["accuracy"] == pytest.approx(sum(r == g for r, g in zip(read, gold)) / len(gold))
+    assert "yes_no_rule" not in json.loads((out / "untuned" / "gsm8k" / "metrics.json").read_text())
+    assert "--yes_no_rule anywhere" in (out / "summary.md").read_text()
+    with pytest.raises(ValueError, match="--yes_no_rule 'last': choose one of"):
+        evaluate.main(_argv(model_dir, data_dir, tmp_path / "o", "--untuned", "--yes_no_rule", "last"))
+
+
 @pytest.mark.slow
 def test_two_processes_give_the_single_process_predictions(model_dir, data_dir, runs, tmp_path):
     # --run_dir, not its alias --run: torchrun's parser would take --run for its own --run-path

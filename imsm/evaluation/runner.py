@@ -27,7 +27,14 @@ from imsm.atomic import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from imsm.data import Truncation, encode_prompt, read_jsonl
 from imsm.default_model import resolve_model_path
 from imsm.evaluation.generation import DecodingConfig, gather_shards, generate, shard
-from imsm.evaluation.metrics import ExampleScores, compute_metrics, example_scores, get_task
+from imsm.evaluation.metrics import (
+    YES_NO_RULES,
+    ExampleScores,
+    compute_metrics,
+    example_scores,
+    get_task,
+    get_yes_no_rule,
+)
 from imsm.evaluation.report import RunResult, parse_pairs
 from imsm.evaluation.scoring import answer_nll, best_answer, gold_answers
 from imsm.loader import (
@@ -79,6 +86,10 @@ class EvalArguments:
     score: str = field(default="both", metadata={
         "help": "What to compute: 'decode' (generate and score the task metrics), 'likelihood' (teacher-forced "
                 "answer NLL of the gold answer + EOS through the exact model, far cheaper), or 'both'."})
+    yes_no_rule: str = field(default="first_word", metadata={
+        "help": f"How a yes/no task (MRPC, CoLA, MultiRC) reads a prediction: one of {list(YES_NO_RULES)}. "
+                "first_word: its first word must be yes or no (else invalid, counted wrong); anywhere: the published "
+                "code's rule, yes when 'yes' occurs anywhere in it, else no - to reproduce the paper's numbers."})
     compare: str | None = field(default=None, metadata={
         "help": "Pairs of labels to compare besides each row vs the untuned baseline: 'A:B,C:D' (A − B), e.g. "
                 "IMSM-LoRA:LoRA. Every comparison is paired per example, with a bootstrap 95%% interval and, for "
@@ -126,6 +137,7 @@ class EvalArguments:
             raise ValueError("--system_prompt only applies with --prompt_template chat")
         if self.score not in SCORE_MODES:
             raise ValueError(f"--score {self.score!r}: choose one of {list(SCORE_MODES)}")
+        get_yes_no_rule(self.yes_no_rule)
         if self.max_examples is not None and self.max_examples < 1:
             raise ValueError(f"--max_examples {self.max_examples}: must be at least 1 (omit it for every example)")
         if self.bootstrap_resamples < 1000:
@@ -301,6 +313,16 @@ def prepare_output_dir(out: Path, overwrite: bool) -> None:
     atomic_write_text(out / INCOMPLETE, "evaluation under way or interrupted: " + " ".join(sys.argv) + "\n")
 
 
+def scoring_notes(args: EvalArguments) -> list[str]:
+    """Report notes on how predictions were read, where that departs from the default."""
+    yes_no = [task for task in args.task_names if get_task(task).kind == "yesno"]
+    if args.yes_no_rule == "first_word" or not yes_no or args.score == "likelihood":
+        return []
+    note = (f"{', '.join(yes_no)} scored with --yes_no_rule {args.yes_no_rule} ('yes' anywhere in the prediction "
+            "reads as yes, else no, as the published code; the default reads the first word)")
+    return [note]
+
+
 def finish_output_dir(out: Path) -> None:
     (out / INCOMPLETE).unlink(missing_ok=True)
 
@@ -380,7 +402,8 @@ def evaluate_model(plan, args, tasks, dtype, device, rank, world_size) -> RunRes
             for record, (text, n, reason, gate) in zip(predictions, decoded, strict=True):
                 record |= {"prediction": text, "num_tokens": n, "finish_reason": reason}
                 record |= {} if gate is None else {"gate_mean": gate}
-            scores = example_scores(task, [p["prediction"] for p in predictions], [p["gold"] for p in predictions])
+            scores = example_scores(task, [p["prediction"] for p in predictions], [p["gold"] for p in predictions],
+                                    args.yes_no_rule)
         if scored is not None:
             for record, (nll, nll_sum, n_tokens, gate) in zip(predictions, scored, strict=True):
                 record |= {"answer_nll": nll, "answer_nll_sum": nll_sum, "answer_tokens": n_tokens}
@@ -396,7 +419,7 @@ def evaluate_model(plan, args, tasks, dtype, device, rank, world_size) -> RunRes
             "run": None if plan.run_dir is None else str(plan.run_dir), "model": plan.model_path,
             "score": args.score, "decoding": vars(args.decoding(task)) if decode else None, "metrics": task_metrics,
             "gate_mean": sum(gates) / len(gates) if gates else None, "seconds": seconds,
-        })
+        } | ({"yes_no_rule": args.yes_no_rule} if get_task(task).kind == "yesno" and decode else {}))
         metrics[task], per_example[task] = task_metrics, scores
         shown = [f"{get_task(task).primary} = {task_metrics[get_task(task).primary]:.4f}"] if decode else []
         shown += [f"answer_nll = {task_metrics['answer_nll']:.4f}"] if likelihood else []

@@ -50,6 +50,7 @@ from imsm.evaluation.runner import (
     plan_models,
     prepare_output_dir,
     read_task,
+    scoring_notes,
     task_files,
 )
 
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path] | None:
              f"{run})" for task, by_run in skips.items() for run, rows in by_run.items()]
     for note in notes:
         logging.getLogger("evaluate").warning(note)
+    notes += scoring_notes(args)
 
     if rank == 0:
         prepare_output_dir(Path(args.output_dir), args.overwrite)

@@ -6,10 +6,10 @@ DeepSpeed config, resume) are the Hugging Face ``TrainingArguments``; the DeepSp
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 
 from imsm.method.adapters import LORA_INITS, PEFT_METHODS
-from imsm.method.gate import GATES
+from imsm.method.gate import GATES, LowRankGate
 from imsm.method.loramoe import LoRAMoEConfig
 from imsm.templates import TEMPLATES
 
@@ -28,8 +28,12 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     train_file: str | None = field(default=None, metadata={"help": "JSONL with 'input' and 'output' per line."})
-    max_input_length: int = field(default=1024, metadata={"help": "Prompt tokens kept (cut from the left)."})
-    max_output_length: int = field(default=512, metadata={"help": "Answer tokens kept, closing EOS included."})
+    max_input_length: int = field(
+        default=1024, metadata={"help": "Prompt tokens kept: the user's text is cut from the left, the template kept."}
+    )
+    max_output_length: int = field(
+        default=512, metadata={"help": "Answer tokens kept, closing EOS included (a cut answer keeps its EOS)."}
+    )
     max_train_examples: int | None = field(default=None, metadata={"help": "Use only the first N examples."})
     prompt_template: str = field(default="raw", metadata={"help": f"One of {sorted(TEMPLATES)}."})
     system_prompt: str | None = field(default=None, metadata={"help": "System turn for the chat template."})
@@ -51,19 +55,58 @@ class DataArguments:
             raise ValueError("--validation_fraction must be in [0, 1)")
         if self.validation_fraction and self.eval_file is not None:
             raise ValueError("give --eval_file or --validation_fraction, not both")
+        if self.max_output_length < 2:
+            raise ValueError(f"--max_output_length {self.max_output_length}: an answer needs one token and its "
+                             "closing EOS; use at least 2")
+        if self.max_train_examples is not None and self.max_train_examples < 1:
+            raise ValueError(f"--max_train_examples {self.max_train_examples}: must be at least 1 "
+                             "(omit it for every example)")
+
+
+LORA_FAMILY = ("lora", "dora", "adalora")
+TRAINED_GATES = tuple(name for name, gate in GATES.items() if issubclass(gate, LowRankGate))  # gates with weights
+
+
+# The options that only some methods read: option -> (--peft or --gate, the values that read it). ImsmArguments
+# refuses a value other than the default under any other method, so no option is silently ignored. (A table beside
+# the dataclass rather than a key in each field's metadata: HfArgumentParser hands the metadata to argparse's
+# add_argument, which refuses unknown keys.)
+_ADALORA, _LORAMOE, _LORA = ("adalora",), ("loramoe",), ("lora",)
+OPTION_APPLIES_TO: dict[str, tuple[str, tuple[str, ...]]] = {
+    "gate_rank": ("gate", TRAINED_GATES),
+    "gate_dropout": ("gate", TRAINED_GATES),
+    "gate_learning_rate": ("gate", TRAINED_GATES),
+    "lora_r": ("peft", ("lora", "dora")),
+    "lora_alpha": ("peft", LORA_FAMILY),
+    "lora_dropout": ("peft", LORA_FAMILY),
+    "feedforward_modules": ("peft", ("ia3",)),
+    **{f"adalora_{name}": ("peft", _ADALORA)
+       for name in ("init_r", "target_r", "tinit", "tfinal", "delta_t", "orth_reg_weight")},
+    **{f"loramoe_{name}": ("peft", _LORAMOE) for name in ("num_experts", "r", "alpha", "dropout", "knowledge_experts",
+                                                          "balance_weight", "balance_delta")},
+    **{name: ("peft", _LORA) for name in ("init_lora_weights", "pissa_niter", "corda_calibration_file",
+                                          "corda_calibration_examples", "corda_calibration_skip")},
+}
 
 
 @dataclass
 class ImsmArguments:
+    """The method: PEFT adapter and gate. Options that only some methods read are listed in ``OPTION_APPLIES_TO``."""
+
     peft: str = field(default="lora", metadata={"help": f"PEFT method: one of {sorted(PEFT_METHODS)}."})
     gate: str = field(
         default="query_aware",
         metadata={"help": "query_aware (IMSM), token, equal (0.5/0.5) or none (vanilla PEFT)."},
     )
-    gate_rank: int = field(default=8, metadata={"help": "Rank r of the gate's W_A (k·d×r) and W_B (r×d)."})
-    gate_dropout: float = field(default=0.1, metadata={"help": "Dropout on the gate's two layers."})
+    gate_rank: int = field(
+        default=8, metadata={"help": "Rank r of the gate's W_A (k·d×r) and W_B (r×d)."}
+    )
+    gate_dropout: float = field(
+        default=0.1, metadata={"help": "Dropout on the output of each of the gate's two layers."}
+    )
     gate_learning_rate: float = field(
-        default=1e-3, metadata={"help": "Learning rate of the gate (the reference code's effective value)."}
+        default=1e-3,
+        metadata={"help": "Learning rate of the gate (the reference code's effective value)."},
     )
     lora_r: int = field(default=16, metadata={"help": "LoRA/DoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA/DoRA/AdaLoRA alpha."})
@@ -71,23 +114,41 @@ class ImsmArguments:
     target_modules: list[str] | None = field(
         default=None, metadata={"help": "Modules to adapt; default from the table keyed by config.model_type."}
     )
-    feedforward_modules: list[str] | None = field(default=None, metadata={"help": "(IA)3 feed-forward modules."})
+    feedforward_modules: list[str] | None = field(
+        default=None, metadata={"help": "(IA)3 feed-forward modules."}
+    )
     adalora_init_r: int = field(default=12, metadata={"help": "AdaLoRA initial rank per module."})
     adalora_target_r: int = field(default=8, metadata={"help": "AdaLoRA average target rank."})
-    adalora_tinit: int = field(default=0, metadata={"help": "AdaLoRA steps before pruning starts."})
-    adalora_tfinal: int = field(default=0, metadata={"help": "AdaLoRA final fine-tuning steps."})
-    adalora_delta_t: int = field(default=1, metadata={"help": "AdaLoRA steps between budget allocations."})
-    adalora_orth_reg_weight: float = field(default=0.5, metadata={"help": "AdaLoRA orthogonality penalty."})
-    loramoe_num_experts: int = field(default=6, metadata={"help": "LoRAMoE experts per adapted layer."})
-    loramoe_r: int = field(default=4, metadata={"help": "LoRAMoE rank of each expert."})
-    loramoe_alpha: float = field(default=32.0, metadata={"help": "LoRAMoE scale numerator (scaling alpha / r)."})
-    loramoe_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRAMoE experts' input."})
-    loramoe_knowledge_experts: int | None = field(
-        default=None, metadata={"help": "Experts in the world-knowledge group (the first ones); default: half."}
+    adalora_tinit: int = field(
+        default=0, metadata={"help": "AdaLoRA steps before pruning starts."}
     )
-    loramoe_balance_weight: float = field(default=0.1, metadata={"help": "Weight β of the balancing constraint."})
+    adalora_tfinal: int = field(default=0, metadata={"help": "AdaLoRA final fine-tuning steps."})
+    adalora_delta_t: int = field(
+        default=1, metadata={"help": "AdaLoRA steps between budget allocations."}
+    )
+    adalora_orth_reg_weight: float = field(
+        default=0.5, metadata={"help": "AdaLoRA orthogonality penalty."}
+    )
+    loramoe_num_experts: int = field(
+        default=6, metadata={"help": "LoRAMoE experts per adapted layer."}
+    )
+    loramoe_r: int = field(default=4, metadata={"help": "LoRAMoE rank of each expert."})
+    loramoe_alpha: float = field(
+        default=32.0, metadata={"help": "LoRAMoE scale numerator (scaling alpha / r)."}
+    )
+    loramoe_dropout: float = field(
+        default=0.05, metadata={"help": "Dropout on the LoRAMoE experts' input."}
+    )
+    loramoe_knowledge_experts: int | None = field(
+        default=None,
+        metadata={"help": "Experts in the world-knowledge group (the first ones); default: half."},
+    )
+    loramoe_balance_weight: float = field(
+        default=0.1, metadata={"help": "Weight β of the balancing constraint."}
+    )
     loramoe_balance_delta: float = field(
-        default=0.1, metadata={"help": "Imbalance δ: coefficients 1+δ (task group) and 1−δ (knowledge group)."}
+        default=0.1,
+        metadata={"help": "Imbalance δ: coefficients 1+δ (task group) and 1−δ (knowledge group)."},
     )
     init_lora_weights: str = field(
         default="default",
@@ -95,14 +156,19 @@ class ImsmArguments:
                           "weights, so they need --gate none."},
     )
     pissa_niter: int | None = field(
-        default=None, metadata={"help": "PiSSA: randomized SVD with this many subspace iterations (default: exact)."}
+        default=None,
+        metadata={"help": "PiSSA: randomized SVD with this many subspace iterations (default: exact)."},
     )
     corda_calibration_file: str | None = field(
-        default=None, metadata={"help": "CorDA: JSONL of general-domain prompts ('input') for the calibration pass."}
+        default=None,
+        metadata={"help": "CorDA: JSONL of general-domain prompts ('input') for the calibration pass."},
     )
-    corda_calibration_examples: int = field(default=256, metadata={"help": "CorDA: calibration prompts used."})
+    corda_calibration_examples: int = field(
+        default=256, metadata={"help": "CorDA: calibration prompts used."}
+    )
     corda_calibration_skip: int = field(
-        default=0, metadata={"help": "CorDA: rows of the calibration file skipped before the ones used."}
+        default=0,
+        metadata={"help": "CorDA: rows of the calibration file skipped before the ones used."},
     )
 
     def __post_init__(self) -> None:
@@ -114,6 +180,7 @@ class ImsmArguments:
             raise ValueError("--gate_rank must be at least 1")
         if not 0.0 <= self.gate_dropout < 1.0:
             raise ValueError("--gate_dropout must be in [0, 1)")
+        self._check_options_apply()
         if self.peft == "loramoe":
             LoRAMoEConfig(  # checks the LoRAMoE options; the target modules come later, from the model
                 target_modules=["*"], num_experts=self.loramoe_num_experts, r=self.loramoe_r,
@@ -122,6 +189,21 @@ class ImsmArguments:
                 balance_delta=self.loramoe_balance_delta,
             )
         self._check_lora_init()
+
+    def _check_options_apply(self) -> None:
+        """Refuse a non-default value of an option that the chosen --peft or --gate does not read
+        (``OPTION_APPLIES_TO``), naming every such option at once."""
+        misplaced = []
+        for f in fields(self):
+            if f.name not in OPTION_APPLIES_TO:
+                continue
+            default = f.default if f.default is not MISSING else f.default_factory()
+            kind, readers = OPTION_APPLIES_TO[f.name]
+            if getattr(self, f.name) != default and getattr(self, kind) not in readers:
+                misplaced.append(f"--{f.name} only applies to --{kind} {'/'.join(readers)}")
+        if misplaced:
+            raise ValueError(f"--peft {self.peft} --gate {self.gate} would ignore these options: "
+                             f"{'; '.join(misplaced)}. Remove them or choose the method they belong to")
 
     def _check_lora_init(self) -> None:
         if self.init_lora_weights not in LORA_INITS:

@@ -1,5 +1,6 @@
 """JSONL task data: reading with errors that name the file and line, tokenization with the prompt masked out of the
-labels, truncation that keeps the answer, and the padding collator.
+labels, truncation that keeps the template's frame and the answer's closing token and is counted (``Truncation``),
+and the padding collator.
 
 A line is ``{"input": PROMPT, "output": ANSWER}``; a list ``output`` (several acceptable answers) trains on its first
 item.
@@ -59,26 +60,77 @@ def training_answer(output: str | list[str]) -> str:
     return output[0] if isinstance(output, list) else output
 
 
-def encode_prompt(template: PromptTemplate, prompt: str, max_input_length: int) -> list[int]:
+@dataclass
+class Truncation:
+    """What the length limits cut from one data file: how many prompts and answers, and how many of their tokens."""
+
+    source: str
+    examples: int = 0
+    prompts: int = 0
+    prompt_tokens: int = 0
+    answers: int = 0
+    answer_tokens: int = 0
+
+    def warn(self) -> None:
+        """One warning for the file, only if something was cut."""
+        cuts = []
+        if self.prompts:
+            cuts.append(f"--max_input_length cut {self.prompts} of {self.examples} prompts ({self.prompt_tokens} "
+                        "tokens, from the left of the user's text)")
+        if self.answers:
+            cuts.append(f"--max_output_length cut {self.answers} of {self.examples} answers ({self.answer_tokens} "
+                        "tokens, the closing EOS kept)")
+        if cuts:
+            logger.warning("%s: %s", self.source, " and ".join(cuts))
+
+
+def encode_prompt(template: PromptTemplate, prompt: str, max_input_length: int,
+                  truncation: Truncation | None = None) -> list[int]:
     """The query token ids the model sees for ``prompt``, the same in training and in decoding.
 
-    The templated prompt is cut from the left to ``max_input_length`` tokens, keeping a leading BOS so the model
-    still sees a sequence start.
+    A prompt longer than ``max_input_length`` loses tokens from the left of the user's text; the template's frame
+    (``PromptTemplate.prompt_parts``: BOS, system turn, user and assistant headers) stays whole. A length that
+    leaves no token of the user's text is a ValueError naming the length needed.
     """
-    return truncate_prompt(template.encode_prompt(prompt), max_input_length, template.tokenizer.bos_token_id)
+    head, text, tail = template.prompt_parts(prompt)
+    keep = max_input_length - len(head) - len(tail)
+    if keep < 1:
+        raise ValueError(
+            f"--max_input_length {max_input_length}: the {template.name} template's own tokens take "
+            f"{len(head) + len(tail)} tokens, leaving no room for the prompt; use at least {len(head) + len(tail) + 1}"
+        )
+    if truncation is not None:
+        truncation.examples += 1
+        if len(text) > keep:
+            truncation.prompts += 1
+            truncation.prompt_tokens += len(text) - keep
+    return head + text[len(text) - keep:] + tail if len(text) > keep else head + text + tail
+
+
+def truncate_answer(answer_ids: list[int], max_output_length: int) -> list[int]:
+    """The answer's first ``max_output_length - 1`` tokens and its closing token (EOS or end of turn), so a cut
+    answer still teaches where an answer ends."""
+    if len(answer_ids) <= max_output_length:
+        return answer_ids
+    return answer_ids[:max_output_length - 1] + answer_ids[-1:]
 
 
 def encode_example(
-    template: PromptTemplate, prompt: str, answer: str, max_input_length: int, max_output_length: int
+    template: PromptTemplate, prompt: str, answer: str, max_input_length: int, max_output_length: int,
+    truncation: Truncation | None = None,
 ) -> dict | None:
     """Token ids, labels (prompt masked) and the query length; None when no answer token is left.
 
-    The answer keeps its first ``max_output_length`` tokens; the prompt is ``encode_prompt``'s.
+    The answer is ``truncate_answer``'s, the prompt ``encode_prompt``'s; ``truncation`` counts what they cut.
     """
-    answer_ids = template.encode_answer(prompt, answer)[:max_output_length]
-    if not answer_ids:
+    full_answer = template.encode_answer(prompt, answer)
+    if not full_answer:
         return None
-    prompt_ids = encode_prompt(template, prompt, max_input_length)
+    answer_ids = truncate_answer(full_answer, max_output_length)
+    prompt_ids = encode_prompt(template, prompt, max_input_length, truncation)
+    if truncation is not None and len(answer_ids) < len(full_answer):
+        truncation.answers += 1
+        truncation.answer_tokens += len(full_answer) - len(answer_ids)
     return {
         "input_ids": prompt_ids + answer_ids,
         "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids,
@@ -87,6 +139,7 @@ def encode_example(
 
 
 def truncate_prompt(ids: list[int], max_length: int, bos_id: int | None) -> list[int]:
+    """Ids without a template (the harness's raw contexts) cut from the left, a leading BOS kept."""
     if len(ids) <= max_length:
         return ids
     if bos_id is not None and ids and ids[0] == bos_id and max_length > 1:
@@ -104,14 +157,15 @@ class SupervisedDataset(torch.utils.data.Dataset):
         rows = read_jsonl(path)
         if max_examples is not None:
             rows = rows[:max_examples]
-        self.examples, dropped = [], 0
+        self.examples, dropped, truncation = [], 0, Truncation(str(path))
         for row in rows:
             ex = encode_example(template, row["input"], training_answer(row["output"]), max_input_length,
-                                max_output_length)
+                                max_output_length, truncation)
             if ex is None:
                 dropped += 1
             else:
                 self.examples.append(ex)
+        truncation.warn()
         if dropped:
             logger.warning("%s: dropped %d of %d examples with no answer token left", path, dropped, len(rows))
         if not self.examples:

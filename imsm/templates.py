@@ -5,18 +5,21 @@
 ``chat`` the tokenizer's own chat template: the prompt is the user turn (after an optional system turn), the answer is
          the assistant turn, closed by the template's end-of-turn token.
 
-The query span that IMSM averages over is everything ``encode_prompt`` returns.
+The query span that IMSM averages over is everything ``encode_prompt`` returns. ``prompt_parts`` splits it into the
+template's frame (what comes before and after the user's text) and the text itself, so a prompt that must be cut
+loses words of the user's text, never the template's structure.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
 class PromptTemplate:
     tokenizer: object
     system_prompt: str | None = None
+    _empty_ids: list[int] | None = field(default=None, init=False, repr=False, compare=False)
     name = "base"
 
     def __post_init__(self) -> None:
@@ -28,6 +31,26 @@ class PromptTemplate:
     def encode_answer(self, prompt: str, answer: str) -> list[int]:
         """Token ids of the answer and its closing token, as they follow ``encode_prompt(prompt)``."""
         raise NotImplementedError
+
+    def prompt_parts(self, prompt: str) -> tuple[list[int], list[int], list[int]]:
+        """``encode_prompt(prompt)`` as (frame head, the user's text, frame tail); the three concatenate to it.
+
+        The frame is what the ids share, at their start and at their end, with the ids of an empty prompt: for
+        ``chat`` the system turn and user header before the text and the end of turn and assistant header after it,
+        for ``raw`` a leading BOS. It is found on token ids, so it holds whatever the tokenizer merges at the seams.
+        """
+        ids = self.encode_prompt(prompt)
+        if self._empty_ids is None:
+            self._empty_ids = self.encode_prompt("")
+        empty = self._empty_ids
+        limit = min(len(ids), len(empty))
+        head = 0
+        while head < limit and ids[head] == empty[head]:
+            head += 1
+        tail = 0
+        while tail < limit - head and ids[-1 - tail] == empty[-1 - tail]:
+            tail += 1
+        return ids[:head], ids[head:len(ids) - tail], ids[len(ids) - tail:]
 
     def _eos_terminated(self, ids: list[int]) -> list[int]:
         eos = self.tokenizer.eos_token_id

@@ -1,23 +1,30 @@
 #!/usr/bin/env bash
 # vanilla adalora on cola with the paper's settings (global batch 16, 3 epochs).
-# Override anything: MODEL=... GPUS=4 bash run_scripts/adalora_cola.sh --num_train_epochs 1
+# Override anything: MODEL=... NNODES=2 GPUS=4 HOSTFILE=h bash run_scripts/adalora_cola.sh --num_train_epochs 1
 set -euo pipefail
-MODEL=${MODEL:-meta-llama/Llama-2-7b-hf}
+MODEL=${MODEL:-meta-llama/Meta-Llama-3-8B}
+NNODES=${NNODES:-1}
 GPUS=${GPUS:-8}
 PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-2}
 DATA_DIR=${DATA_DIR:-data}
 OUTPUT_DIR=${OUTPUT_DIR:-runs/adalora_cola}
 DS_CONFIG=${DS_CONFIG:-ds_configs/zero2.json}
 HOSTFILE=${HOSTFILE:-}
+GLOBAL_BATCH=16
+PER_PASS=$(( NNODES * GPUS * PER_DEVICE_BATCH ))  # examples per forward pass, all nodes together
+(( GLOBAL_BATCH % PER_PASS == 0 )) || { echo "global batch $GLOBAL_BATCH is not a multiple of" \
+    "NNODES x GPUS x PER_DEVICE_BATCH = $PER_PASS: change NNODES, GPUS or PER_DEVICE_BATCH" >&2; exit 1; }
 
-deepspeed ${HOSTFILE:+--hostfile "$HOSTFILE"} --num_gpus "$GPUS" train.py \
+# Schedule: the IMSM authors' recommended AdaLoRA settings (github.com/ECNU-Text-Computing/IMSM,
+# "Recommended parameters/llama3_adalora_GSM8K.json": cosine, num_warmup_ratio 0.1, weight_decay 0.01).
+deepspeed ${HOSTFILE:+--hostfile "$HOSTFILE"} --num_nodes "$NNODES" --num_gpus "$GPUS" train.py \
     --deepspeed "$DS_CONFIG" --model_name_or_path "$MODEL" \
     --train_file "$DATA_DIR/cola/train.jsonl" --output_dir "$OUTPUT_DIR" \
-    --peft adalora --gate none --gate_rank 8 --gate_dropout 0.1 --gate_learning_rate 1e-3 \
+    --peft adalora --gate none \
     --adalora_init_r 12 --adalora_target_r 8 --lora_alpha 16 \
-    --optim adamw_torch --learning_rate 2e-3 --lr_scheduler_type cosine --warmup_steps 0.03 --weight_decay 0.0 \
+    --optim adamw_torch --learning_rate 2e-3 --lr_scheduler_type cosine --warmup_steps 0.1 --weight_decay 0.01 \
     --num_train_epochs 3 --per_device_train_batch_size "$PER_DEVICE_BATCH" \
-    --gradient_accumulation_steps $(( 16 / (GPUS * PER_DEVICE_BATCH) > 0 ? 16 / (GPUS * PER_DEVICE_BATCH) : 1 )) \
+    --gradient_accumulation_steps $(( GLOBAL_BATCH / PER_PASS )) \
     --max_input_length 256 --max_output_length 8 --bf16 --gradient_checkpointing \
     --save_strategy epoch --logging_steps 10 --report_to tensorboard --seed 42 \
     "$@"

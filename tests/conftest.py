@@ -34,6 +34,20 @@ def make_tokenizer():
                                    unk_token="<unk>")
 
 
+def imsm_args(**kw):
+    """``ImsmArguments`` from one set of tiny hyperparameters for any method: the options that the chosen --peft and
+    --gate do not read are left out (``ImsmArguments`` refuses them)."""
+    from imsm.args import OPTION_APPLIES_TO, ImsmArguments
+
+    chosen = {"peft": kw.get("peft", "lora"), "gate": kw.get("gate", "query_aware")}
+
+    def read(option: str) -> bool:
+        kind, readers = OPTION_APPLIES_TO.get(option, ("peft", (chosen["peft"],)))
+        return chosen[kind] in readers
+
+    return ImsmArguments(**{k: v for k, v in kw.items() if read(k)})
+
+
 def make_llama(vocab_size: int, hidden: int = 32, layers: int = 2, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -86,19 +100,19 @@ def chat_model_dir(tmp_path_factory) -> Path:
 def save_random_run(model_dir, out: Path, gate: str, template: str = "raw", seed: int = 0,
                     system_prompt: str | None = None) -> Path:
     """A run folder as train.py writes it (LoRA r=4, gate rank 4), with random non-zero adapter and gate weights."""
-    from imsm.args import DataArguments, ImsmArguments
+    from imsm.args import DataArguments
     from imsm.loader import build_imsm_model, load_backbone
     from imsm.run_folder import RunConfig, save_run_files
 
     backbone, _, path = load_backbone(str(model_dir), attn_implementation="sdpa")
-    imsm_args = ImsmArguments(gate=gate, gate_dropout=0.0, lora_dropout=0.0, lora_r=4, gate_rank=4)
-    model = build_imsm_model(backbone, imsm_args)
+    run_args = imsm_args(gate=gate, gate_dropout=0.0, lora_dropout=0.0, lora_r=4, gate_rank=4)
+    model = build_imsm_model(backbone, run_args)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, p in model.named_parameters():
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     data_args = DataArguments(prompt_template=template, system_prompt=system_prompt)
-    config = RunConfig.from_args(imsm_args, data_args, path, backbone.config.hidden_size)
+    config = RunConfig.from_args(run_args, data_args, path, backbone.config.hidden_size)
     save_run_files(model, out, config, None, True)
     return out

@@ -6,7 +6,7 @@ import logging
 import pytest
 from conftest import make_tokenizer
 
-from imsm.data import IGNORE_INDEX, SupervisedCollator, SupervisedDataset, encode_example, read_jsonl
+from imsm.data import IGNORE_INDEX, SupervisedCollator, SupervisedDataset, encode_example, encode_prompt, read_jsonl
 from imsm.templates import build_template
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -47,14 +47,74 @@ def test_prompt_masked_and_eos_closes_answer():
     assert ex["query_length"] == len(prompt_ids)
 
 
-def test_truncation_cuts_prompt_from_left_and_keeps_bos_and_answer():
+def test_truncation_cuts_prompt_from_left_and_keeps_bos_and_the_answers_eos():
     tok = make_tokenizer()
     template = build_template("raw", tok)
     ex = encode_example(template, "cat dog red blue big small", "yes no yes no", max_input_length=3,
-                        max_output_length=2)
+                        max_output_length=3)
     ids = tok.convert_tokens_to_ids
-    assert ex["input_ids"] == [tok.bos_token_id, ids("big"), ids("small"), ids("yes"), ids("no")]
+    # the answer keeps its first tokens and its closing EOS, so the model still learns where an answer ends
+    assert ex["input_ids"] == [tok.bos_token_id, ids("big"), ids("small"), ids("yes"), ids("no"), tok.eos_token_id]
     assert ex["query_length"] == 3
+
+
+def _chat_tokenizer():
+    from conftest import CHAT_TEMPLATE
+
+    tok = make_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def test_a_cut_chat_prompt_keeps_the_templates_header_and_assistant_turn():
+    """The template renders "<s> user TEXT </s> <s> assistant": a cut takes the user's text from its left only."""
+    tok = _chat_tokenizer()
+    ids = tok.convert_tokens_to_ids
+    frame_head, frame_tail = [ids("<s>"), tok.unk_token_id], [ids("</s>"), ids("<s>"), tok.unk_token_id]
+    template = build_template("chat", tok)
+    prompt = "cat dog red blue big small"
+    assert encode_prompt(template, prompt, 1024) == frame_head + ids(prompt.split()) + frame_tail
+    assert encode_prompt(template, prompt, 7) == frame_head + ids(["big", "small"]) + frame_tail
+    ex = encode_example(template, prompt, "yes", max_input_length=6, max_output_length=8)
+    assert ex["input_ids"][:ex["query_length"]] == frame_head + [ids("small")] + frame_tail
+
+
+def test_a_system_turn_is_part_of_the_frame_and_kept():
+    tok = _chat_tokenizer()
+    ids = tok.convert_tokens_to_ids
+    template = build_template("chat", tok, system_prompt="answer yes or no")
+    # "<s> system answer yes or no </s>": "system" and "or" are not in the test vocabulary
+    system = [ids("<s>"), tok.unk_token_id, ids("answer"), ids("yes"), tok.unk_token_id, ids("no"), ids("</s>")]
+    head, tail = system + [ids("<s>"), tok.unk_token_id], [ids("</s>"), ids("<s>"), tok.unk_token_id]
+    assert encode_prompt(template, "cat dog red", len(head) + len(tail) + 1) == head + [ids("red")] + tail
+
+
+@pytest.mark.parametrize("name,frame", [("raw", 1), ("chat", 5)])
+def test_a_max_input_length_without_room_for_the_users_text_is_refused(name, frame):
+    tok = _chat_tokenizer()
+    template = build_template(name, tok)
+    encode_prompt(template, "cat dog red", frame + 1)
+    with pytest.raises(ValueError, match=f"--max_input_length {frame}: .*{frame} tokens.* at least {frame + 1}"):
+        encode_prompt(template, "cat dog red", frame)
+
+
+def test_truncations_are_counted_in_one_warning_per_file(tmp_path, caplog):
+    rows = [{"input": "cat dog red blue", "output": "yes no yes"},  # prompt cut by 2, answer by 2
+            {"input": "cat dog", "output": "yes no yes no"},  # answer cut by 3
+            {"input": "cat", "output": "yes"}]  # nothing cut
+    path = _write(tmp_path, "".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level(logging.WARNING):
+        SupervisedDataset(path, build_template("raw", make_tokenizer()), max_input_length=3, max_output_length=2)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "d.jsonl" in warnings[0]
+    assert "1 of 3 prompts (2 tokens," in warnings[0] and "2 of 3 answers (5 tokens," in warnings[0]
+
+
+def test_nothing_cut_no_warning(tmp_path, caplog):
+    path = _write(tmp_path, json.dumps({"input": "cat", "output": "yes"}) + "\n")
+    with caplog.at_level(logging.WARNING):
+        SupervisedDataset(path, build_template("raw", make_tokenizer()), 64, 8)
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 
 def test_list_output_trains_on_first_and_empty_answers_dropped(tmp_path, caplog):

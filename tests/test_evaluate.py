@@ -14,7 +14,6 @@ from conftest import make_tokenizer, save_random_run
 from safetensors.torch import save_file
 
 import evaluate
-from imsm.data import truncate_prompt
 from imsm.evaluation.generation import DecodingConfig, generate
 from imsm.evaluation.scoring import answer_nll
 from imsm.loader import load_run
@@ -111,12 +110,31 @@ def test_predictions_are_the_runs_own_decoding(model_dir, data_dir, runs, tmp_pa
                         "--labels", "chat-run", "--max_input_length", "6"))
     model, tok, _ = load_run(runs["imsm_chat"])
     template = build_template("chat", tok)
-    prompts = [truncate_prompt(template.encode_prompt(r["input"]), 6, tok.bos_token_id) for r in TASK_ROWS["mrpc"]]
+    # "<s> user ... ? Output: </s> <s> assistant": 6 tokens keep the 5 of the template and the user's last word
+    prompts = [(ids := template.encode_prompt(r["input"]))[:2] + ids[-4:] for r in TASK_ROWS["mrpc"]]
+    assert tok.convert_ids_to_tokens(prompts[0]) == ["<s>", "<unk>", "Output:", "</s>", "<s>", "<unk>"]
     expected = generate(model, tok, prompts, DecodingConfig(max_new_tokens=4))
     preds = _predictions(out / "chat-run" / "mrpc" / "predictions.jsonl")
     assert [p["prediction"] for p in preds] == [g.text for g in expected]
     assert [p["gate_mean"] for p in preds] == pytest.approx([g.gate_mean for g in expected], abs=1e-6)
     assert json.loads((out / "chat-run" / "mrpc" / "metrics.json").read_text())["template"] == "chat"
+
+
+@pytest.mark.parametrize("score", ["decode", "likelihood"])
+def test_cut_prompts_are_counted_in_a_warning(model_dir, data_dir, tmp_path, caplog, score):
+    with caplog.at_level(logging.WARNING):
+        evaluate.main(_argv(model_dir, data_dir, tmp_path / "eval", "--tasks", "mrpc", "--max_input_length", "4",
+                            "--untuned", "--score", score))
+    cut = [r.getMessage() for r in caplog.records if "--max_input_length cut" in r.getMessage()]
+    # "<s> Question: Is N odd ? Output:" is 7 tokens: 3 of each prompt's 6 words are cut
+    n = len(TASK_ROWS["mrpc"])
+    assert len(cut) == 1 and "mrpc" in cut[0] and f"{n} of {n} prompts ({3 * n} tokens" in cut[0]
+
+
+def test_a_max_input_length_that_leaves_no_prompt_is_refused(model_dir, data_dir, runs, tmp_path):
+    with pytest.raises(ValueError, match="--max_input_length 5: the chat template's own tokens take 5 tokens"):
+        evaluate.main(_argv(model_dir, data_dir, tmp_path / "eval", "--run", str(runs["imsm_chat"]), "--tasks",
+                            "mrpc", "--max_input_length", "5"))
 
 
 def test_recorded_template_is_used_and_an_override_warns(model_dir, data_dir, runs, tmp_path, caplog):
@@ -203,6 +221,21 @@ def test_argument_errors(model_dir, data_dir, runs, tmp_path):
         evaluate.main(_argv(model_dir, data_dir, tmp_path / "o", "--untuned", "--tasks", "mrpc", "--max_new_tokens",
                             "0"))
     assert _files(tmp_path / "o") == []
+
+
+def test_the_published_yes_no_rule_is_an_option_recorded_in_the_report(model_dir, data_dir, tmp_path):
+    out = tmp_path / "eval"
+    evaluate.main(_argv(model_dir, data_dir, out, "--untuned", "--tasks", "mrpc,gsm8k", "--yes_no_rule", "anywhere"))
+    preds = _predictions(out / "untuned" / "mrpc" / "predictions.jsonl")
+    gold = [r["output"] for r in TASK_ROWS["mrpc"]]
+    read = ["yes" if "yes" in p["prediction"].lower() else "no" for p in preds]
+    metrics = json.loads((out / "untuned" / "mrpc" / "metrics.json").read_text())
+    assert metrics["yes_no_rule"] == "anywhere" and metrics["metrics"]["invalid_rate"] == 0
+    assert metrics["metrics"]["accuracy"] == pytest.approx(sum(r == g for r, g in zip(read, gold)) / len(gold))
+    assert "yes_no_rule" not in json.loads((out / "untuned" / "gsm8k" / "metrics.json").read_text())
+    assert "--yes_no_rule anywhere" in (out / "summary.md").read_text()
+    with pytest.raises(ValueError, match="--yes_no_rule 'last': choose one of"):
+        evaluate.main(_argv(model_dir, data_dir, tmp_path / "o", "--untuned", "--yes_no_rule", "last"))
 
 
 @pytest.mark.slow

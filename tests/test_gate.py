@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from imsm.method.gate import GATES, build_gate, query_mean
 
@@ -57,6 +58,28 @@ def test_token_gate_has_no_query_term():
     mixed, gate_val = gate.mix(h_m, h_t)
     torch.testing.assert_close(gate_val, g)
     torch.testing.assert_close(mixed, g * h_m + (1 - g) * h_t)
+
+
+@pytest.mark.parametrize("variant", ["query_aware", "token"])
+def test_training_dropout_is_on_the_output_of_each_linear_map(variant):
+    """As the published code (siamese_model.py: nn.Sequential(Linear, Dropout) for W_A and again for W_B):
+    g = sigmoid(drop(drop(x · W_A) · W_B)), the same masks drawn in the same order from the same seed."""
+    h_m, h_t, mask = _memories()
+    gate = build_gate(variant, 16, rank=4, dropout=0.5)
+    _randomise(gate)
+    gate.train()
+    q_m, q_t = query_mean(h_m, mask), query_mean(h_t, mask)
+    x = torch.cat([q_m.unsqueeze(1).expand_as(h_m), h_m, h_t, q_t.unsqueeze(1).expand_as(h_t)], -1) \
+        if variant == "query_aware" else torch.cat([h_m, h_t], -1)
+    torch.manual_seed(7)
+    g = gate(h_m, h_t, q_m, q_t)
+    torch.manual_seed(7)
+    low = F.dropout(x @ gate.w_a.weight.T, 0.5, training=True)
+    expected = torch.sigmoid(F.dropout(low @ gate.w_b.weight.T, 0.5, training=True))
+    torch.testing.assert_close(g, expected)
+    assert (g == 0.5).any()  # a dropped output unit leaves the gate at sigmoid(0)
+    gate.eval()
+    torch.testing.assert_close(gate(h_m, h_t, q_m, q_t), torch.sigmoid(x @ gate.w_a.weight.T @ gate.w_b.weight.T))
 
 
 @pytest.mark.parametrize("variant,value", [("equal", 0.5), ("none", 0.0)])

@@ -5,7 +5,7 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import make_llama, make_tokenizer
+from conftest import imsm_args, make_llama, make_tokenizer
 
 from imsm.args import ImsmArguments
 from imsm.evaluation.generation import (
@@ -41,7 +41,7 @@ def _model(tokenizer, variant: str, peft: str = "lora", seed: int = 0):
     backbone = make_llama(len(tokenizer), hidden=32, seed=seed)
     if variant == "untuned":
         return backbone.eval()
-    args = ImsmArguments(peft=peft, gate=variant, gate_dropout=0.0, lora_dropout=0.0, lora_r=4, lora_alpha=8)
+    args = imsm_args(peft=peft, gate=variant, gate_dropout=0.0, lora_dropout=0.0, lora_r=4, lora_alpha=8)
     model = build_imsm_model(backbone, args)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():

@@ -114,7 +114,7 @@ def test_corda_is_refused_under_zero3(calibration_file):
 
 @pytest.mark.parametrize("kw,match", [
     ({"init_lora_weights": "olora"}, "choose one of"),
-    ({"peft": "ia3", "init_lora_weights": "pissa"}, "--peft lora only"),
+    ({"peft": "ia3", "init_lora_weights": "pissa"}, "only applies to --peft lora"),
     ({"init_lora_weights": "corda"}, "needs --corda_calibration_file"),
     ({"corda_calibration_file": "x.jsonl"}, "needs --corda_calibration_file"),
     ({"init_lora_weights": "pissa", "pissa_niter": 0}, "pissa_niter"),

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_llama, make_tokenizer
+from conftest import imsm_args, make_llama, make_tokenizer
 from safetensors.torch import load_file
 
 import evaluate
@@ -32,7 +32,7 @@ VOCAB = 64
 
 def _imsm(gate="none", seed=0, **kw):
     backbone = make_llama(VOCAB, hidden=32, seed=seed)
-    args = ImsmArguments(peft="loramoe", gate=gate, gate_dropout=0.0, loramoe_dropout=0.0, **kw)
+    args = imsm_args(peft="loramoe", gate=gate, gate_dropout=0.0, loramoe_dropout=0.0, **kw)
     return backbone, build_imsm_model(backbone, args)
 
 
@@ -149,7 +149,7 @@ def test_frozen_memory_under_the_imsm_gate_is_the_base_model():
 def test_kv_cache_decoding_equals_the_no_cache_reference(gate, branches):
     tokenizer = make_tokenizer()
     backbone = make_llama(len(tokenizer), hidden=32, seed=0)
-    model = build_imsm_model(backbone, ImsmArguments(peft="loramoe", gate=gate, gate_dropout=0.0))
+    model = build_imsm_model(backbone, imsm_args(peft="loramoe", gate=gate, gate_dropout=0.0))
     _randomize(model, scale=0.5)
     model.eval()
     assert isinstance(build_decoder(model).branches, branches)

@@ -242,3 +242,44 @@ def test_empty_lists(task):
     m = compute_metrics(task, [], [])
     assert m["n"] == 0
     assert all(v == 0.0 for v in m.values())
+
+
+# Hand-made answers: what each rule reads, stated independently of the code.
+#   answer                     first_word   anywhere ("yes" as a substring, lower-cased, as the published code)
+RULE_CASES = [
+    ("Yes.", "yes", "yes"),
+    ("no", "no", "no"),
+    ("The answer is yes", None, "yes"),
+    ("No, yes is wrong", "no", "yes"),
+    ("Eyes closed", None, "yes"),
+    ("maybe", None, "no"),
+    ("", None, "no"),
+]
+
+
+@pytest.mark.parametrize("answer,first_word,anywhere", RULE_CASES)
+def test_the_two_yes_no_rules_read_hand_made_answers(answer, first_word, anywhere):
+    from imsm.evaluation.metrics import YES_NO_RULES
+
+    assert YES_NO_RULES["first_word"](answer) == first_word
+    assert YES_NO_RULES["anywhere"](answer) == anywhere
+
+
+def test_the_published_rule_scores_mrpc_and_cola_as_the_published_code():
+    answers = [a for a, _, _ in RULE_CASES]
+    golds = ["yes", "no", "yes", "no", "no", "no", "yes"]
+    # anywhere: read yes, no, yes, yes, yes, no, no -> correct: 1, 1, 1, 0, 0, 1, 0; never invalid
+    m = compute_metrics("mrpc", answers, golds, yes_no_rule="anywhere")
+    assert m["accuracy"] == pytest.approx(4 / 7) and m["invalid_rate"] == 0 and m["yes_rate"] == pytest.approx(4 / 7)
+    assert m["f1"] == pytest.approx(2 * 2 / (2 * 2 + 2 + 1))  # tp 2, fp 2 (rows 3, 4), fn 1 (row 6)
+    tp, tn, fp, fn = 2, 2, 2, 1
+    mcc = (tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    assert compute_metrics("cola", answers, golds, yes_no_rule="anywhere")["mcc"] == pytest.approx(mcc)
+    # first word: read yes, no, -, no, -, -, - -> correct: 1, 1, 0, 1, 0, 0, 0
+    m = compute_metrics("mrpc", answers, golds)
+    assert m["accuracy"] == pytest.approx(3 / 7) and m["invalid_rate"] == pytest.approx(4 / 7)
+
+
+def test_an_unknown_yes_no_rule_is_refused():
+    with pytest.raises(ValueError, match="choose one of"):
+        compute_metrics("mrpc", ["yes"], ["yes"], yes_no_rule="last_word")

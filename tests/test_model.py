@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_llama
+from conftest import imsm_args, make_llama
 
 from imsm.args import ImsmArguments
 from imsm.loader import build_imsm_model
@@ -27,7 +27,7 @@ def _batch(seed=0):
 
 def _imsm(peft="lora", gate="query_aware", seed=0, **kw):
     backbone = make_llama(VOCAB, hidden=32, seed=seed)
-    args = ImsmArguments(peft=peft, gate=gate, gate_dropout=0.0, lora_dropout=0.0, lora_r=4, lora_alpha=8,
+    args = imsm_args(peft=peft, gate=gate, gate_dropout=0.0, lora_dropout=0.0, lora_r=4, lora_alpha=8,
                          adalora_init_r=4, adalora_target_r=2, **kw)
     return backbone, build_imsm_model(backbone, args, total_steps=10)
 
@@ -153,3 +153,16 @@ def test_activation_checkpointing_keeps_the_gradients():
     for n, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, expected[n], msg=n)
+
+
+@pytest.mark.parametrize("peft", ["lora", "dora", "adalora", "ia3", "loramoe"])
+def test_a_target_module_that_matches_nothing_is_named(peft):
+    """PEFT adapts the names that match and silently skips the rest; every listed name must match a module."""
+    with pytest.raises(ValueError, match=r"--target_modules \['foo_proj'\] match no .*available: .*q_proj") as e:
+        _imsm(peft=peft, target_modules=["down_proj", "foo_proj"])
+    assert "'down_proj'" not in str(e.value).split("available")[0]
+
+
+def test_a_target_module_may_name_a_path_suffix():
+    _, model = _imsm(peft="lora", target_modules=["self_attn.q_proj"])
+    assert any("q_proj.lora_A" in n for n, _ in model.named_parameters())

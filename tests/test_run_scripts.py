@@ -14,7 +14,8 @@ SCRIPTS = sorted(p for p in (ROOT / "run_scripts").glob("*.sh") if not p.name.st
 SHIM = '#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$CAPTURE"\n'
 
 
-def _captured_args(script: Path, tmp_path: Path, *extra: str, env: dict | None = None) -> list[str]:
+def _run(script: Path, tmp_path: Path, *extra: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess,
+                                                                                      Path]:
     """Run the launcher with a stand-in ``deepspeed`` that records its arguments instead of launching."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
@@ -22,8 +23,21 @@ def _captured_args(script: Path, tmp_path: Path, *extra: str, env: dict | None =
     (bin_dir / "deepspeed").chmod(0o755)
     capture = tmp_path / f"{script.stem}.args"
     full_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CAPTURE": str(capture), **(env or {})}
-    subprocess.run(["bash", str(script), *extra], cwd=ROOT, env=full_env, check=True)
-    args = capture.read_text().splitlines()
+    done = subprocess.run(["bash", str(script), *extra], cwd=ROOT, env=full_env, capture_output=True, text=True,
+                          check=False)
+    return done, capture
+
+
+def _launcher_args(script: Path, tmp_path: Path, *extra: str, env: dict | None = None) -> list[str]:
+    """The whole deepspeed command line the launcher runs."""
+    done, capture = _run(script, tmp_path, *extra, env=env)
+    assert done.returncode == 0, done.stderr
+    return capture.read_text().splitlines()
+
+
+def _captured_args(script: Path, tmp_path: Path, *extra: str, env: dict | None = None) -> list[str]:
+    """The arguments the launcher hands train.py."""
+    args = _launcher_args(script, tmp_path, *extra, env=env)
     return args[args.index("train.py") + 1 :]
 
 
@@ -52,6 +66,15 @@ def test_launcher_arguments_parse_with_paper_settings(script, tmp_path):
     assert global_batch == (8 if method == "ia3" else 16)
     if method == "ia3":
         assert training.optim == "adafactor"
+    # the IMSM authors' recommended settings ("Recommended parameters/llama3_{lora,adalora,ia3}_GSM8K.json")
+    schedule = ("linear", 0.03, 0.0) if method == "ia3" else ("cosine", 0.1, 0.01) if method != "loramoe" else \
+        ("cosine", 0.03, 0.0)
+    assert (training.lr_scheduler_type.value, training.warmup_steps, training.weight_decay) == schedule
+    if script.stem.startswith("imsm_"):
+        assert imsm.gate_dropout == (0.0 if method == "ia3" else 0.1)
+    expected_model = "meta-llama/Llama-2-7b-hf" if method == "loramoe" else "meta-llama/Meta-Llama-3-8B"
+    args = _captured_args(script, tmp_path)
+    assert args[args.index("--model_name_or_path") + 1] == expected_model
     if method in ("lora", "dora"):
         assert (imsm.lora_r, imsm.lora_alpha) == ((16, 16) if method == "lora" else (16, 32))
     if method == "loramoe":
@@ -69,3 +92,25 @@ def test_environment_and_extra_arguments_pass_through(tmp_path):
     assert data.train_file == "/d/gsm8k/train.jsonl"
     assert training.num_train_epochs == 1  # the user's argument wins
     assert training.gradient_accumulation_steps == 4  # global batch 16 = 2 per device x 2 GPUs x 4
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[p.stem for p in SCRIPTS])
+def test_a_global_batch_that_the_gpus_cannot_split_is_refused(script, tmp_path):
+    """16 / (3 x 2) is no integer: integer division would silently train with a global batch of 12."""
+    done, capture = _run(script, tmp_path, env={"GPUS": "3"})
+    assert done.returncode != 0 and not capture.exists()
+    assert "global batch" in done.stderr and "NNODES x GPUS x PER_DEVICE_BATCH = " in done.stderr
+
+
+def test_more_devices_than_the_global_batch_is_refused(tmp_path):
+    done, capture = _run(ROOT / "run_scripts" / "lora_mrpc.sh", tmp_path, env={"NNODES": "2"})  # 2 x 8 x 2 = 32
+    assert done.returncode != 0 and not capture.exists() and "= 32" in done.stderr
+
+
+def test_multi_node_counts_every_gpu(tmp_path):
+    script = ROOT / "run_scripts" / "imsm_lora_gsm8k.sh"
+    args = _launcher_args(script, tmp_path, env={"NNODES": "2", "GPUS": "2", "HOSTFILE": "/h"})
+    assert args[args.index("--num_nodes") + 1] == "2" and args[args.index("--num_gpus") + 1] == "2"
+    assert args[args.index("--hostfile") + 1] == "/h"
+    _, _, _, training = _parse(args[args.index("train.py") + 1 :], tmp_path)
+    assert training.gradient_accumulation_steps == 2  # global batch 16 = 2 per device x 2 GPUs x 2 nodes x 2

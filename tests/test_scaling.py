@@ -5,9 +5,10 @@ import json
 
 import pytest
 import torch
+from conftest import imsm_args
 
 import evaluate
-from imsm.args import DataArguments, ImsmArguments
+from imsm.args import DataArguments
 from imsm.loader import build_imsm_model, load_backbone, load_run
 from imsm.method.scaling import load_scaled_run, parse_scales
 from imsm.run_folder import RunConfig, save_run_files
@@ -20,7 +21,7 @@ def _one_thread(single_thread):
 
 def _save(tiny_model_dir, out, peft="lora", gate="none", seed=0):
     backbone, _, path = load_backbone(str(tiny_model_dir), attn_implementation="sdpa")
-    args = ImsmArguments(peft=peft, gate=gate, gate_dropout=0.0, lora_dropout=0.0, lora_r=4, lora_alpha=8,
+    args = imsm_args(peft=peft, gate=gate, gate_dropout=0.0, lora_dropout=0.0, lora_r=4, lora_alpha=8,
                          target_modules=["q_proj", "v_proj", "down_proj"] if peft == "ia3" else None,
                          feedforward_modules=["down_proj"] if peft == "ia3" else None)
     model = build_imsm_model(backbone, args)

@@ -5,9 +5,8 @@ import math
 
 import pytest
 import torch
-from conftest import make_llama, make_tokenizer
+from conftest import imsm_args, make_llama, make_tokenizer
 
-from imsm.args import ImsmArguments
 from imsm.data import encode_example
 from imsm.evaluation.scoring import answer_nll, score_continuations
 from imsm.loader import build_imsm_model
@@ -30,7 +29,7 @@ def _model(tokenizer, variant, seed=0):
     backbone = make_llama(len(tokenizer), hidden=32, seed=seed)
     if variant == "untuned":
         return backbone.train()
-    args = ImsmArguments(peft="lora", gate=variant, gate_dropout=0.3, lora_dropout=0.2, lora_r=4, lora_alpha=8)
+    args = imsm_args(peft="lora", gate=variant, gate_dropout=0.3, lora_dropout=0.2, lora_r=4, lora_alpha=8)
     model = build_imsm_model(backbone, args)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():

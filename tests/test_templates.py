@@ -51,3 +51,14 @@ def test_system_prompt_goes_first():
     with_system = build_template("chat", tok, system_prompt="answer yes or no").encode_prompt("Is 3 odd ?")
     without = build_template("chat", tok).encode_prompt("Is 3 odd ?")
     assert with_system[-len(without):] == without and len(with_system) > len(without)
+
+
+@pytest.mark.parametrize("name,system", [("raw", None), ("chat", None), ("chat", "answer yes or no")])
+def test_a_prompt_splits_into_frame_and_the_users_text(name, system):
+    tok = _chat_tokenizer()
+    template = build_template(name, tok, system_prompt=system)
+    prompt = "Question: Is 3 odd ? Output:"
+    head, text, tail = template.prompt_parts(prompt)
+    assert head + text + tail == template.encode_prompt(prompt)
+    assert text == tok.convert_tokens_to_ids(prompt.split())  # exactly the user's words
+    assert head[0] == tok.bos_token_id and (tail == [] if name == "raw" else len(tail) == 3)

@@ -274,8 +274,9 @@ class IMSMLM(TemplateLM):
         return list(self.tokenizer(string, add_special_tokens=add_special_tokens)["input_ids"])
 
     def encode_context(self, context: str) -> list[int]:
-        """The query ids of a harness context: ``encode_prompt`` of the run's template (cut from the left to
-        ``max_input_length``, BOS kept)."""
+        """The query ids of a harness context: ``encode_prompt`` of the run's template (the context cut from its left
+        to ``max_input_length``, the template's frame kept); a context the harness rendered itself is cut from the
+        left, BOS kept."""
         if self.wraps_in_chat:
             return encode_prompt(self.template, context, self.args.max_input_length)
         return truncate_prompt(self.tok_encode(context), self.args.max_input_length, self.tokenizer.bos_token_id)

@@ -3,7 +3,10 @@
 A task is chosen by name through ``TASKS``; its ``kind`` picks the scorer:
 
 * ``yesno`` (MRPC, CoLA, MultiRC): the answer is the prediction's first word, read as ``yes``/``no``; anything else is
-  *invalid* and counts as wrong. Besides accuracy, ``yes_rate`` and ``invalid_rate`` make a majority-class collapse
+  *invalid* and counts as wrong (``yes_no_rule="first_word"``, the default). ``yes_no_rule="anywhere"`` is the
+  published code's rule (metric_evaluation.py): ``yes`` when "yes" occurs anywhere in the lower-cased prediction, else
+  ``no``, never invalid - so "The answer is yes" and "Eyes closed" both read as yes; use it to reproduce the paper's
+  numbers. Besides accuracy, ``yes_rate`` and ``invalid_rate`` make a majority-class collapse
   visible. MRPC adds F1 of the ``yes`` class, ``F1 = 2TP / (2TP + FP + FN)``; CoLA adds the Matthews correlation
 
   ``MCC = (TP*TN - FP*FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN))``, defined as 0 when any factor is 0,
@@ -23,7 +26,7 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
@@ -117,6 +120,20 @@ def read_yes_no(text: str) -> str | None:
     return word if word in (YES, NO) else None
 
 
+def read_yes_anywhere(text: str) -> str:
+    """The published code's rule: ``"yes"`` when "yes" occurs anywhere in the lower-cased text, else ``"no"``."""
+    return YES if YES in text.lower() else NO
+
+
+YES_NO_RULES: dict[str, Callable[[str], str | None]] = {"first_word": read_yes_no, "anywhere": read_yes_anywhere}
+
+
+def get_yes_no_rule(name: str) -> Callable[[str], str | None]:
+    if name not in YES_NO_RULES:
+        raise ValueError(f"--yes_no_rule {name!r}: choose one of {list(YES_NO_RULES)}")
+    return YES_NO_RULES[name]
+
+
 def _golds_list(gold: str | Sequence[str]) -> list[str]:
     return [gold] if isinstance(gold, str) else list(gold)
 
@@ -187,8 +204,10 @@ def _column(values) -> tuple[str, np.ndarray]:
     return "mean", np.asarray(values, dtype=float).reshape(-1, 1)
 
 
-def _yes_no_components(task: str, predictions: Sequence[str], golds: Sequence[str | Sequence[str]]):
-    read = [read_yes_no(p) for p in predictions]
+def _yes_no_components(task: str, predictions: Sequence[str], golds: Sequence[str | Sequence[str]],
+                       yes_no_rule: str = "first_word"):
+    rule = get_yes_no_rule(yes_no_rule)
+    read = [rule(p) for p in predictions]
     gold = [_single_gold_yes_no(g) for g in golds]
     comps = {
         "accuracy": _column([p == g for p, g in zip(read, gold, strict=True)]),
@@ -207,13 +226,15 @@ def _yes_no_components(task: str, predictions: Sequence[str], golds: Sequence[st
     return comps
 
 
-def example_scores(task: str, predictions: Sequence[str], golds: Sequence[str | Sequence[str]]) -> ExampleScores:
-    """The per-example components of every metric of ``task`` (see ``METRIC_FUNCTIONS``)."""
+def example_scores(task: str, predictions: Sequence[str], golds: Sequence[str | Sequence[str]],
+                   yes_no_rule: str = "first_word") -> ExampleScores:
+    """The per-example components of every metric of ``task`` (see ``METRIC_FUNCTIONS``); a yes/no task reads its
+    predictions with ``YES_NO_RULES[yes_no_rule]``."""
     spec = get_task(task)
     if len(predictions) != len(golds):
         raise ValueError(f"{task}: {len(predictions)} predictions but {len(golds)} golds")
     if spec.kind == "yesno":
-        return ExampleScores(_yes_no_components(task, predictions, golds))
+        return ExampleScores(_yes_no_components(task, predictions, golds, yes_no_rule))
     if spec.kind == "gsm8k":
         hits = []
         for pred, gold in zip(predictions, golds, strict=True):
@@ -235,13 +256,14 @@ def example_scores(task: str, predictions: Sequence[str], golds: Sequence[str | 
     raise AssertionError(f"task {task!r} has unsupported kind {spec.kind!r}")  # a TaskSpec no scorer handles
 
 
-def compute_metrics(task: str, predictions: list[str], golds: list[str | list[str]]) -> dict[str, float]:
-    """Score ``predictions`` against ``golds`` for ``task``; see the module docstring for each metric.
+def compute_metrics(task: str, predictions: list[str], golds: list[str | list[str]],
+                    yes_no_rule: str = "first_word") -> dict[str, float]:
+    """Score ``predictions`` against ``golds`` for ``task``; see the module docstring for each metric and rule.
 
     ``golds[i]`` may be one answer or a list of acceptable answers (scores take the maximum over the list). The result
     always holds ``n``, the number of scored rows.
     """
-    scores = example_scores(task, predictions, golds)
+    scores = example_scores(task, predictions, golds, yes_no_rule)
     metrics = {name: scores.value(name) for name in scores.components}
     metrics["n"] = len(predictions)
     return metrics

@@ -24,10 +24,17 @@ import torch
 from transformers import AutoConfig
 
 from imsm.atomic import atomic_write_json, atomic_write_jsonl, atomic_write_text
-from imsm.data import encode_prompt, read_jsonl
+from imsm.data import Truncation, encode_prompt, read_jsonl
 from imsm.default_model import resolve_model_path
 from imsm.evaluation.generation import DecodingConfig, gather_shards, generate, shard
-from imsm.evaluation.metrics import ExampleScores, compute_metrics, example_scores, get_task
+from imsm.evaluation.metrics import (
+    YES_NO_RULES,
+    ExampleScores,
+    compute_metrics,
+    example_scores,
+    get_task,
+    get_yes_no_rule,
+)
 from imsm.evaluation.report import RunResult, parse_pairs
 from imsm.evaluation.scoring import answer_nll, best_answer, gold_answers
 from imsm.loader import load_backbone, load_run, load_tokenizer
@@ -72,6 +79,10 @@ class EvalArguments:
     score: str = field(default="both", metadata={
         "help": "What to compute: 'decode' (generate and score the task metrics), 'likelihood' (teacher-forced "
                 "answer NLL of the gold answer + EOS through the exact model, far cheaper), or 'both'."})
+    yes_no_rule: str = field(default="first_word", metadata={
+        "help": f"How a yes/no task (MRPC, CoLA, MultiRC) reads a prediction: one of {list(YES_NO_RULES)}. "
+                "first_word: its first word must be yes or no (else invalid, counted wrong); anywhere: the published "
+                "code's rule, yes when 'yes' occurs anywhere in it, else no - to reproduce the paper's numbers."})
     compare: str | None = field(default=None, metadata={
         "help": "Pairs of labels to compare besides each row vs the untuned baseline: 'A:B,C:D' (A − B), e.g. "
                 "IMSM-LoRA:LoRA. Every comparison is paired per example, with a bootstrap 95%% interval and, for "
@@ -86,7 +97,9 @@ class EvalArguments:
         "help": "Replace the results of an earlier evaluation in --output_dir (otherwise such a folder is refused)."})
     batch_size: int = field(default=16, metadata={"help": "Prompts decoded together per process."})
     max_new_tokens: int | None = field(default=None, metadata={"help": "Override every task's answer length."})
-    max_input_length: int = field(default=1024, metadata={"help": "Prompt tokens kept (cut from the left)."})
+    max_input_length: int = field(
+        default=1024, metadata={"help": "Prompt tokens kept: the user's text is cut from the left, the template kept."}
+    )
     prompt_template: str | None = field(default=None, metadata={
         "help": f"One of {sorted(TEMPLATES)}; overrides the runs' recorded template (untuned default: raw)."})
     system_prompt: str | None = field(default=None, metadata={"help": "System turn with --prompt_template chat."})
@@ -117,6 +130,7 @@ class EvalArguments:
             raise ValueError("--system_prompt only applies with --prompt_template chat")
         if self.score not in SCORE_MODES:
             raise ValueError(f"--score {self.score!r}: choose one of {list(SCORE_MODES)}")
+        get_yes_no_rule(self.yes_no_rule)
         if self.max_examples is not None and self.max_examples < 1:
             raise ValueError(f"--max_examples {self.max_examples}: must be at least 1 (omit it for every example)")
         if self.bootstrap_resamples < 1000:
@@ -291,6 +305,16 @@ def prepare_output_dir(out: Path, overwrite: bool) -> None:
     atomic_write_text(out / INCOMPLETE, "evaluation under way or interrupted: " + " ".join(sys.argv) + "\n")
 
 
+def scoring_notes(args: EvalArguments) -> list[str]:
+    """Report notes on how predictions were read, where that departs from the default."""
+    yes_no = [task for task in args.task_names if get_task(task).kind == "yesno"]
+    if args.yes_no_rule == "first_word" or not yes_no or args.score == "likelihood":
+        return []
+    note = (f"{', '.join(yes_no)} scored with --yes_no_rule {args.yes_no_rule} ('yes' anywhere in the prediction "
+            "reads as yes, else no, as the published code; the default reads the first word)")
+    return [note]
+
+
 def finish_output_dir(out: Path) -> None:
     (out / INCOMPLETE).unlink(missing_ok=True)
 
@@ -310,7 +334,9 @@ def load_model(plan: ModelPlan, args: EvalArguments, dtype: torch.dtype, device:
 def _decode(model, tokenizer, template, rows, args, task, rank, world_size, likelihood: bool):
     """Decode this rank's shard; with ``likelihood`` also score its golds on the same prefill (one KV cache)."""
     mine = shard(rows, rank, world_size)
-    prompts = [encode_prompt(template, r["input"], args.max_input_length) for r in mine]
+    truncation = _truncation(task, rank, world_size)
+    prompts = [encode_prompt(template, r["input"], args.max_input_length, truncation) for r in mine]
+    truncation.warn()
     golds = [gold_answers(template, r) for r in mine] if likelihood else None
     local = generate(model, tokenizer, prompts, args.decoding(task),
                      answers=None if golds is None else [[ids for _, ids in g] for g in golds])
@@ -327,8 +353,16 @@ def _decode(model, tokenizer, template, rows, args, task, rank, world_size, like
     return [d for d, _ in gathered], [s for _, s in gathered] if likelihood else None
 
 
-def _likelihood(model, template, rows, args, rank, world_size):
-    local = answer_nll(model, template, shard(rows, rank, world_size), args.max_input_length, args.batch_size)
+def _truncation(task: str, rank: int, world_size: int) -> Truncation:
+    """The counter of what --max_input_length cuts from a task's prompts (this rank's shard when several)."""
+    return Truncation(f"task {task}" + (f" (rank {rank}'s shard)" if world_size > 1 else ""))
+
+
+def _likelihood(model, template, rows, args, task, rank, world_size):
+    truncation = _truncation(task, rank, world_size)
+    local = answer_nll(model, template, shard(rows, rank, world_size), args.max_input_length, args.batch_size,
+                       truncation)
+    truncation.warn()
     local = [(s.nll_mean, s.nll_sum, s.num_tokens, s.gate_mean) for s in local]
     return gather_shards(local, len(rows), rank, world_size)
 
@@ -350,7 +384,7 @@ def evaluate_model(plan, args, tasks, dtype, device, rank, world_size) -> RunRes
             seconds["decode" + ("+likelihood" if likelihood else "")] = time.perf_counter() - start
         else:
             start = time.perf_counter()
-            scored = _likelihood(model, template, rows, args, rank, world_size)
+            scored = _likelihood(model, template, rows, args, task, rank, world_size)
             seconds["likelihood"] = time.perf_counter() - start
         if rank != 0:
             continue
@@ -360,7 +394,8 @@ def evaluate_model(plan, args, tasks, dtype, device, rank, world_size) -> RunRes
             for record, (text, n, reason, gate) in zip(predictions, decoded, strict=True):
                 record |= {"prediction": text, "num_tokens": n, "finish_reason": reason}
                 record |= {} if gate is None else {"gate_mean": gate}
-            scores = example_scores(task, [p["prediction"] for p in predictions], [p["gold"] for p in predictions])
+            scores = example_scores(task, [p["prediction"] for p in predictions], [p["gold"] for p in predictions],
+                                    args.yes_no_rule)
         if scored is not None:
             for record, (nll, nll_sum, n_tokens, gate) in zip(predictions, scored, strict=True):
                 record |= {"answer_nll": nll, "answer_nll_sum": nll_sum, "answer_tokens": n_tokens}
@@ -376,7 +411,7 @@ def evaluate_model(plan, args, tasks, dtype, device, rank, world_size) -> RunRes
             "run": None if plan.run_dir is None else str(plan.run_dir), "model": plan.model_path,
             "score": args.score, "decoding": vars(args.decoding(task)) if decode else None, "metrics": task_metrics,
             "gate_mean": sum(gates) / len(gates) if gates else None, "seconds": seconds,
-        })
+        } | ({"yes_no_rule": args.yes_no_rule} if get_task(task).kind == "yesno" and decode else {}))
         metrics[task], per_example[task] = task_metrics, scores
         shown = [f"{get_task(task).primary} = {task_metrics[get_task(task).primary]:.4f}"] if decode else []
         shown += [f"answer_nll = {task_metrics['answer_nll']:.4f}"] if likelihood else []

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from imsm.data import encode_prompt
+from imsm.data import Truncation, encode_prompt
 from imsm.method.model import IMSMModel
 from imsm.templates import PromptTemplate
 
@@ -150,12 +150,12 @@ def best_answer(row: dict, scored: Sequence[tuple[int, SequenceScore]]) -> Answe
 
 
 def answer_nll(model: nn.Module, template: PromptTemplate, rows: Sequence[dict], max_input_length: int,
-               batch_size: int = 16) -> list[AnswerScore]:
-    """Score every row's gold answer(s) teacher-forced, encoded as in training (prompt cut to ``max_input_length``
-    from the left; the answer whole, with its closing EOS); a list of golds keeps the lowest mean NLL."""
+               batch_size: int = 16, truncation: Truncation | None = None) -> list[AnswerScore]:
+    """Score every row's gold answer(s) teacher-forced, encoded as in training (``encode_prompt``'s prompt, counted
+    in ``truncation``; the answer whole, with its closing EOS); a list of golds keeps the lowest mean NLL."""
     pairs, owners = [], []
     for i, row in enumerate(rows):
-        prompt = encode_prompt(template, row["input"], max_input_length)
+        prompt = encode_prompt(template, row["input"], max_input_length, truncation)
         for j, answer in gold_answers(template, row):
             pairs.append((prompt, answer))
             owners.append((i, j))

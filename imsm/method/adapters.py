@@ -109,10 +109,30 @@ def build_peft_config(args, model_type: str, total_steps: int | None = None) -> 
     return PEFT_METHODS[args.peft](args, model_type, total_steps)
 
 
+def check_target_modules(backbone: torch.nn.Module, targets: list[str] | str | None,
+                         layer_type: type[torch.nn.Module] = torch.nn.Module, what: str = "module") -> None:
+    """Every name in ``targets`` must match at least one module of ``layer_type``: a module whose path is the name or
+    ends with ``.name`` (PEFT's rule for a list). PEFT adapts the names that match and silently skips the others, so
+    a typo would train fewer layers than asked; the error names the unmatched ones and the leaf names there are."""
+    if not isinstance(targets, list | tuple | set):
+        return  # PEFT's regex form or "all-linear": PEFT itself refuses one that matches nothing
+    paths = [name for name, module in backbone.named_modules() if name and isinstance(module, layer_type)]
+    unmatched = [t for t in targets if not any(p == t or p.endswith("." + t) for p in paths)]
+    if unmatched:
+        leaves = sorted({name.rsplit(".", 1)[-1] for name, module in backbone.named_modules()
+                         if name and isinstance(module, layer_type) and not list(module.children())
+                         and not name.rsplit(".", 1)[-1].isdigit()})
+        raise ValueError(f"--target_modules {unmatched} match no {what} of the model; available: {leaves}")
+
+
 def attach_adapter(backbone: torch.nn.Module, peft_config: PeftConfig | LoRAMoEConfig):
-    """Wrap the backbone in place: the base weights stay where they are and only the adapter is trainable."""
+    """Wrap the backbone in place: the base weights stay where they are and only the adapter is trainable.
+
+    Every target module name must match a layer (``check_target_modules``), for LoRAMoE a linear one."""
     if isinstance(peft_config, LoRAMoEConfig):
+        check_target_modules(backbone, peft_config.target_modules, torch.nn.Linear, "linear layer")
         return LoRAMoEModel(backbone, peft_config)
+    check_target_modules(backbone, peft_config.target_modules)
     return get_peft_model(backbone, peft_config)
 
 

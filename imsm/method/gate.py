@@ -7,7 +7,13 @@ For a token t, with q_M and q_M' the means of each memory over the query (prompt
     g_t     = sigmoid([q_M ; h_M_t ; h_M'_t ; q_M'] · W_A · W_B)      W_A: 4d × r, W_B: r × d, no bias
     mixed_t = g_t ∘ h_M_t + (1 − g_t) ∘ h_M'_t
 
-The gate has one value per token and hidden unit and is computed in float32. Variants are chosen by name:
+In training, dropout acts on the output of each of the two linear maps, as in the published code
+(github.com/ECNU-Text-Computing/IMSM, siamese_model.py: ``nn.Sequential(Linear, Dropout)`` for W_A and for W_B):
+
+    g_t     = sigmoid(drop(drop(x_t · W_A) · W_B))                  x_t = [q_M ; h_M_t ; h_M'_t ; q_M']
+
+so a dropped output unit leaves its gate at sigmoid(0) = 0.5, the equal mix. The paper does not say where the dropout
+sits. The gate has one value per token and hidden unit and is computed in float32. Variants are chosen by name:
 
     query_aware  the paper's IMSM (default)                         5·d·r parameters
     token        no query term: sigmoid([h_M_t ; h_M'_t] W_A W_B)     3·d·r parameters
@@ -59,8 +65,8 @@ class Gate(nn.Module):
 
 
 class LowRankGate(Gate):
-    """sigmoid(x · W_A · W_B) for x the concatenation of ``n_inputs`` d-sized vectors; dropout on the input of
-    each of the two layers (the reference runs use 0.1)."""
+    """sigmoid(drop(drop(x · W_A) · W_B)) for x the concatenation of ``n_inputs`` d-sized vectors: dropout on the
+    output of each of the two layers, as the published code (its runs use 0.1; 0 for (IA)3)."""
 
     n_inputs = 2
 
@@ -88,8 +94,8 @@ class LowRankGate(Gate):
         x = torch.cat([f.float() for f in self.features(h_frozen, h_tuned, q_frozen, q_tuned)], dim=-1)
         # float32 whatever the engine cast the weights to (DeepSpeed's bf16 casts every module parameter)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            h = F.linear(self.dropout(x), self.w_a.weight.float())
-            return torch.sigmoid(F.linear(self.dropout(h), self.w_b.weight.float()))
+            h = self.dropout(F.linear(x, self.w_a.weight.float()))
+            return torch.sigmoid(self.dropout(F.linear(h, self.w_b.weight.float())))
 
 
 class QueryAwareGate(LowRankGate):

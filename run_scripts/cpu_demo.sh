@@ -27,7 +27,7 @@ SEED=${SEED:-42}
 
 "$PY" scripts/estimate_time.py --label cpu_demo --data_dir "$DATA_DIR" --target "$TARGET" \
     --tasks "$TARGET,webq,multirc,mrpc,freebaseqa" --template "$TEMPLATE" --train_examples "$TRAIN_EXAMPLES" \
-    --batch "$BATCH" --steps "$STEPS" --eval_examples "$EVAL_EXAMPLES" --runs none:"$SEED" query_aware:"$SEED"
+    --batch "$BATCH" --steps "$STEPS" --eval_examples "$EVAL_EXAMPLES" --runs LoRA:"$SEED" IMSM-LoRA:"$SEED"
 
 for gate in none query_aware; do
     label=$([ "$gate" = none ] && echo lora || echo imsm_lora)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The forgetting study on the embedded SmolLM2-135M-Instruct, on CPU: SEEDS seeds of vanilla LoRA and of IMSM-LoRA
-# (ABLATIONS=1 adds the `equal` and `token` gates) tuned on TARGET, then ONE evaluation of the untuned model and every
-# run on the target and the general benchmarks (WebQ, FreebaseQA, MultiRC, MRPC) with decoded metrics and answer
-# likelihood, seeds grouped by label, paired bootstrap intervals and the learning-forgetting chart.
+# (ABLATIONS=1 adds the `equal` and `token` gates; BASELINES=1 adds LoRAMoE, CorDA-LoRA and PiSSA-LoRA, and evaluates
+# every vanilla LoRA-family run at the adapter scales SCALES) tuned on TARGET, then ONE evaluation of the untuned model
+# and every run on the target and the general benchmarks (WebQ, FreebaseQA, MultiRC, MRPC) with decoded metrics and
+# answer likelihood, seeds grouped by label, paired bootstrap intervals and the learning-forgetting chart.
 # It prints its expected duration first (measured on this machine) and shows progress. A finished run is kept and
 # skipped when the script is started again, so an interrupted study resumes with the next run.
 # Every size is an environment variable; extra arguments go to every train.py run.
@@ -15,6 +16,8 @@ TARGET=${TARGET:-mrpc}
 TEMPLATE=${TEMPLATE:-chat}
 SEEDS=${SEEDS:-3}
 ABLATIONS=${ABLATIONS:-0}
+BASELINES=${BASELINES:-0}
+SCALES=${SCALES:-0.5,1}
 TRAIN_EXAMPLES=${TRAIN_EXAMPLES:-800}
 STEPS=${STEPS:-60}
 BATCH=${BATCH:-8}
@@ -30,35 +33,47 @@ TASKS="$TARGET,webq,freebaseqa,multirc,mrpc"
     exit 1
 }
 
-GATES="none query_aware"
-[ "$ABLATIONS" = 1 ] && GATES="$GATES equal token"
-declare -A LABEL=([none]=LoRA [query_aware]=IMSM-LoRA [equal]=IMSM-equal-LoRA [token]=IMSM-token-LoRA)
+METHODS="LoRA IMSM-LoRA"
+[ "$ABLATIONS" = 1 ] && METHODS="$METHODS IMSM-equal-LoRA IMSM-token-LoRA"
+[ "$BASELINES" = 1 ] && METHODS="$METHODS LoRAMoE CorDA-LoRA PiSSA-LoRA"
+LORA="--peft lora --lora_r 16 --lora_alpha 16"
+# CorDA calibrates on 64 WebQ test prompts far past the evaluated ones; evaluate.py skips them anyway, for every model.
+declare -A METHOD_ARGS=(
+    [LoRA]="$LORA --gate none"
+    [IMSM-LoRA]="$LORA --gate query_aware --gate_rank 8 --gate_dropout 0.1"
+    [IMSM-equal-LoRA]="$LORA --gate equal"
+    [IMSM-token-LoRA]="$LORA --gate token --gate_rank 8 --gate_dropout 0.1"
+    [LoRAMoE]="--peft loramoe --gate none"
+    [CorDA-LoRA]="$LORA --gate none --init_lora_weights corda --corda_calibration_file $DATA_DIR/webq/test.jsonl
+                  --corda_calibration_skip 1000 --corda_calibration_examples 64"
+    [PiSSA-LoRA]="$LORA --gate none --init_lora_weights pissa"
+)
 
-RUNS=() LABELS=(untuned) GATES_TO_TRAIN=()
-for gate in $GATES; do
+RUNS=() LABELS=(untuned) TO_TRAIN=()
+for method in $METHODS; do
     for seed in $(seq 1 "$SEEDS"); do
-        RUNS+=("$OUTPUT_DIR/${LABEL[$gate]}/seed$seed") LABELS+=("${LABEL[$gate]}") GATES_TO_TRAIN+=("$gate:$seed")
+        RUNS+=("$OUTPUT_DIR/$method/seed$seed") LABELS+=("$method") TO_TRAIN+=("$method:$seed")
     done
 done
 
 JOBS=${JOBS:-2}
 "$PY" scripts/estimate_time.py --label cpu_study --data_dir "$DATA_DIR" --target "$TARGET" --tasks "$TASKS" \
     --template "$TEMPLATE" --train_examples "$TRAIN_EXAMPLES" --batch "$BATCH" --steps "$STEPS" \
-    --eval_examples "$EVAL_EXAMPLES" --score "$SCORE" --runs "${GATES_TO_TRAIN[@]}" --jobs "$JOBS" \
-    --skip_done_in "$OUTPUT_DIR"
+    --eval_examples "$EVAL_EXAMPLES" --score "$SCORE" --runs "${TO_TRAIN[@]}" --jobs "$JOBS" \
+    --skip_done_in "$OUTPUT_DIR" --scales "$([ "$BASELINES" = 1 ] && echo "$SCALES")"
 
 # JOBS runs train side by side, each on nproc/JOBS threads: a process of 2 OpenMP threads slows down several-fold
 # as soon as anything else wants a core, one of 1 thread does not.
 train_one() {
-    local gate=$1 seed=$2 out=$3 start=$SECONDS
+    local method=$1 seed=$2 out=$3 start=$SECONDS args
+    read -r -a args <<< "${METHOD_ARGS[$method]//$'\n'/ }"
     OMP_NUM_THREADS=$THREADS "$PY" train.py --train_file "$DATA_DIR/$TARGET/train.jsonl" \
-        --max_train_examples "$TRAIN_EXAMPLES" --output_dir "$out" \
-        --peft lora --lora_r 16 --lora_alpha 16 --gate "$gate" --gate_rank 8 --gate_dropout 0.1 \
+        --max_train_examples "$TRAIN_EXAMPLES" --output_dir "$out" "${args[@]}" \
         --prompt_template "$TEMPLATE" --learning_rate "$LR" --lr_scheduler_type cosine --warmup_steps 0.03 \
         --max_steps "$STEPS" --per_device_train_batch_size "$BATCH" --max_input_length 256 --max_output_length 8 \
         --save_strategy no --logging_steps 10 --report_to none --seed "$seed" --data_seed "$seed" \
         --disable_tqdm false "${EXTRA[@]}" > "$out.log" 2>&1 || { echo "training failed, see $out.log" >&2; return 1; }
-    echo "    ${LABEL[$gate]} seed $seed finished in $((SECONDS - start)) s ($(date +%H:%M:%S))"
+    echo "    $method seed $seed finished in $((SECONDS - start)) s ($(date +%H:%M:%S))"
 }
 # Wait for a training job to end, printing every minute how far each running one is (its progress bar's last state).
 wait_and_report() {
@@ -79,17 +94,17 @@ wait_and_report() {
 EXTRA=("$@")
 THREADS=${THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
 i=0
-for item in "${GATES_TO_TRAIN[@]}"; do
-    gate=${item%%:*} seed=${item##*:} i=$((i + 1))
-    out="$OUTPUT_DIR/${LABEL[$gate]}/seed$seed"
+for item in "${TO_TRAIN[@]}"; do
+    method=${item%%:*} seed=${item##*:} i=$((i + 1))
+    out="$OUTPUT_DIR/$method/seed$seed"
     if [ -f "$out/final/imsm_config.json" ]; then
-        echo "[$i/${#GATES_TO_TRAIN[@]}] ${LABEL[$gate]} seed $seed: done before, kept ($out)"
+        echo "[$i/${#TO_TRAIN[@]}] $method seed $seed: done before, kept ($out)"
         continue
     fi
     mkdir -p "$(dirname "$out")"
     while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait_and_report || exit 1; done
-    echo "[$i/${#GATES_TO_TRAIN[@]}] training ${LABEL[$gate]} seed $seed -> $out ($(date +%H:%M:%S); progress in $out.log)"
-    train_one "$gate" "$seed" "$out" &
+    echo "[$i/${#TO_TRAIN[@]}] training $method seed $seed -> $out ($(date +%H:%M:%S); progress in $out.log)"
+    train_one "$method" "$seed" "$out" &
 done
 while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait_and_report || exit 1; done
 for run in "${RUNS[@]}"; do
@@ -97,8 +112,14 @@ for run in "${RUNS[@]}"; do
 done
 
 LABEL_LIST=$(IFS=,; echo "${LABELS[*]}")
-COMPARE="IMSM-LoRA:LoRA"
+COMPARE="IMSM-LoRA:LoRA" SCALE_ARGS=()
 [ "$ABLATIONS" = 1 ] && COMPARE="$COMPARE,IMSM-LoRA:IMSM-equal-LoRA,IMSM-LoRA:IMSM-token-LoRA"
+if [ "$BASELINES" = 1 ]; then  # the vanilla LoRA-family runs become one row per scale: LoRA@0.5, LoRA@1, ...
+    SCALE_ARGS=(--adapter_scale "$SCALES")
+    REF=$(printf '%g' "${SCALES##*,}")  # IMSM is compared with each baseline at the last scale (normally 1)
+    COMPARE="${COMPARE//IMSM-LoRA:LoRA/IMSM-LoRA:LoRA@$REF},IMSM-LoRA:LoRAMoE"
+    COMPARE="$COMPARE,IMSM-LoRA:CorDA-LoRA@$REF,IMSM-LoRA:PiSSA-LoRA@$REF"
+fi
 # EVAL_PROCS processes of one thread each share every task (evaluate.py shards and gathers in input order).
 EVAL_PROCS=${EVAL_PROCS:-$(nproc)}
 echo "evaluating ${#LABELS[@]} models on $TASKS, $EVAL_EXAMPLES examples per task, $EVAL_PROCS processes" \
@@ -107,4 +128,4 @@ OMP_NUM_THREADS=$(( $(nproc) / EVAL_PROCS > 0 ? $(nproc) / EVAL_PROCS : 1 )) \
 "$PY" -m torch.distributed.run --standalone --nproc_per_node "$EVAL_PROCS" evaluate.py --untuned \
     --run_dir "${RUNS[@]}" --labels "$LABEL_LIST" --prompt_template "$TEMPLATE" \
     --target "$TARGET" --tasks "$TASKS" --data_dir "$DATA_DIR" --max_examples "$EVAL_EXAMPLES" --score "$SCORE" \
-    --compare "$COMPARE" --bootstrap_resamples "$RESAMPLES" --output_dir "$OUTPUT_DIR/eval" --overwrite
+    --compare "$COMPARE" "${SCALE_ARGS[@]}" --bootstrap_resamples "$RESAMPLES" --output_dir "$OUTPUT_DIR/eval" --overwrite

@@ -6,7 +6,7 @@ few examples of every task, then extrapolates to the whole plan and prints it. I
 differ 2-3x (the CPU demo took 16 min on one 2-core machine and 49 on another), which is why a constant won't do.
 
     python scripts/estimate_time.py --data_dir ../shared/data --target mrpc --tasks mrpc,webq,freebaseqa,multirc \
-        --runs none:1 query_aware:1 --steps 60 --batch 8 --eval_examples 200 --score both
+        --runs LoRA:1 IMSM-LoRA:1 --steps 60 --batch 8 --eval_examples 200 --score both
 """
 
 from __future__ import annotations
@@ -36,6 +36,11 @@ from imsm.templates import build_template
 
 SAMPLE = 8  # examples per task timed for evaluation
 PROCESS_START_SECONDS = 20.0  # a fresh train.py process: imports, model and data loading (10-25 s seen on SmolLM2)
+# the gate of each method of run_scripts/cpu_study.sh, which decides its cost: "none" runs one pass, the others two
+# (LoRAMoE's experts cost ~15% over a LoRA step, PiSSA/CorDA a one-off SVD: timed as LoRA)
+METHOD_GATES = {"LoRA": "none", "IMSM-LoRA": "query_aware", "IMSM-equal-LoRA": "equal", "IMSM-token-LoRA": "token",
+                "LoRAMoE": "none", "CorDA-LoRA": "none", "PiSSA-LoRA": "none"}
+SCALED_METHODS = ("LoRA", "CorDA-LoRA", "PiSSA-LoRA")  # evaluated once per --adapter_scale
 
 
 def _parse() -> argparse.Namespace:
@@ -49,7 +54,9 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--eval_examples", type=int, default=200)
     p.add_argument("--score", default="both", choices=["both", "decode", "likelihood"])
-    p.add_argument("--runs", nargs="*", default=[], help="GATE:SEED per training run, e.g. none:1 query_aware:1")
+    p.add_argument("--runs", nargs="*", default=[],
+                   help=f"METHOD:SEED per training run, e.g. LoRA:1 IMSM-LoRA:1; methods: {sorted(METHOD_GATES)}")
+    p.add_argument("--scales", default="", help="adapter scales each vanilla LoRA-family run is evaluated at")
     p.add_argument("--jobs", type=int, default=1, help="training runs side by side")
     p.add_argument("--untuned", type=int, default=1, help="1 when the untuned model is evaluated too")
     p.add_argument("--skip_done_in", default=None, help="runs already finished under this folder are not counted")
@@ -87,14 +94,17 @@ def _fmt(seconds: float) -> str:
 def main() -> None:
     args = _parse()
     logging.basicConfig(level=logging.WARNING)
-    runs = []
+    runs, evaluated = [], []  # (gate, done) per training run; gate per evaluated model
+    n_scales = len([s for s in args.scales.split(",") if s.strip()])
     for item in args.runs:
-        gate, _, seed = item.partition(":")
-        label = {"none": "LoRA", "query_aware": "IMSM-LoRA", "equal": "IMSM-equal-LoRA",
-                 "token": "IMSM-token-LoRA"}.get(gate, gate)
-        done = args.skip_done_in and (Path(args.skip_done_in) / label / f"seed{seed}" / "final" /
+        method, _, seed = item.partition(":")
+        if method not in METHOD_GATES:
+            raise SystemExit(f"--runs {item}: unknown method {method!r} (known: {sorted(METHOD_GATES)})")
+        gate = METHOD_GATES[method]
+        done = args.skip_done_in and (Path(args.skip_done_in) / method / f"seed{seed}" / "final" /
                                       "imsm_config.json").is_file()
         runs.append((gate, bool(done)))
+        evaluated += [gate] * (n_scales if n_scales and method in SCALED_METHODS else 1)
     cores = os.cpu_count() or 1
     train_threads = max(1, cores // max(1, args.jobs))
 
@@ -125,8 +135,8 @@ def main() -> None:
         rows = all_rows[: min(SAMPLE, n)]
         eval_per_model["plain"] += _time_eval(vanilla, tokenizer, template, rows, task, args.score) * n / len(rows)
         eval_per_model["siamese"] += _time_eval(model, tokenizer, template, rows, task, args.score) * n / len(rows)
-    n_plain = args.untuned + sum(gate == "none" for gate, _ in runs)
-    n_siamese = sum(gate != "none" for gate, _ in runs)
+    n_plain = args.untuned + sum(gate == "none" for gate in evaluated)
+    n_siamese = sum(gate != "none" for gate in evaluated)
     eval_total = n_plain * (eval_per_model["plain"] + load_seconds) + n_siamese * (eval_per_model["siamese"]
                                                                                    + load_seconds)
     total = train_total + eval_total

@@ -18,6 +18,8 @@ SEEDS=${SEEDS:-3}
 ABLATIONS=${ABLATIONS:-0}
 BASELINES=${BASELINES:-0}
 SCALES=${SCALES:-0.5,1}
+CORDA_SKIP=${CORDA_SKIP:-1000}  # CorDA calibrates on CORDA_EXAMPLES WebQ test prompts from this row on
+CORDA_EXAMPLES=${CORDA_EXAMPLES:-64}
 TRAIN_EXAMPLES=${TRAIN_EXAMPLES:-800}
 STEPS=${STEPS:-60}
 BATCH=${BATCH:-8}
@@ -37,7 +39,7 @@ METHODS="LoRA IMSM-LoRA"
 [ "$ABLATIONS" = 1 ] && METHODS="$METHODS IMSM-equal-LoRA IMSM-token-LoRA"
 [ "$BASELINES" = 1 ] && METHODS="$METHODS LoRAMoE CorDA-LoRA PiSSA-LoRA"
 LORA="--peft lora --lora_r 16 --lora_alpha 16"
-# CorDA calibrates on 64 WebQ test prompts far past the evaluated ones; evaluate.py skips them anyway, for every model.
+# CorDA's calibration prompts lie past the evaluated WebQ rows by default; evaluate.py skips them for every model anyway.
 declare -A METHOD_ARGS=(
     [LoRA]="$LORA --gate none"
     [IMSM-LoRA]="$LORA --gate query_aware --gate_rank 8 --gate_dropout 0.1"
@@ -45,7 +47,7 @@ declare -A METHOD_ARGS=(
     [IMSM-token-LoRA]="$LORA --gate token --gate_rank 8 --gate_dropout 0.1"
     [LoRAMoE]="--peft loramoe --gate none"
     [CorDA-LoRA]="$LORA --gate none --init_lora_weights corda --corda_calibration_file $DATA_DIR/webq/test.jsonl
-                  --corda_calibration_skip 1000 --corda_calibration_examples 64"
+                  --corda_calibration_skip $CORDA_SKIP --corda_calibration_examples $CORDA_EXAMPLES"
     [PiSSA-LoRA]="$LORA --gate none --init_lora_weights pissa"
 )
 

@@ -22,18 +22,27 @@ pytestmark = [
 ]
 
 
-def test_cpu_study_at_toy_sizes(tmp_path):
-    data = tmp_path / "data"
+def _toy_data(base: Path, rows: int = 6) -> Path:
+    data = base / "data"
     for task in ("mrpc", "webq", "freebaseqa", "multirc"):
         (data / task).mkdir(parents=True)
         for split in ("train", "test"):
             if (SHARED / task / f"{split}.jsonl").is_file():
-                lines = (SHARED / task / f"{split}.jsonl").read_text().splitlines()[:6]
+                lines = (SHARED / task / f"{split}.jsonl").read_text().splitlines()[:rows]
                 (data / task / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return data
+
+
+def _env(data: Path, out: Path, **sizes) -> dict:
+    return {**os.environ, "DATA_DIR": str(data), "OUTPUT_DIR": str(out), "STEPS": "2", "BATCH": "2",
+            "TRAIN_EXAMPLES": "6", "EVAL_EXAMPLES": "5", "RESAMPLES": "1000", **sizes,
+            "PY": str(ROOT / ".venv/bin/python") if (ROOT / ".venv/bin/python").exists() else shutil.which("python")}
+
+
+def test_cpu_study_at_toy_sizes(tmp_path):
+    data = _toy_data(tmp_path)
     out = tmp_path / "study"
-    env = {**os.environ, "DATA_DIR": str(data), "OUTPUT_DIR": str(out), "SEEDS": "2", "STEPS": "2", "BATCH": "2",
-           "TRAIN_EXAMPLES": "6", "EVAL_EXAMPLES": "5", "RESAMPLES": "1000", "PY": str(ROOT / ".venv/bin/python")
-           if (ROOT / ".venv/bin/python").exists() else shutil.which("python")}
+    env = _env(data, out, SEEDS="2")
     proc = subprocess.run(["bash", "run_scripts/cpu_study.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=1200, check=False)
     log = proc.stdout + proc.stderr
@@ -55,3 +64,25 @@ def test_cpu_study_at_toy_sizes(tmp_path):
     assert proc.stdout.count("done before, kept") == 4 and "training LoRA" not in proc.stdout
     summary = (out / "eval" / "summary.md").read_text()
     assert "NLL" in summary and "(accuracy)" not in summary
+
+
+def test_cpu_study_baselines_share_the_harness(tmp_path):
+    """BASELINES=1: LoRAMoE, CorDA-LoRA and PiSSA-LoRA beside LoRA and IMSM-LoRA, the LoRA-family runs at two adapter
+    scales, CorDA's calibration rows left out of WebQ for every model, IMSM compared with each baseline."""
+    data = _toy_data(tmp_path, rows=8)
+    out = tmp_path / "study"
+    env = _env(data, out, SEEDS="1", BASELINES="1", SCALES="0.5,1", CORDA_SKIP="6", CORDA_EXAMPLES="2",
+               EVAL_EXAMPLES="8", SCORE="likelihood")
+    proc = subprocess.run(["bash", "run_scripts/cpu_study.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=1500, check=False)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    stats = json.loads((out / "eval" / "stats.json").read_text())
+    assert list(stats["labels"]) == ["untuned", "LoRA@0.5", "LoRA@1", "IMSM-LoRA", "LoRAMoE", "CorDA-LoRA@0.5",
+                                     "CorDA-LoRA@1", "PiSSA-LoRA@0.5", "PiSSA-LoRA@1"]
+    pairs = {(c["a"], c["b"]) for c in stats["comparisons"] if c["measure"] == "answer_nll"}
+    assert {("IMSM-LoRA", b) for b in ("LoRA@1", "LoRAMoE", "CorDA-LoRA@1", "PiSSA-LoRA@1")} <= pairs
+    webq = [json.loads(line) for line in (out / "eval" / "untuned" / "webq" / "predictions.jsonl").read_text()
+            .splitlines()]
+    assert len(webq) == 6  # rows 6 and 7 calibrated CorDA, so no model is scored on them
+    assert "CorDA calibration rows" in (out / "eval" / "summary.md").read_text()

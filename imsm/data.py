@@ -176,7 +176,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
         return len(self.examples)
 
     def __getitem__(self, i: int) -> dict:
-        return self.examples[i]
+        # the index keys the frozen-memory cache (imsm/training/frozen_cache.py)
+        return {**self.examples[i], "index": i}
 
 
 def split_validation(dataset: torch.utils.data.Dataset, fraction: float, seed: int):
@@ -193,7 +194,10 @@ def split_validation(dataset: torch.utils.data.Dataset, fraction: float, seed: i
 
 @dataclass
 class SupervisedCollator:
-    """Right-pads a batch; ``query_mask`` marks the prompt tokens that the gate's query means average over."""
+    """Right-pads a batch; ``query_mask`` marks the prompt tokens that the gate's query means average over.
+
+    Examples that carry their dataset ``index`` also give ``example_index`` (B,), the frozen-memory cache's key.
+    """
 
     pad_token_id: int
 
@@ -207,4 +211,6 @@ class SupervisedCollator:
             out["labels"][i, :n] = torch.tensor(ex["labels"])
             out["attention_mask"][i, :n] = 1
             out["query_mask"][i, :q] = 1
+        if all("index" in ex for ex in batch):
+            out["example_index"] = torch.tensor([ex["index"] for ex in batch], dtype=torch.long)
         return out

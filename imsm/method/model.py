@@ -10,6 +10,12 @@
 head's input). Both passes run through the same module, so the base weights exist once in memory; the frozen pass
 keeps neither logits nor per-layer states. With the ``none`` gate the frozen pass is skipped: that is vanilla PEFT on
 the very same code path.
+
+In training (``labels`` given) the gate, the mix and the LM head run only at the scored positions t (those whose next
+token is an answer token); the query means still average over every query token. A ``frozen_cache`` (see
+``imsm/training/frozen_cache.py``) supplies q_M and h_M at those positions for examples it holds, and the frozen pass
+is then skipped; the frozen pass runs under a forked RNG, so whether it runs or not never shifts the random stream
+that the adapter's and the gate's dropout draw from.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ class IMSMModel(nn.Module):
     accepts_loss_kwargs = True
     # PiSSA/CorDA: the adapter as initialised (B0, A0), to save the run as a LoRA on the pretrained weights
     lora_initial_state: dict[str, torch.Tensor] | None = None
+    # FrozenMemoryCache in training, set by imsm.training.frozen_cache.attach_frozen_cache
+    frozen_cache = None
 
     def __init__(self, peft_model: nn.Module, gate: Gate) -> None:
         super().__init__()
@@ -80,7 +88,9 @@ class IMSMModel(nn.Module):
         """One pass of the decoder; ``adapter=False`` gives the frozen memory (no gradient)."""
         if adapter:
             return self.decoder(**decoder_kwargs)
-        with torch.no_grad(), self.peft_model.disable_adapter():
+        device = decoder_kwargs["input_ids"].device
+        accel = [device] if device.type != "cpu" else []
+        with torch.no_grad(), self.peft_model.disable_adapter(), torch.random.fork_rng(accel, device_type=device.type):
             return self.decoder(**decoder_kwargs)
 
     def mix(self, h_frozen, h_tuned, q_frozen=None, q_tuned=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,20 +110,23 @@ class IMSMModel(nn.Module):
         mixed, gate = self.mix(h_frozen, h_tuned, q_frozen, q_tuned)
         return h_frozen, h_tuned, mixed, gate
 
-    def forward(self, input_ids, attention_mask, query_mask, labels=None, num_items_in_batch=None, **kwargs):
-        """Loss on the answer tokens (labels != -100), next-token shifted; logits only where a label is.
+    def forward(self, input_ids, attention_mask, query_mask, labels=None, num_items_in_batch=None,
+                example_index=None, **kwargs):
+        """Loss on the answer tokens (labels != -100), next-token shifted; gate, mix and logits only where a label is.
 
         Returns a dict with ``loss`` (summed cross-entropy / ``num_items_in_batch``, or the mean when not given) and
         ``gate_mean``, the mean gate value over the answer tokens (the share of the frozen memory).
+        ``example_index`` (B,) keys the frozen-memory cache in training.
         """
-        _, _, mixed, gate = self.hidden_states(input_ids, attention_mask, query_mask)
         out = {}
         if labels is None:
+            _, _, mixed, _ = self.hidden_states(input_ids, attention_mask, query_mask)
             out["logits"] = self.lm_head(mixed)
             return out
         targets = labels[:, 1:]
         selected = targets != IGNORE_INDEX
-        logits = self.lm_head(mixed[:, :-1][selected]).float()
+        mixed, gate = self.scored_memory(input_ids, attention_mask, query_mask, selected, example_index)
+        logits = self.lm_head(mixed).float()
         loss_sum = F.cross_entropy(logits, targets[selected], reduction="sum")
         denom = num_items_in_batch if num_items_in_batch is not None else selected.sum().clamp_min(1)
         loss = loss_sum / denom
@@ -128,11 +141,34 @@ class IMSMModel(nn.Module):
             loss = loss + out["balance_loss"] * share
         out["loss"] = loss
         with torch.no_grad():
-            if gate.dim() == 3:
-                out["gate_mean"] = gate[:, :-1][selected].mean()
-            else:
-                out["gate_mean"] = gate.float().mean()
+            out["gate_mean"] = gate.float().mean()  # over the answer tokens (and hidden units)
         return out
+
+    def scored_memory(self, input_ids, attention_mask, query_mask, selected, example_index=None):
+        """(mixed memory (N, d), gate) at the N scored positions ``selected`` (B, T-1), in row-major order.
+
+        Each selected state is a row (N, 1, d) and its example's query means (N, d) ride along, so the gates'
+        broadcasting applies unchanged to one position per row.
+        """
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        h_tuned_all = self.memory(True, **kwargs).last_hidden_state
+        h_tuned = h_tuned_all[:, :-1][selected]
+        if not self.uses_frozen_memory:
+            return self.mix(None, h_tuned)
+        cache = self.frozen_cache if self.training and example_index is not None else None
+        cached = cache.lookup(example_index, attention_mask, selected) if cache is not None else None
+        if cached is None:
+            h_frozen_all = self.memory(False, **kwargs).last_hidden_state
+            q_frozen, h_frozen = query_mean(h_frozen_all, query_mask), h_frozen_all[:, :-1][selected]
+            if cache is not None:
+                cache.store(example_index, attention_mask, selected, q_frozen, h_frozen)
+        else:
+            q_frozen, h_frozen = cached
+        rows = selected.nonzero()[:, 0]
+        q_tuned = query_mean(h_tuned_all, query_mask)[rows] if self.imsm_gate.uses_query else None
+        q_frozen = q_frozen[rows] if self.imsm_gate.uses_query else None
+        mixed, gate = self.mix(h_frozen.unsqueeze(1), h_tuned.unsqueeze(1), q_frozen, q_tuned)
+        return mixed.squeeze(1), gate
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
                                         every_n_layers: int = 1, offload: bool = False) -> None:

@@ -30,6 +30,7 @@ from imsm.distributed import configure_cpu_deepspeed
 from imsm.loader import build_imsm_model, load_backbone
 from imsm.run_folder import RunConfig
 from imsm.templates import build_template
+from imsm.training.frozen_cache import attach_frozen_cache, cache_fingerprint
 from imsm.training.trainer import IMSMTrainer
 
 logger = logging.getLogger("train")
@@ -161,6 +162,9 @@ def main(argv: list[str] | None = None) -> IMSMTrainer | None:
         data_collator=SupervisedCollator(tokenizer.pad_token_id), run_config=config, run_args=run_args,
         gate_learning_rate=imsm_args.gate_learning_rate,
     )
+    attach_frozen_cache(trainer, model, dataset, imsm_args.frozen_memory_cache, cache_fingerprint(
+        model_path, backbone.config, dtype, data_args.prompt_template, data_args.system_prompt,
+        data_args.max_input_length, data_args.max_output_length, data_args.train_file))
     trainer.train(resume_from_checkpoint=resume)
     final_dir = f"{training_args.output_dir}/final"
     trainer.save_model(final_dir)

@@ -65,6 +65,7 @@ class DataArguments:
 
 LORA_FAMILY = ("lora", "dora", "adalora")
 TRAINED_GATES = tuple(name for name, gate in GATES.items() if issubclass(gate, LowRankGate))  # gates with weights
+MIXING_GATES = tuple(name for name in GATES if name != "none")  # gates that run the frozen pass
 
 
 # The options that only some methods read: option -> (--peft or --gate, the values that read it). ImsmArguments
@@ -76,6 +77,7 @@ OPTION_APPLIES_TO: dict[str, tuple[str, tuple[str, ...]]] = {
     "gate_rank": ("gate", TRAINED_GATES),
     "gate_dropout": ("gate", TRAINED_GATES),
     "gate_learning_rate": ("gate", TRAINED_GATES),
+    "frozen_memory_cache": ("gate", MIXING_GATES),
     "lora_r": ("peft", ("lora", "dora")),
     "lora_alpha": ("peft", LORA_FAMILY),
     "lora_dropout": ("peft", LORA_FAMILY),
@@ -169,6 +171,11 @@ class ImsmArguments:
     corda_calibration_skip: int = field(
         default=0,
         metadata={"help": "CorDA: rows of the calibration file skipped before the ones used."},
+    )
+    frozen_memory_cache: str = field(
+        default="off",
+        metadata={"help": "Keep q_M and the answer-position h_M after the first epoch and skip the frozen pass in "
+                          "later ones: off, on (OUTPUT_DIR/frozen_memory_cache) or a folder; pays from 2 epochs."},
     )
 
     def __post_init__(self) -> None:

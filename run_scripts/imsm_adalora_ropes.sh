@@ -21,6 +21,7 @@ deepspeed ${HOSTFILE:+--hostfile "$HOSTFILE"} --num_nodes "$NNODES" --num_gpus "
     --deepspeed "$DS_CONFIG" --model_name_or_path "$MODEL" \
     --train_file "$DATA_DIR/ropes/train.jsonl" --output_dir "$OUTPUT_DIR" \
     --peft adalora --gate query_aware --gate_rank 8 --gate_dropout 0.1 --gate_learning_rate 1e-3 \
+    --frozen_memory_cache on \
     --adalora_init_r 12 --adalora_target_r 8 --lora_alpha 16 \
     --optim adamw_torch --learning_rate 2e-3 --lr_scheduler_type cosine --warmup_steps 0.1 --weight_decay 0.01 \
     --num_train_epochs 3 --per_device_train_batch_size "$PER_DEVICE_BATCH" \

@@ -22,6 +22,7 @@ deepspeed ${HOSTFILE:+--hostfile "$HOSTFILE"} --num_nodes "$NNODES" --num_gpus "
     --deepspeed "$DS_CONFIG" --model_name_or_path "$MODEL" \
     --train_file "$DATA_DIR/mrpc/train.jsonl" --output_dir "$OUTPUT_DIR" \
     --peft dora --gate query_aware --gate_rank 8 --gate_dropout 0.1 --gate_learning_rate 1e-3 \
+    --frozen_memory_cache on \
     --lora_r 16 --lora_alpha 32 \
     --optim adamw_torch --learning_rate 1e-4 --lr_scheduler_type cosine --warmup_steps 0.1 --weight_decay 0.01 \
     --num_train_epochs 3 --per_device_train_batch_size "$PER_DEVICE_BATCH" \

@@ -22,6 +22,7 @@ deepspeed ${HOSTFILE:+--hostfile "$HOSTFILE"} --num_nodes "$NNODES" --num_gpus "
     --deepspeed "$DS_CONFIG" --model_name_or_path "$MODEL" \
     --train_file "$DATA_DIR/gsm8k/train.jsonl" --output_dir "$OUTPUT_DIR" \
     --peft ia3 --gate query_aware --gate_rank 8 --gate_dropout 0.0 --gate_learning_rate 1e-3 \
+    --frozen_memory_cache on \
     --optim adafactor --learning_rate 3e-3 --lr_scheduler_type linear --warmup_steps 0.03 --weight_decay 0.0 \
     --num_train_epochs 3 --per_device_train_batch_size "$PER_DEVICE_BATCH" \
     --gradient_accumulation_steps $(( GLOBAL_BATCH / PER_PASS )) \

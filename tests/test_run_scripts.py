@@ -60,6 +60,7 @@ def test_launcher_arguments_parse_with_paper_settings(script, tmp_path):
     method = script.stem.removeprefix("imsm_").split("_")[0]
     assert imsm.peft == method
     assert imsm.gate == ("query_aware" if script.stem.startswith("imsm_") else "none")
+    assert imsm.frozen_memory_cache == ("on" if script.stem.startswith("imsm_") else "off")  # all run 3 epochs
     lr = {"lora": 3e-4, "adalora": 2e-3, "dora": 1e-4, "ia3": 3e-3, "loramoe": 2e-4}[method]
     assert training.learning_rate == lr and training.num_train_epochs == 3 and imsm.gate_rank == 8
     global_batch = training.per_device_train_batch_size * 8 * training.gradient_accumulation_steps  # GPUS=8

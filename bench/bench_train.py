@@ -115,7 +115,7 @@ def measure_run(args) -> dict:
     timings = {}
     if device.type == "cuda":
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     if args.variant == "imsm_prefill":
         for batch in _batches(examples, args.fill_batch_size, device):
             kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
@@ -136,6 +136,7 @@ def measure_run(args) -> dict:
             torch.cuda.synchronize()
         timings[f"epoch{epoch + 1}_s"] = time.perf_counter() - t0 - sum(timings.values())
     timings["total_s"] = time.perf_counter() - t0
+    timings["cpu_s"] = time.process_time() - cpu0
     tmp.cleanup()
     return timings | {"device": device.type}
 
@@ -148,21 +149,26 @@ def whole_run(args) -> None:
         base += ["--model_name_or_path", args.model_name_or_path]
     variants = {"lora": "vanilla LoRA", "imsm": "IMSM, no cache", "imsm_cache": "IMSM, cache filled in epoch 1",
                 "imsm_prefill": f"IMSM, cache filled first (no-grad, batch {args.fill_batch_size})"}
-    results = {}
-    for variant in variants:
-        out = subprocess.run(base + ["--variant", variant], capture_output=True, text=True, check=True)
-        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-    lora = results["lora"]["total_s"]
-    print(f"device {results['lora']['device']}, LoRA r=16, {args.epochs} epochs x {args.examples} examples of "
-          f"{args.seq_len} tokens (half answer), batch {args.batch_size}, no gradient checkpointing")
-    epochs = "".join(f" epoch {e + 1} s |" for e in range(args.epochs))
-    print(f"| run | fill s |{epochs} total s | ratio to LoRA |")
-    print("|---|---|" + "---|" * args.epochs + "---|---|")
+    runs = {v: [] for v in variants}
+    # repeats alternate the order (forward, backward, ...) so that a slow spell of a shared machine hits all variants
+    for repeat in range(args.repeats):
+        for variant in (list(variants) if repeat % 2 == 0 else list(variants)[::-1]):
+            out = subprocess.run(base + ["--variant", variant], capture_output=True, text=True, check=True)
+            runs[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    results = {v: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "device"} for v, rs in runs.items()}
+    lora, lora_cpu = results["lora"]["total_s"], results["lora"]["cpu_s"]
+    print(f"device {runs['lora'][0]['device']}, LoRA r=16, {args.epochs} epochs x {args.examples} examples of "
+          f"{args.seq_len} tokens (half answer), batch {args.batch_size}, no gradient checkpointing, median of "
+          f"{args.repeats} repeats (wall s; ratio of wall time, and of the process's CPU time)")
+    epochs = "".join(f" epoch {e + 1} |" for e in range(args.epochs))
+    print(f"| run | fill |{epochs} total | wall ratio to LoRA | CPU-time ratio to LoRA |")
+    print("|---|---|" + "---|" * args.epochs + "---|---|---|")
     for variant, label in variants.items():
         r = results[variant]
         cells = "".join(f" {r[f'epoch{e + 1}_s']:.1f} |" for e in range(args.epochs))
         fill = f"{r['fill_s']:.1f}" if "fill_s" in r else "-"
-        print(f"| {label} | {fill} |{cells} {r['total_s']:.1f} | {r['total_s'] / lora:.2f}x |")
+        print(f"| {label} | {fill} |{cells} {r['total_s']:.1f} | {r['total_s'] / lora:.2f}x | "
+              f"{r['cpu_s'] / lora_cpu:.2f}x |")
 
 
 def main() -> None:
@@ -176,6 +182,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=16, help="--whole_run: examples per epoch.")
     parser.add_argument("--epochs", type=int, default=3, help="--whole_run: epochs.")
     parser.add_argument("--fill_batch_size", type=int, default=16, help="--whole_run: batch of the no-grad fill.")
+    parser.add_argument("--repeats", type=int, default=1, help="--whole_run: runs of each variant (median).")
     parser.add_argument("--gate", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--gradient_checkpointing", action="store_true", help=argparse.SUPPRESS)

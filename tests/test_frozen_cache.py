@@ -161,13 +161,14 @@ def test_killed_mid_first_epoch_resumes_onto_what_it_wrote(tiny_model_dir, tiny_
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("config", ["zero2.json", "zero3.json"])
 def test_deepspeed_two_ranks_cache_their_own_examples_and_match_one_process(tiny_model_dir, tiny_train_file,
-                                                                             tmp_path):
+                                                                             tmp_path, config):
     exact = ["--gate_dropout", "0", "--lora_dropout", "0"]  # ranks draw their own masks: compare without dropout
     out = tmp_path / "ds"
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
            str(random.randint(20000, 40000)), str(ROOT / "train.py"), "--deepspeed",
-           str(ROOT / "ds_configs" / "zero2.json"),
+           str(ROOT / "ds_configs" / config),
            *_args(tiny_model_dir, tiny_train_file, out, "--per_device_train_batch_size", "2", "--frozen_memory_cache",
                   "on", *exact)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)

@@ -9,7 +9,8 @@ tokens and A_i = L_i − Q_i answer tokens:
 
 Both are kept in the training dtype (bf16 in the paper's runs) as the decoder produced them, so a cached batch gives
 the same loss as a recomputed one. Size on disk: d × (Σ_i A_i + n_examples) × bytes per value; e.g. Llama-3-8B
-(d = 4096) on GSM8K train (7,473 examples, ~100-200 answer tokens each) in bf16: 4096 × 7,473 × 150 × 2 B ≈ 9.2 GB.
+(d = 4096) on GSM8K train (7,473 examples, 724,546 answer tokens, ~97 each) in bf16: 4096 × 732,019 × 2 B ≈ 6.0 GB
+(9.2 GB at 150 answer tokens per example).
 
 Format: a folder of safetensors shards, never pickles. A shard holds ``index``, ``length``, ``answers`` (n,) int64
 (dataset index, L_i, A_i), ``q`` (n, d) and ``h`` (Σ A_i, d), the h rows of example k at offset Σ_{j<k} A_j. Rank r
@@ -17,8 +18,8 @@ writes only the examples it computed, as ``rank{r}-{seq}.safetensors``, each sha
 renamed when complete (a killed run leaves whole shards only, and a resumed run reuses them); every rank reads any
 shard in the folder, memory-mapped, since data-parallel ranks see a different share of the examples every epoch.
 ``fingerprint.json`` names what the memory depends on (base model path and config, dtype, template and system
-prompt, max lengths, data file content hash, the truncation rule's source code); a folder built for anything else is
-emptied with a message and filled again.
+prompt, max lengths, data file content hash, the source code of truncation and templates); a folder built for
+anything else is emptied with a message and filled again.
 
 A batch skips the frozen pass only when every example of it is cached (under data parallelism: on every rank, since
 ZeRO-3 gathers parameters collectively during the pass). Filling happens in the first epoch's forward passes, where
@@ -40,6 +41,7 @@ from safetensors.torch import save
 from transformers import TrainerCallback
 
 from imsm import data as data_module
+from imsm import templates as templates_module
 from imsm.atomic import atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -50,9 +52,11 @@ DEFAULT_DIR_NAME = "frozen_memory_cache"
 
 
 def truncation_rule() -> str:
-    """A hash of the code that turns a row into token ids: a change to it changes what is cached."""
+    """A hash of the code that turns a row into token ids (truncation and templates): a change to it changes what
+    is cached."""
     source = "".join(inspect.getsource(f) for f in (data_module.encode_example, data_module.encode_prompt,
-                                                    data_module.truncate_prompt, data_module.training_answer))
+                                                    data_module.truncate_prompt, data_module.training_answer,
+                                                    templates_module))
     return hashlib.sha256(source.encode()).hexdigest()[:16]
 
 

@@ -133,6 +133,9 @@ class FrozenMemoryCache:
                 atomic_write_json(path, fingerprint)
         if self._dist is not None:
             self._dist.barrier()
+        if self.rank != 0 and (not path.is_file() or json.loads(path.read_text()) != fingerprint):
+            raise RuntimeError(f"--frozen_memory_cache {self.directory}: rank {self.rank} does not see the folder "
+                               "rank 0 prepared; put it on a file system that every node shares, or turn it off")
 
     def refresh(self) -> None:
         """Index the shards written since the last look (by this rank or any other)."""

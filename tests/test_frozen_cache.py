@@ -179,3 +179,14 @@ def test_deepspeed_two_ranks_cache_their_own_examples_and_match_one_process(tiny
     single = tmp_path / "single"
     train.main(_args(tiny_model_dir, tiny_train_file, single, *exact))
     _assert_same_state(out / "final", single / "final", atol=1e-5)
+
+
+def test_a_validation_split_caches_the_training_part_under_its_dataset_indices(tiny_model_dir, tiny_train_file,
+                                                                                tmp_path):
+    out = tmp_path / "run"
+    trainer = train.main(_args(tiny_model_dir, tiny_train_file, out, "--frozen_memory_cache", "on",
+                               "--validation_fraction", "0.25"))
+    train_indices = sorted(trainer.train_dataset.indices)
+    assert len(train_indices) == 24 and train_indices != list(range(24))  # held-out examples leave gaps
+    assert sorted(_shard_indices(out / "frozen_memory_cache")) == train_indices
+    assert trainer.model.frozen_cache.hits == 6  # epoch 2 read every batch; validation ran uncached

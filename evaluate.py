@@ -44,6 +44,7 @@ from imsm.evaluation.report import write_report
 from imsm.evaluation.runner import (
     DTYPES,
     EvalArguments,
+    calibration_notes,
     calibration_skips,
     evaluate_model,
     finish_output_dir,
@@ -53,18 +54,6 @@ from imsm.evaluation.runner import (
     scoring_notes,
     task_files,
 )
-
-
-def _ranges(rows: list[int]) -> str:
-    """[3, 4, 5, 9] -> "3-5, 9"."""
-    spans, start = [], None
-    for prev, cur in zip([None, *rows], [*rows, None], strict=True):
-        if start is None:
-            start = cur
-        elif cur is None or cur != prev + 1:
-            spans.append(f"{start}" if start == prev else f"{start}-{prev}")
-            start = cur
-    return ", ".join(spans)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Path] | None:
@@ -87,8 +76,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path] | None:
     skips = calibration_skips(plans, files)
     tasks = {task: read_task(task, path, args.max_examples, {i for rows in skips.get(task, {}).values() for i in rows})
              for task, path in files.items()}
-    notes = [f"{task}: rows {_ranges(rows)} of {files[task]} not scored for any model (CorDA calibration rows of "
-             f"{run})" for task, by_run in skips.items() for run, rows in by_run.items()]
+    notes = calibration_notes(skips, files)
     for note in notes:
         logging.getLogger("evaluate").warning(note)
     notes += scoring_notes(args)

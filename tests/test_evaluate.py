@@ -363,3 +363,15 @@ def test_bad_groups_and_report_folders(model_dir, data_dir, runs, tmp_path):
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["untuned"]
     assert not (out / "INCOMPLETE").exists() and not list(out.glob(".*"))
     assert "IMSM" not in (out / "summary.md").read_text()
+
+
+def test_calibration_notes_group_runs_that_skip_the_same_rows():
+    from imsm.evaluation.runner import calibration_notes
+
+    files = {"webq": Path("data/webq/test.jsonl"), "mrpc": Path("data/mrpc/test.jsonl")}
+    skips = {"webq": {"seed1": [3, 4, 5, 9], "seed2": [3, 4, 5, 9], "seed3": [0]}, "mrpc": {"seed1": [7]}}
+    assert calibration_notes(skips, files) == [
+        "webq: rows 3-5, 9 of data/webq/test.jsonl not scored for any model (CorDA calibration rows of seed1, seed2)",
+        "webq: rows 0 of data/webq/test.jsonl not scored for any model (CorDA calibration rows of seed3)",
+        "mrpc: rows 7 of data/mrpc/test.jsonl not scored for any model (CorDA calibration rows of seed1)",
+    ]

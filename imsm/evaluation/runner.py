@@ -195,6 +195,30 @@ def calibration_skips(plans: list[ModelPlan], files: dict[str, Path]) -> dict[st
     return skips
 
 
+def _ranges(rows: list[int]) -> str:
+    """[3, 4, 5, 9] -> "3-5, 9"."""
+    spans, start = [], None
+    for prev, cur in zip([None, *rows], [*rows, None], strict=True):
+        if start is None:
+            start = cur
+        elif cur is None or cur != prev + 1:
+            spans.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = cur
+    return ", ".join(spans)
+
+
+def calibration_notes(skips: dict[str, dict[str, list[int]]], files: dict[str, Path]) -> list[str]:
+    """One line per task and set of skipped rows, naming every run calibrated on them (seeds share the rows)."""
+    notes = []
+    for task, by_run in skips.items():
+        by_rows: dict[tuple[int, ...], list[str]] = {}
+        for run, rows in by_run.items():
+            by_rows.setdefault(tuple(rows), []).append(str(run))
+        notes += [f"{task}: rows {_ranges(list(rows))} of {files[task]} not scored for any model (CorDA calibration "
+                  f"rows of {', '.join(runs)})" for rows, runs in by_rows.items()]
+    return notes
+
+
 def read_task(task: str, path: Path, max_examples: int | None, skip: set[int] | None = None) -> list[dict]:
     """The task's rows less ``skip`` (row indices), the first ``max_examples`` of them, their golds checked by
     scoring empty predictions (a yes/no task needs yes/no golds)."""

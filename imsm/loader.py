@@ -22,7 +22,7 @@ from imsm.method.lora_init import (
 )
 from imsm.method.loramoe import LORAMOE_WEIGHTS, LoRAMoEModel
 from imsm.method.model import IMSMModel
-from imsm.run_folder import ADAPTER_WEIGHTS, GATE_FILE, resolve, validate
+from imsm.run_folder import ADAPTER_WEIGHTS, GATE_FILE, check_hidden_size, resolve, validate
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def load_run(run: str | Path, model_name_or_path: str | None = None, dtype: torc
     config = validate(run_dir)
     backbone, tokenizer, path = load_backbone(model_name_or_path or config.base_model, dtype,
                                               attn_implementation, trust_remote_code)
-    validate(run_dir, backbone.config.hidden_size, path)
+    check_hidden_size(config, run_dir, backbone.config.hidden_size, path)
     if config.peft == "loramoe":
         peft_model = LoRAMoEModel.from_pretrained(backbone, run_dir)
     else:

@@ -198,9 +198,8 @@ def validate(run_dir: str | Path, hidden_size: int | None = None, model_path: st
         raise FileNotFoundError(f"{run_dir}: incomplete run folder, {weights.name} is missing")
     if not safetensors_header(weights):
         raise ValueError(f"{weights}: holds no tensors")
-    if hidden_size is not None and config.hidden_size != hidden_size:
-        raise ValueError(f"{run_dir / CONFIG_FILE}: the run was trained on hidden size {config.hidden_size}, "
-                         f"{model_path or 'the base model'} has {hidden_size}")
+    if hidden_size is not None:
+        check_hidden_size(config, run_dir, hidden_size, model_path)
     saved = safetensors_header(run_dir / GATE_FILE)
     expected = GATES[config.gate].parameter_shapes(config.hidden_size, config.gate_rank)
     if set(saved) != set(expected):
@@ -211,6 +210,13 @@ def validate(run_dir: str | Path, hidden_size: int | None = None, model_path: st
             raise ValueError(f"{run_dir / GATE_FILE}: {name} has shape {saved[name][1]}, the {config.gate} gate of "
                              f"rank {config.gate_rank} on hidden size {config.hidden_size} needs {shape}")
     return config
+
+
+def check_hidden_size(config: RunConfig, run_dir: Path, hidden_size: int, model_path: str | None = None) -> None:
+    """The run fits a base model of ``hidden_size`` (``model_path`` names that model in the error)."""
+    if config.hidden_size != hidden_size:
+        raise ValueError(f"{run_dir / CONFIG_FILE}: the run was trained on hidden size {config.hidden_size}, "
+                         f"{model_path or 'the base model'} has {hidden_size}")
 
 
 def read_train_stats(run: str | Path) -> dict | None:

@@ -39,7 +39,7 @@ from imsm.evaluation.report import RunResult, parse_pairs
 from imsm.evaluation.scoring import answer_nll, best_answer, gold_answers
 from imsm.loader import load_backbone, load_run, load_tokenizer
 from imsm.method.scaling import load_scaled_run, parse_scales
-from imsm.run_folder import RunConfig, read_train_stats, resolve, validate
+from imsm.run_folder import RunConfig, check_hidden_size, read_train_stats, resolve, validate
 from imsm.templates import TEMPLATES, build_template
 
 logger = logging.getLogger(__name__)
@@ -239,7 +239,7 @@ def plan_models(args: EvalArguments) -> list[ModelPlan]:
                                args.system_prompt))
     for run in args.run_dir:
         run_dir = resolve(run)
-        config = validate(run_dir)
+        config = validate(run_dir)  # every file, before any model loads
         recorded = (config.prompt_template, config.system_prompt)
         template, system = recorded
         if args.prompt_template is not None:
@@ -249,7 +249,7 @@ def plan_models(args: EvalArguments) -> list[ModelPlan]:
                                "as --prompt_template asks", run_dir, recorded[0], recorded[1], template, system)
         model_path = args.model_name_or_path or resolve_model_path(config.base_model)
         hidden = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code).hidden_size
-        validate(run_dir, hidden, model_path)
+        check_hidden_size(config, run_dir, hidden, model_path)
         plans.append(ModelPlan(default_label(config), model_path, template, system, run_dir,
                                (config.peft, config.gate, config.gate_rank)))
     if args.labels is not None:

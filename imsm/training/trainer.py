@@ -45,9 +45,9 @@ class IMSMTrainer(Trainer):
     def __init__(self, *args, run_config: RunConfig, run_args: dict, gate_learning_rate: float, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.run_config, self.run_args, self.gate_learning_rate = run_config, run_args, gate_learning_rate
-        self._gate_values: list[float] = []
-        self._eval_gate_values: list[float] = []
-        self._balance_values: list[float] = []  # LoRAMoE's balancing constraint
+        # this rank's micro-batch values since the last log, averaged into it: the share of the frozen memory in the
+        # mix (training and validation) and LoRAMoE's balancing constraint
+        self._since_log: dict[str, list[float]] = {"gate_mean": [], "eval_gate_mean": [], "balance_loss": []}
         # rotation counts complete checkpoints only, so it runs after COMPLETE is written (CheckpointCompletion)
         self.keep_checkpoints, self.args.save_total_limit = self.args.save_total_limit, None
         self.add_callback(CheckpointCompletion(self))
@@ -91,25 +91,16 @@ class IMSMTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if model.training:
-            self._gate_values.append(float(outputs["gate_mean"]))
-            if "balance_loss" in outputs:
-                self._balance_values.append(float(outputs["balance_loss"].detach()))
-        else:
-            self._eval_gate_values.append(float(outputs["gate_mean"]))
+        self._since_log["gate_mean" if model.training else "eval_gate_mean"].append(float(outputs["gate_mean"]))
+        if model.training and "balance_loss" in outputs:
+            self._since_log["balance_loss"].append(float(outputs["balance_loss"].detach()))
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if "loss" in logs and self._gate_values:
-            # This rank's micro-batches since the last log: the share of the frozen memory in the mix.
-            logs["gate_mean"] = round(sum(self._gate_values) / len(self._gate_values), 4)
-            self._gate_values.clear()
-        if "eval_loss" in logs and self._eval_gate_values:
-            logs["eval_gate_mean"] = round(sum(self._eval_gate_values) / len(self._eval_gate_values), 4)
-            self._eval_gate_values.clear()
-        if "loss" in logs and self._balance_values:
-            logs["balance_loss"] = round(sum(self._balance_values) / len(self._balance_values), 6)
-            self._balance_values.clear()
+        for key, values in self._since_log.items():
+            if values and ("eval_loss" if key.startswith("eval_") else "loss") in logs:
+                logs[key] = round(sum(values) / len(values), 6 if key == "balance_loss" else 4)
+                values.clear()
         super().log(logs, *args, **kwargs)
 
     # ---- cost ---------------------------------------------------------------------------------------------------

@@ -215,16 +215,13 @@ class ImsmArguments:
     def _check_lora_init(self) -> None:
         if self.init_lora_weights not in LORA_INITS:
             raise ValueError(f"--init_lora_weights {self.init_lora_weights!r}: choose one of {sorted(LORA_INITS)}")
-        if self.init_lora_weights != "default":
-            if self.peft != "lora":
-                raise ValueError(f"--init_lora_weights {self.init_lora_weights} applies to --peft lora only")
-            if self.gate != "none":
-                raise ValueError(
-                    f"--init_lora_weights {self.init_lora_weights} cannot be combined with the IMSM gate "
-                    f"(--gate {self.gate}): it moves the top singular directions of each target weight into the "
-                    "adapter and leaves the residual in the base layer, so the model with the adapter disabled is "
-                    "no longer the pretrained model and the frozen memory would be wrong; use --gate none"
-                )
+        if self.init_lora_weights != "default" and self.gate != "none":  # (--peft lora: OPTION_APPLIES_TO)
+            raise ValueError(
+                f"--init_lora_weights {self.init_lora_weights} cannot be combined with the IMSM gate "
+                f"(--gate {self.gate}): it moves the top singular directions of each target weight into the "
+                "adapter and leaves the residual in the base layer, so the model with the adapter disabled is "
+                "no longer the pretrained model and the frozen memory would be wrong; use --gate none"
+            )
         if (self.init_lora_weights == "corda") != (self.corda_calibration_file is not None):
             raise ValueError("--init_lora_weights corda needs --corda_calibration_file, and that file is only used "
                              "by corda")

@@ -165,10 +165,7 @@ class FrozenMemoryCache:
         Under data parallelism every rank must agree (ZeRO-3's frozen pass gathers parameters collectively).
         """
         indices = example_index.tolist()
-        hit = all(i in self._entries for i in indices)
-        if not hit:
-            self.refresh()
-            hit = all(i in self._entries for i in indices)
+        hit = all(i in self._entries for i in indices)  # shards are indexed when written, not looked for per step
         if self._dist is not None and self.world_size > 1:
             flag = torch.tensor([int(hit)], device=example_index.device)
             self._dist.all_reduce(flag, op=self._dist.ReduceOp.MIN)
@@ -235,6 +232,7 @@ class FlushFrozenCache(TrainerCallback):
         self.cache.flush()
         if self.cache._dist is not None:
             self.cache._dist.barrier()  # every rank's shards are on disk before anyone starts the next epoch
+            self.cache.refresh()
 
     def on_save(self, args, state, control, **kwargs):
         self.cache.flush()
@@ -277,8 +275,6 @@ def attach_frozen_cache(trainer, model, dataset, option: str, fingerprint: dict)
     directory = resolve_cache_dir(option, trainer.args.output_dir)
     if directory is None:
         return None
-    if not model.uses_frozen_memory:
-        raise ValueError("--frozen_memory_cache applies to a gate that mixes the frozen memory, not --gate none")
     if any(part.startswith("checkpoint-") for part in directory.resolve().parts):
         raise ValueError(f"--frozen_memory_cache {directory}: keep the cache out of checkpoint folders")
     check_backbone_is_deterministic(model.config)

@@ -27,15 +27,9 @@ from imsm.atomic import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from imsm.data import Truncation, encode_prompt, read_jsonl
 from imsm.default_model import resolve_model_path
 from imsm.evaluation.generation import DecodingConfig, gather_shards, generate, shard
-from imsm.evaluation.metrics import (
-    YES_NO_RULES,
-    ExampleScores,
-    compute_metrics,
-    example_scores,
-    get_task,
-    get_yes_no_rule,
-)
+from imsm.evaluation.metrics import YES_NO_RULES, compute_metrics, get_task, get_yes_no_rule
 from imsm.evaluation.report import RunResult, parse_pairs
+from imsm.evaluation.results import REPORT_INPUTS, score_records
 from imsm.evaluation.scoring import answer_nll, best_answer, gold_answers
 from imsm.loader import load_backbone, load_run, load_tokenizer
 from imsm.method.scaling import load_scaled_run, parse_scales
@@ -51,7 +45,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 SCORE_MODES = ("both", "decode", "likelihood")
 SCALABLE_PEFT = ("lora", "dora", "adalora", "ia3")  # methods whose run merges into one weight update
 REPORT_FILES = ("summary.md", "summary.csv", "forgetting.md", "forgetting.png", "comparisons.md", "stats.json",
-                "stats.csv", "tradeoff.png", "tradeoff.csv")
+                "stats.csv", "tradeoff.png", "tradeoff.csv", REPORT_INPUTS)
 INCOMPLETE = "INCOMPLETE"  # present while an evaluation writes its folder; removed once the report is complete
 
 
@@ -413,23 +407,17 @@ def evaluate_model(plan, args, tasks, dtype, device, rank, world_size) -> RunRes
         if rank != 0:
             continue
         predictions = [{"input": row["input"], "gold": row["output"]} for row in rows]
-        scores = ExampleScores({})
         if decoded is not None:
             for record, (text, n, reason, gate) in zip(predictions, decoded, strict=True):
                 record |= {"prediction": text, "num_tokens": n, "finish_reason": reason}
                 record |= {} if gate is None else {"gate_mean": gate}
-            scores = example_scores(task, [p["prediction"] for p in predictions], [p["gold"] for p in predictions],
-                                    args.yes_no_rule)
         if scored is not None:
             for record, (nll, nll_sum, n_tokens, gate) in zip(predictions, scored, strict=True):
                 record |= {"answer_nll": nll, "answer_nll_sum": nll_sum, "answer_tokens": n_tokens}
                 record |= {} if gate is None else {"answer_gate_mean": gate}
-            scores.components["answer_nll"] = ("mean", torch.tensor([s[0] for s in scored]).double().numpy()[:, None])
-        task_metrics = {name: scores.value(name) for name in scores.components} | {"n": len(rows)}
-        if scored is not None:
-            task_metrics["answer_nll_per_token"] = sum(s[1] for s in scored) / sum(s[2] for s in scored)
+        atomic_write_jsonl(out_dir / task / "predictions.jsonl", predictions)  # saved before anything can fail
+        scores, task_metrics = score_records(task, predictions, args.yes_no_rule)  # as a rebuilt report reads them
         gates = [g for *_, g in decoded if g is not None] if decoded is not None else []
-        atomic_write_jsonl(out_dir / task / "predictions.jsonl", predictions)
         atomic_write_json(out_dir / task / "metrics.json", {
             "label": plan.label, "task": task, "template": plan.template, "system_prompt": plan.system_prompt,
             "run": None if plan.run_dir is None else str(plan.run_dir), "model": plan.model_path,

@@ -76,7 +76,11 @@ class ReportOnlyArguments:
 
 
 def report_only(argv: list[str]) -> dict[str, Path]:
-    (args,) = HfArgumentParser(ReportOnlyArguments).parse_args_into_dataclasses(args=argv)
+    args, rest = HfArgumentParser(ReportOnlyArguments).parse_args_into_dataclasses(args=argv,
+                                                                                  return_remaining_strings=True)
+    if rest:
+        raise ValueError(f"--report_only writes a report from saved predictions without decoding; it takes only "
+                         f"--target, --compare, --bootstrap_resamples and --bootstrap_seed, not {' '.join(rest)}")
     if args.bootstrap_resamples is not None and args.bootstrap_resamples < 1000:
         raise ValueError(f"--bootstrap_resamples {args.bootstrap_resamples}: use at least 1000")
     paths = rebuild_report(args.report_only, args.target, parse_pairs(args.compare), args.bootstrap_resamples,

@@ -151,7 +151,8 @@ def test_write_report(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == names
     assert sorted(p.name for p in paths.values()) == names
     assert paths["forgetting_png"].read_bytes().startswith(PNG_SIGNATURE)
-    assert paths["forgetting_md"].read_text().endswith(forgetting_table([_untuned(), _lora()], "cola"))
+    table = forgetting_table([_untuned(), _lora()], "cola")
+    assert paths["forgetting_md"].read_text().startswith("### Forgetting: decoded metric\n\n" + table + "\n[a, b]: ")
     md, csv_text = summary_table([_untuned(), _lora()])
     assert paths["summary_md"].read_text() == md
     assert paths["summary_csv"].read_text() == csv_text

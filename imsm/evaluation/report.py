@@ -76,12 +76,10 @@ def write_report(runs: list[RunResult], target: str, out_dir: str | Path, baseli
         (PRIMARY, "decoded metric"),
         (NLL, "answer NLL, nats per answer token pooled over the task (lower is better)"))
         if (measure == NLL and has_nll) or (measure == PRIMARY and has_primary)]
-    legend = f"{INTERVAL_LEGEND}.\n\n"
-    forgetting = [f"### Forgetting: {title}\n\n{legend}" + forgetting_table(runs, target, baseline_label, measure,
-                                                                           comparisons)
-                  for measure, title in shown]
-    compared = [f"### Comparisons: {title} (A − B)\n\n{INTERVAL_LEGEND}; {P_LEGEND}.\n\n"
-                + comparison_table(runs, target, pairs, measure, comparisons) for measure, title in shown if pairs]
+    forgetting = [f"### Forgetting: {title}\n\n" + forgetting_table(runs, target, baseline_label, measure, comparisons)
+                  + f"\n{INTERVAL_LEGEND}.\n" for measure, title in shown]
+    compared = [f"### Comparisons: {title} (A − B)\n\n" + comparison_table(runs, target, pairs, measure, comparisons)
+                + f"\n{INTERVAL_LEGEND}; {P_LEGEND}.\n" for measure, title in shown if pairs]
     records = stats_records(runs, target, baseline_label, pairs, comparisons)
     records["notes"] = list(notes or [])
     if notes:

@@ -299,3 +299,55 @@ def test_paired_scores_must_cover_the_same_examples(study):
     short = _run("short", [1, 0], [1, 1], [2.0, 2.0])
     with pytest.raises(ValueError, match="different numbers of examples"):
         forgetting_table(study + [short], "mrpc")
+
+
+def _restate_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "restate_stats.py"
+    spec = importlib.util.spec_from_file_location("restate_stats", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_restating_an_old_stats_file_gives_the_method_level_interval_of_its_predictions(study, tmp_path):
+    """A stats.json in the old form (examples-only interval, McNemar on the vote) restated from its stored numbers
+    gives about the method-level interval computed from the per-example scores themselves."""
+    new = json.loads(write_report(study, "mrpc", tmp_path, pairs=[("IMSM-LoRA", "LoRA")])["stats_json"].read_text())
+    old = {k: new[k] for k in ("target", "baseline", "confidence", "bootstrap_resamples", "bootstrap_seed", "labels")}
+    old["labels"] = json.loads(json.dumps(old["labels"]))
+    for label in old["labels"].values():
+        for metrics in label["tasks"].values():
+            if "answer_nll" in metrics:
+                metrics["answer_nll_per_token"] = metrics["answer_nll"]
+    old["comparisons"] = [{k: rec[k] for k in ("a", "b", "measure", "metric", "column", "delta")}
+                          | {"low": rec["examples_low"], "high": rec["examples_high"], "p_mcnemar": 0.5}
+                          for rec in new["comparisons"]]
+    restated = _restate_module().restate(json.loads(json.dumps(old)))
+    assert restated["labels"]["LoRA"]["tasks"]["webq"]["answer_nll"] == new["labels"]["LoRA"]["tasks"]["webq"][
+        "answer_nll"]
+    for got, want in zip(restated["comparisons"], new["comparisons"], strict=True):
+        assert (got["a"], got["b"], got["column"], got["test"]) == (want["a"], want["b"], want["column"], want["test"])
+        width = want["method_high"] - want["method_low"]
+        assert got["method_low"] == pytest.approx(want["method_low"], abs=0.15 * width)
+        assert got["method_high"] == pytest.approx(want["method_high"], abs=0.15 * width)
+    with pytest.raises(ValueError, match="already restated"):
+        _restate_module().restate(restated)
+
+
+@pytest.mark.parametrize("name", ["cpu_study_stats.json", "cpu_baselines3_stats.json", "cpu_baselines_stats.json"])
+def test_the_published_stats_carry_both_interval_kinds(name):
+    from pathlib import Path
+
+    records = json.loads((Path(__file__).resolve().parents[1] / "docs" / name).read_text())
+    for rec in records["comparisons"]:
+        runs = [len(records["labels"][rec[side]]["runs"]) for side in ("a", "b")]
+        trained = [records["labels"][rec[side]]["runs"] != [None] for side in ("a", "b")]
+        assert rec["examples_low"] <= rec["delta"] <= rec["examples_high"]
+        if all(k > 1 or not t for k, t in zip(runs, trained, strict=True)):
+            assert rec["test"] == "method-level t" and rec["method_low"] <= rec["delta"] <= rec["method_high"]
+            assert (rec["p"] < 0.05) == (rec["method_low"] > 0 or rec["method_high"] < 0)
+        else:
+            assert rec["method_low"] is None and rec["method_note"] == "not estimable from one seed"

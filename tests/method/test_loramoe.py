@@ -170,7 +170,7 @@ def test_kv_cache_decoding_equals_the_no_cache_reference(gate, branches):
 ])
 def test_bad_options_are_clear_errors(kw, match):
     with pytest.raises(ValueError, match=match):
-        ImsmArguments(**kw)
+        ImsmArguments.create(**kw)
 
 
 def test_unknown_target_module_is_a_clear_error():
@@ -219,13 +219,13 @@ def test_train_save_reload_evaluate_and_cost(tiny_model_dir, tiny_train_file, tm
                                              for i in range(5)))
     evaluate.main(["--run", str(out), "--data_dir", str(tmp_path / "data"), "--tasks", "mrpc", "--target", "mrpc",
                    "--output_dir", str(tmp_path / "eval"), "--max_new_tokens", "3", "--batch_size", "2"])
-    preds = [json.loads(line) for line in (tmp_path / "eval" / "loramoe" / "mrpc" / "predictions.jsonl").open()]
+    preds = [json.loads(line) for line in (tmp_path / "eval" / "LoRAMoE" / "mrpc" / "predictions.jsonl").open()]
     expected = generate(reloaded, tokenizer, [tokenizer(r["input"])["input_ids"] for r in preds],
                         DecodingConfig(max_new_tokens=3, batch_size=2))
     assert [p["prediction"] for p in preds] == [g.text for g in expected]
 
 
-@pytest.mark.slow
+@pytest.mark.launch
 @pytest.mark.parametrize("nproc,config", [(1, "zero2.json"), (2, "zero3.json")])
 def test_deepspeed_run_saves_real_gathered_experts(tiny_model_dir, tiny_train_file, tmp_path, nproc, config):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -235,7 +235,7 @@ def test_deepspeed_run_saves_real_gathered_experts(tiny_model_dir, tiny_train_fi
     _launch(nproc, config, tiny_model_dir, tiny_train_file, out, "--peft", "loramoe", "--gate", "none")
     # the model DeepSpeed holds at the end, rebuilt from the engine's own fp32 checkpoint, not from our files
     backbone, tokenizer, _ = load_backbone(str(tiny_model_dir))
-    engine_model = build_imsm_model(backbone, ImsmArguments(peft="loramoe", gate="none"))
+    engine_model = build_imsm_model(backbone, ImsmArguments.create(peft="loramoe", gate="none"))
     engine_model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoint-4")), strict=True)
     reloaded, _, _ = load_run(out / "final")
     torch.testing.assert_close(_probe_logits(reloaded, tokenizer), _probe_logits(engine_model, tokenizer))

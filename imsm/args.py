@@ -43,6 +43,18 @@ class DataArguments:
     validation_fraction: float = field(
         default=0.0, metadata={"help": "Hold out this fraction of the training examples (seeded) as validation data."}
     )
+    knowledge_file: str | None = field(
+        default=None,
+        metadata={"help": "JSONL of world-knowledge examples ('input', 'output') mixed into training as type 1 "
+                          "(LoRAMoE's sample type); all rows unless --knowledge_examples or --knowledge_share."},
+    )
+    knowledge_examples: int | None = field(
+        default=None, metadata={"help": "Mix in the first N rows of --knowledge_file."}
+    )
+    knowledge_share: float | None = field(
+        default=None,
+        metadata={"help": "Mix in the first rows of --knowledge_file that make this fraction of the training set."},
+    )
 
     def __post_init__(self) -> None:
         if self.prompt_template not in TEMPLATES:
@@ -58,6 +70,14 @@ class DataArguments:
         if self.max_output_length < 2:
             raise ValueError(f"--max_output_length {self.max_output_length}: an answer needs one token and its "
                              "closing EOS; use at least 2")
+        if (self.knowledge_examples is not None or self.knowledge_share is not None) and self.knowledge_file is None:
+            raise ValueError("--knowledge_examples and --knowledge_share need --knowledge_file")
+        if self.knowledge_examples is not None and self.knowledge_share is not None:
+            raise ValueError("give --knowledge_examples or --knowledge_share, not both")
+        if self.knowledge_examples is not None and self.knowledge_examples < 1:
+            raise ValueError(f"--knowledge_examples {self.knowledge_examples}: must be at least 1")
+        if self.knowledge_share is not None and not 0 < self.knowledge_share < 1:
+            raise ValueError(f"--knowledge_share {self.knowledge_share}: must be in (0, 1)")
         if self.max_train_examples is not None and self.max_train_examples < 1:
             raise ValueError(f"--max_train_examples {self.max_train_examples}: must be at least 1 "
                              "(omit it for every example)")
@@ -131,26 +151,32 @@ class ImsmArguments:
     adalora_orth_reg_weight: float = field(
         default=0.5, metadata={"help": "AdaLoRA orthogonality penalty."}
     )
+    # LoRAMoE defaults: the authors' public launcher (Ablustrund/LoRAMoE run_loramoe.sh, variable named per line)
     loramoe_num_experts: int = field(
-        default=6, metadata={"help": "LoRAMoE experts per adapted layer."}
+        default=8, metadata={"help": "LoRAMoE experts per adapted layer (run_loramoe.sh: lora_nums=8)."}
     )
-    loramoe_r: int = field(default=4, metadata={"help": "LoRAMoE rank of each expert."})
+    loramoe_r: int = field(default=4, metadata={"help": "LoRAMoE rank of each expert (run_loramoe.sh: lora_rank=4)."})
     loramoe_alpha: float = field(
-        default=32.0, metadata={"help": "LoRAMoE scale numerator (scaling alpha / r)."}
+        default=32.0, metadata={"help": "LoRAMoE scale numerator, scaling alpha / r (run_loramoe.sh: lora_alpha=32)."}
     )
     loramoe_dropout: float = field(
-        default=0.05, metadata={"help": "Dropout on the LoRAMoE experts' input."}
+        default=0.05,
+        metadata={"help": "Dropout on the LoRAMoE experts' input, one mask per expert "
+                          "(run_loramoe.sh: lora_dropout=0.05)."},
     )
     loramoe_knowledge_experts: int | None = field(
         default=None,
-        metadata={"help": "Experts in the world-knowledge group (the first ones); default: half."},
+        metadata={"help": "Experts in the world-knowledge group (the first ones); default: half, as the public code."},
     )
     loramoe_balance_weight: float = field(
-        default=0.1, metadata={"help": "Weight β of the balancing constraint."}
+        default=0.0,
+        metadata={"help": "Weight β of the localized balancing constraint; 0 turns it off "
+                          "(run_loramoe.sh: blc_weight=0.0)."},
     )
     loramoe_balance_delta: float = field(
-        default=0.1,
-        metadata={"help": "Imbalance δ: coefficients 1+δ (task group) and 1−δ (knowledge group)."},
+        default=0.0,
+        metadata={"help": "Imbalance δ of the constraint: a sample's router weight counts 1+δ on the expert group "
+                          "of its type, 1−δ on the other (run_loramoe.sh: blc_alpha=0.0)."},
     )
     init_lora_weights: str = field(
         default="default",

@@ -111,12 +111,13 @@ class IMSMModel(nn.Module):
         return h_frozen, h_tuned, mixed, gate
 
     def forward(self, input_ids, attention_mask, query_mask, labels=None, num_items_in_batch=None,
-                example_index=None, **kwargs):
+                example_index=None, task_types=None, **kwargs):
         """Loss on the answer tokens (labels != -100), next-token shifted; gate, mix and logits only where a label is.
 
         Returns a dict with ``loss`` (summed cross-entropy / ``num_items_in_batch``, or the mean when not given) and
         ``gate_mean``, the mean gate value over the answer tokens (the share of the frozen memory).
-        ``example_index`` (B,) keys the frozen-memory cache in training.
+        ``example_index`` (B,) keys the frozen-memory cache in training; ``task_types`` (B,), the sample types, feed
+        LoRAMoE's balancing constraint.
         """
         out = {}
         if labels is None:
@@ -137,7 +138,7 @@ class IMSMModel(nn.Module):
             # weighted like this micro-batch's share of the answer tokens, so that it sums to one mean over the
             # accumulated batch exactly as the cross-entropy does
             share = selected.sum() / denom
-            out["balance_loss"] = self.peft_model.balancing_loss(attention_mask)
+            out["balance_loss"] = self.peft_model.balancing_loss(attention_mask, task_types)
             loss = loss + out["balance_loss"] * share
         out["loss"] = loss
         with torch.no_grad():

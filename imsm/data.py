@@ -58,7 +58,7 @@ def read_jsonl(path: str | Path, require_output: bool = True, only_type: int | N
                 elif not isinstance(out, str):
                     raise ValueError(f"{path}:{lineno}: 'output' must be a string or a list of strings")
             kind = row.get(TYPE_FIELD)
-            if kind is not None and (type(kind) is not int or kind not in (TASK, WORLD_KNOWLEDGE)):
+            if TYPE_FIELD in row and (type(kind) is not int or kind not in (TASK, WORLD_KNOWLEDGE)):
                 raise ValueError(f"{path}:{lineno}: {TYPE_FIELD!r} must be {WORLD_KNOWLEDGE} (world knowledge) or "
                                  f"{TASK} (downstream task), got {kind!r}")
             if kind is not None and only_type is not None and kind != only_type:

@@ -45,6 +45,18 @@ class DataArguments:
     validation_fraction: float = field(
         default=0.0, metadata={"help": "Hold out this fraction of the training examples (seeded) as validation data."}
     )
+    knowledge_file: str | None = field(
+        default=None,
+        metadata={"help": "JSONL of world-knowledge examples ('input', 'output') mixed into training as type 1 "
+                          "(LoRAMoE's sample type); all rows unless --knowledge_examples or --knowledge_share."},
+    )
+    knowledge_examples: int | None = field(
+        default=None, metadata={"help": "Mix in the first N rows of --knowledge_file."}
+    )
+    knowledge_share: float | None = field(
+        default=None,
+        metadata={"help": "Mix in the first rows of --knowledge_file that make this fraction of the training set."},
+    )
 
     def __post_init__(self) -> None:
         if self.prompt_template not in TEMPLATES:
@@ -60,6 +72,14 @@ class DataArguments:
         if self.max_output_length < 2:
             raise ValueError(f"--max_output_length {self.max_output_length}: an answer needs one token and its "
                              "closing EOS; use at least 2")
+        if (self.knowledge_examples is not None or self.knowledge_share is not None) and self.knowledge_file is None:
+            raise ValueError("--knowledge_examples and --knowledge_share need --knowledge_file")
+        if self.knowledge_examples is not None and self.knowledge_share is not None:
+            raise ValueError("give --knowledge_examples or --knowledge_share, not both")
+        if self.knowledge_examples is not None and self.knowledge_examples < 1:
+            raise ValueError(f"--knowledge_examples {self.knowledge_examples}: must be at least 1")
+        if self.knowledge_share is not None and not 0 < self.knowledge_share < 1:
+            raise ValueError(f"--knowledge_share {self.knowledge_share}: must be in (0, 1)")
         if self.max_train_examples is not None and self.max_train_examples < 1:
             raise ValueError(f"--max_train_examples {self.max_train_examples}: must be at least 1 "
                              "(omit it for every example)")

@@ -113,12 +113,13 @@ class IMSMModel(nn.Module):
         return h_frozen, h_tuned, mixed, gate
 
     def forward(self, input_ids, attention_mask, query_mask, labels=None, num_items_in_batch=None,
-                example_index=None, **kwargs):
+                example_index=None, task_types=None, **kwargs):
         """Loss on the answer tokens (labels != -100), next-token shifted; gate, mix and logits only where a label is.
 
         Returns a dict with ``loss`` (summed cross-entropy / ``num_items_in_batch``, or the mean when not given) and
         ``gate_mean``, the mean gate value over the answer tokens (the share of the frozen memory).
-        ``example_index`` (B,) keys the frozen-memory cache in training.
+        ``example_index`` (B,) keys the frozen-memory cache in training; ``task_types`` (B,), the sample types, feed
+        LoRAMoE's balancing constraint.
         """
         out = {}
         if labels is None:
@@ -132,7 +133,7 @@ class IMSMModel(nn.Module):
         loss_sum = F.cross_entropy(logits, targets[selected], reduction="sum")
         denom = num_items_in_batch if num_items_in_batch is not None else selected.sum().clamp_min(1)
         loss = loss_sum / denom
-        extra = self.method.extra_loss(self.peft_model, attention_mask, self.training)
+        extra = self.method.extra_loss(self.peft_model, attention_mask, self.training, task_types)
         if extra is not None:
             loss = loss + (extra.value * (selected.sum() / denom) if extra.per_answer_token else extra.value)
             if extra.log_as is not None:

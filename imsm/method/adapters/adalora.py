@@ -54,7 +54,7 @@ class AdaLoraMethod(MethodSpec):
                                                             "AdaLoRA target modules"),
         )
 
-    def extra_loss(self, peft_model, attention_mask, training) -> ExtraLoss | None:
+    def extra_loss(self, peft_model, attention_mask, training, task_types=None) -> ExtraLoss | None:
         reg = orth_regularizer(peft_model)
         return None if reg is None else ExtraLoss(reg)
 

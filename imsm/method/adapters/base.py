@@ -117,7 +117,10 @@ class MethodSpec:
         """Write the adapter files; ``state_dict`` holds the full (gathered) values by the PeftModel's names."""
         peft_model.save_pretrained(str(out_dir), state_dict=state_dict, safe_serialization=True)
 
-    def extra_loss(self, peft_model: nn.Module, attention_mask: torch.Tensor, training: bool) -> ExtraLoss | None:
+    def extra_loss(self, peft_model: nn.Module, attention_mask: torch.Tensor, training: bool,
+                   task_types: torch.Tensor | None = None) -> ExtraLoss | None:
+        """A term to add to the loss of a micro-batch; ``task_types`` (B,) are the samples' types (0 task,
+        1 world knowledge) when the data has them."""
         return None
 
     def callbacks(self, trainer) -> list:

@@ -27,16 +27,31 @@ LORAMOE_TARGET_MODULES: dict[str, list[str]] = {
 
 @dataclass
 class LoRAMoEOptions:
-    loramoe_num_experts: int = field(default=6, metadata={"help": "Experts per adapted layer."})
-    loramoe_r: int = field(default=4, metadata={"help": "Rank of each expert."})
-    loramoe_alpha: float = field(default=32.0, metadata={"help": "Scale numerator (scaling alpha / r)."})
-    loramoe_dropout: float = field(default=0.05, metadata={"help": "Dropout on the experts' input."})
-    loramoe_knowledge_experts: int | None = field(
-        default=None, metadata={"help": "Experts in the world-knowledge group (the first ones); default: half."}
+    # Defaults: the authors' public launcher (Ablustrund/LoRAMoE run_loramoe.sh, its variable named per line)
+    loramoe_num_experts: int = field(
+        default=8, metadata={"help": "Experts per adapted layer (run_loramoe.sh: lora_nums=8)."}
     )
-    loramoe_balance_weight: float = field(default=0.1, metadata={"help": "Weight β of the balancing constraint."})
+    loramoe_r: int = field(default=4, metadata={"help": "Rank of each expert (run_loramoe.sh: lora_rank=4)."})
+    loramoe_alpha: float = field(
+        default=32.0, metadata={"help": "Scale numerator, scaling alpha / r (run_loramoe.sh: lora_alpha=32)."}
+    )
+    loramoe_dropout: float = field(
+        default=0.05,
+        metadata={"help": "Dropout on the experts' input, one mask per expert (run_loramoe.sh: lora_dropout=0.05)."},
+    )
+    loramoe_knowledge_experts: int | None = field(
+        default=None,
+        metadata={"help": "Experts in the world-knowledge group (the first ones); default: half, as the public code."},
+    )
+    loramoe_balance_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight β of the localized balancing constraint; 0 turns it off "
+                          "(run_loramoe.sh: blc_weight=0.0)."},
+    )
     loramoe_balance_delta: float = field(
-        default=0.1, metadata={"help": "Imbalance δ: coefficients 1+δ (task group) and 1−δ (knowledge group)."}
+        default=0.0,
+        metadata={"help": "Imbalance δ of the constraint: a sample's router weight counts 1+δ on the expert group "
+                          "of its type, 1−δ on the other (run_loramoe.sh: blc_alpha=0.0)."},
     )
 
     def __post_init__(self) -> None:
@@ -73,10 +88,11 @@ class LoRAMoEMethod(MethodSpec):
     def load_weights(self, peft_model: LoRAMoEModel, run_dir: Path, initial_state=None) -> None:
         peft_model.load_adapter_weights(run_dir / LORAMOE_WEIGHTS)
 
-    def extra_loss(self, peft_model: LoRAMoEModel, attention_mask, training) -> ExtraLoss | None:
+    def extra_loss(self, peft_model: LoRAMoEModel, attention_mask, training, task_types=None) -> ExtraLoss | None:
         if not training:
             return None
-        return ExtraLoss(peft_model.balancing_loss(attention_mask), log_as="balance_loss", per_answer_token=True)
+        return ExtraLoss(peft_model.balancing_loss(attention_mask, task_types), log_as="balance_loss",
+                         per_answer_token=True)
 
 
 register_method(LoRAMoEMethod())

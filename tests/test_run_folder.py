@@ -2,6 +2,7 @@
 safetensors integrity check, checkpoint completeness and rotation."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,3 +141,26 @@ def test_rotation_counts_complete_checkpoints_and_keeps_the_best(tmp_path):
     rotate_checkpoints(tmp_path, keep=2, protect=tmp_path / "checkpoint-1")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-3", "checkpoint-4",
                                                          "checkpoint-5"]
+
+
+@pytest.mark.parametrize("run", ["lora_query_aware", "lora_none", "loramoe_query_aware"])
+def test_a_run_folder_written_in_format_1_still_loads_to_the_same_model(run, tiny_model_dir, tmp_path):
+    """tests/data/format1/ holds run folders written by imsm before format 2 (commit 29b1bb5: LoRA with the IMSM gate
+    and without, LoRAMoE with its format-1 files) on the tiny Llama the fixtures build, with the logits that
+    version computed. They must load through today's loader (the config read as format 1) and give those logits."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from imsm.loader import check_run, load_run
+
+    folder = shutil.copytree(Path(__file__).parent / "data" / "format1" / run, tmp_path / run)
+    assert json.loads((folder / CONFIG_FILE).read_text())["format_version"] == 1
+    assert check_run(folder).format_version == FORMAT_VERSION
+    model, _, config = load_run(folder, str(tiny_model_dir))
+    assert config.peft == run.split("_")[0] and config.init_lora_weights == "default"
+    expected = load_file(str(folder / "expected_logits.safetensors"))
+    with torch.no_grad():
+        logits = model(input_ids=expected["input_ids"], attention_mask=torch.ones_like(expected["input_ids"]),
+                       query_mask=expected["query_mask"])["logits"]
+    torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=1e-5)

@@ -6,7 +6,7 @@ time is token for token the one it was trained on; answer likelihoods (``scoring
 answer tokens training puts its loss on.
 
 Runs may share a label (``--labels untuned,LoRA,LoRA,LoRA,IMSM-LoRA,...``): they are seeds of one method, reported
-as one row (mean ± standard deviation over the runs, paired intervals on the seed-averaged per-example scores). A
+as one row (mean ± standard deviation over the runs, method-level intervals over seeds and examples). A
 label's runs must share the base model, prompt template, system prompt, PEFT method and gate; each run's files go to
 ``OUTPUT_DIR/<label>/run<k>/`` (a label of one run keeps ``OUTPUT_DIR/<label>/``).
 """
@@ -66,8 +66,8 @@ class EvalArguments:
     labels: str | None = field(default=None, metadata={
         "help": "Comma-separated names: untuned first (with --untuned), then the runs in order. Runs given the same "
                 "label are seeds of one method, e.g. --run a1 a2 a3 b1 b2 b3 --labels untuned,LoRA,LoRA,LoRA,"
-                "IMSM-LoRA,IMSM-LoRA,IMSM-LoRA: one row each, mean ± sd over its runs, paired intervals on the "
-                "seed-averaged per-example scores (same base model, template, PEFT method and gate required)."})
+                "IMSM-LoRA,IMSM-LoRA,IMSM-LoRA: one row each, mean ± sd over its runs, method-level intervals "
+                "over seeds and examples (same base model, template, PEFT method and gate required)."})
     target: str | None = field(default=None, metadata={"help": "Target task of the forgetting report (first task)."})
     max_examples: int | None = field(default=None, metadata={"help": "Only the first N examples of each task."})
     score: str = field(default="both", metadata={
@@ -79,8 +79,9 @@ class EvalArguments:
                 "code's rule, yes when 'yes' occurs anywhere in it, else no - to reproduce the paper's numbers."})
     compare: str | None = field(default=None, metadata={
         "help": "Pairs of labels to compare besides each row vs the untuned baseline: 'A:B,C:D' (A − B), e.g. "
-                "IMSM-LoRA:LoRA. Every comparison is paired per example, with a bootstrap 95%% interval and, for "
-                "accuracy-type metrics, McNemar's exact p."})
+                "IMSM-LoRA:LoRA. Every comparison is paired per example: an examples-only bootstrap 95%% interval, "
+                "a method-level one (seed variance added) where the labels have several seeds, and the p of a "
+                "test of the same quantity (imsm/evaluation/stats.py)."})
     adapter_scale: str | None = field(default=None, metadata={
         "help": "Evaluate every vanilla PEFT run (--gate none) at these scales of its learned update, e.g. "
                 "0.25,0.5,0.75,1: weights W0 + a*(W1 - W0) (LoRA/AdaLoRA/DoRA: the update scaled; (IA)3: l -> "

@@ -305,7 +305,7 @@ def _restate_module():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "restate_stats.py"
+    path = Path(__file__).resolve().parents[2] / "scripts" / "restate_stats.py"
     spec = importlib.util.spec_from_file_location("restate_stats", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -341,7 +341,7 @@ def test_restating_an_old_stats_file_gives_the_method_level_interval_of_its_pred
 def test_the_published_stats_carry_both_interval_kinds(name):
     from pathlib import Path
 
-    records = json.loads((Path(__file__).resolve().parents[1] / "docs" / name).read_text())
+    records = json.loads((Path(__file__).resolve().parents[2] / "docs" / name).read_text())
     for rec in records["comparisons"]:
         runs = [len(records["labels"][rec[side]]["runs"]) for side in ("a", "b")]
         trained = [records["labels"][rec[side]]["runs"] != [None] for side in ("a", "b")]

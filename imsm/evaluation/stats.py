@@ -26,8 +26,9 @@ and the interval is Δ ± t_{df, 0.975} · SE. The untuned model is deterministi
 trained label with one run has no estimate of its seed variance, so the interval is *not estimable from one seed*.
 Why not a two-level percentile bootstrap (seeds, then examples): with 3 seeds a label has 10 distinct seed resamples
 and the percentile interval ignores that s² is itself estimated from 2 degrees of freedom; on synthetic 3-vs-3-seed
-data (seed effect 0.2 logit, n = 1,000) it covered 88% (86% for a 3-task average), the t interval above 95% (97%).
-The two terms overlap by the run-specific per-example noise (in both V_ex and s²), so the interval errs wide.
+data (seed effect 0.2 logit, n = 1,000) it covered 88% (86% for a 3-task average), the t interval 95% (98%), the
+examples-only interval 53% (33%) (``tests/evaluation/test_stats.py``). The two terms overlap by the run-specific
+per-example noise (in both V_ex and s²), so the interval errs wide.
 
 **Tests.** The p-value beside a change tests the same quantity as its interval, so the two cannot disagree:
 with a method-level interval, p = 2 · P(T_df > |Δ| / SE) (p < 0.05 exactly when the interval leaves out 0);

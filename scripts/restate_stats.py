@@ -9,8 +9,9 @@ method-level interval of ``imsm.evaluation.stats`` with the examples-only varian
 stored per-run values, replaces the vote's p by the p-value of the test of the same quantity (the method-level t test
 with several seeds, McNemar between two single runs), and renames the answer-NLL keys after their definitions: the old
 ``answer_nll`` (mean over examples of per-example means) becomes ``answer_nll_example_mean``, the old
-``answer_nll_per_token`` (pooled) becomes ``answer_nll``. A file already restated is refused. A rerun of the study
-gives the exact (bootstrap) examples-only variance in place of the read-back one.
+``answer_nll_per_token`` (pooled) becomes ``answer_nll``. A file already restated is left as it is (``restate``
+refuses it). ``--chart`` redraws the file's tradeoff chart with the restated intervals. A rerun of the study gives the
+exact (bootstrap) examples-only variance in place of the read-back one.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 from scipy import stats as scipy_stats
 
+from imsm.evaluation.charts import plot_tradeoff
 from imsm.evaluation.comparisons import INTERVALS
 from imsm.evaluation.results import DEFINITIONS, GENERAL, forgetting_columns
 from imsm.evaluation.stats import MCNEMAR, METHOD_T, NOT_ESTIMABLE, method_interval
@@ -97,12 +99,60 @@ def restate(records: dict[str, Any]) -> dict[str, Any]:
                       "comparisons": restated, "notes": notes}
 
 
+def tradeoff_points(records: dict[str, Any]) -> list[dict[str, Any]]:
+    """The learning-forgetting chart's numbers from a restated file: per label its change against the baseline
+    with the headline interval (method-level, else examples-only), per run its own change (``charts``' layout)."""
+    baseline, target = records["labels"][records["baseline"]], records["target"]
+    general = [t for t in forgetting_columns(target)[1:] if t in baseline["tasks"]]
+    found = {(r["a"], r["b"], r["measure"], r["column"]): r for r in records["comparisons"]}
+    points = []
+    for name, label in records["labels"].items():
+        if name == records["baseline"]:
+            continue
+        for measure in ("primary", "answer_nll"):
+            sign, factor = (-1.0, 1.0) if measure == "answer_nll" else (1.0, 100.0)
+            dx, dy = found.get((name, records["baseline"], measure, target)), \
+                found.get((name, records["baseline"], measure, GENERAL))
+            if dx is None or dy is None:
+                continue
+            kind = "method" if dx["method_low"] is not None and dy["method_low"] is not None else "examples"
+            box = {}
+            for axis, rec in (("x", dx), ("y", dy)):
+                low, high = (rec["method_low"], rec["method_high"]) if kind == "method" else \
+                    (rec["examples_low"], rec["examples_high"])
+                box[axis] = sign * factor * rec["delta"]
+                box[f"{axis}_low"], box[f"{axis}_high"] = sorted((sign * factor * low, sign * factor * high))
+            points.append({"label": name, "run": "mean", "measure": measure, "interval": kind} | box)
+            key = (lambda t: "answer_nll_example_mean") if measure == "answer_nll" else \
+                (lambda t, m=dx["metric"], g=dy["metric"]: m if t == target else
+                 g.removeprefix("average of ").split(",")[forgetting_columns(target)[1:].index(t)])
+            x_runs = _per_run(label, [(target, key(target))]) - _per_run(baseline, [(target, key(target))])
+            y_runs = _per_run(label, [(t, key(t)) for t in general]) - \
+                _per_run(baseline, [(t, key(t)) for t in general])
+            if len(x_runs) > 1:
+                points += [{"label": name, "run": run, "measure": measure, "interval": None,
+                            "x": sign * factor * x, "y": sign * factor * y, "x_low": None, "x_high": None,
+                            "y_low": None, "y_high": None}
+                           for run, x, y in zip(label["runs"], x_runs, y_runs, strict=True)]
+    return points
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="+", type=Path)
-    for path in parser.parse_args().files:
-        path.write_text(json.dumps(restate(json.loads(path.read_text())), indent=1) + "\n")
-        print(f"restated {path}")
+    parser.add_argument("--chart", action="store_true",
+                        help="Also redraw FILE's tradeoff chart (FILE with _stats.json -> _tradeoff.png) from it.")
+    args = parser.parse_args()
+    for path in args.files:
+        records = json.loads(path.read_text())
+        if "intervals" not in records:
+            records = restate(records)
+            path.write_text(json.dumps(records, indent=1) + "\n")
+            print(f"restated {path}")
+        if args.chart:
+            chart = path.with_name(path.name.replace("_stats.json", "_tradeoff.png"))
+            plot_tradeoff(tradeoff_points(records), records["target"], chart, nll="example means")
+            print(f"drew {chart}")
 
 
 if __name__ == "__main__":

@@ -91,9 +91,10 @@ def _save_png(fig, path: str | Path) -> Path:
     return path
 
 
-def plot_tradeoff(points: list[dict[str, Any]], target: str, path: str | Path) -> Path:
+def plot_tradeoff(points: list[dict[str, Any]], target: str, path: str | Path, nll: str = "pooled") -> Path:
     """Two panels (decoded metric, answer likelihood): x = change on the target, y = change on the general average,
-    small dots per run, a large marker per label with its headline 95% intervals as bars."""
+    small dots per run, a large marker per label with its headline 95% intervals as bars; ``nll`` names how the
+    answer NLL was averaged."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -118,7 +119,7 @@ def plot_tradeoff(points: list[dict[str, Any]], target: str, path: str | Path) -
         ax.axhline(0.0, color="black", linewidth=0.6)
         ax.axvline(0.0, color="black", linewidth=0.6)
         if measure == NLL:
-            ax.set_xlabel(f"− Δ answer NLL on {display} (nats/token, pooled; right = learned)")
+            ax.set_xlabel(f"− Δ answer NLL on {display} (nats/token, {nll}; right = learned)")
             ax.set_ylabel("− Δ answer NLL, general average (up = remembers)")
             ax.set_title("Answer likelihood vs untuned")
         else:

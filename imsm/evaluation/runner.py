@@ -31,8 +31,8 @@ from imsm.evaluation.generation import DecodingConfig, gather_shards, generate, 
 from imsm.evaluation.metrics import YES_NO_RULES, compute_metrics, get_task, get_yes_no_rule
 from imsm.evaluation.report import RunResult, parse_pairs
 from imsm.evaluation.results import REPORT_INPUTS, score_records
-from imsm.evaluation.scoring import answer_nll, best_answer, gold_answers
 from imsm.evaluation.scaling import load_scaled_run, parse_scales
+from imsm.evaluation.scoring import answer_nll, best_answer, gold_answers
 from imsm.loader import check_run, load_backbone, load_run, load_tokenizer
 from imsm.method.adapters import METHODS, get_method
 from imsm.run_folder import RunConfig, check_hidden_size, read_train_stats, resolve

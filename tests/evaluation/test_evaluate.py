@@ -414,6 +414,12 @@ def test_a_failed_report_keeps_the_predictions_and_is_rebuilt_without_decoding(m
         evaluate.main(["--report_only", str(tmp_path / "nothing")])
     with pytest.raises(ValueError, match="takes only --target, --compare.*not --batch_size 4"):
         evaluate.main(["--report_only", str(out), "--batch_size", "4"])
+    # a folder written before report_inputs.json existed: rows in folder order, untuned first, the target given
+    (whole / "report_inputs.json").unlink()
+    with pytest.raises(ValueError, match="give --target"):
+        evaluate.main(["--report_only", str(whole)])
+    evaluate.main(["--report_only", str(whole), "--target", "mrpc", "--bootstrap_seed", "3"])
+    assert list(json.loads((whole / "stats.json").read_text())["labels"]) == ["untuned", "IMSM", "LoRA"]
 
 
 def test_calibration_notes_group_runs_that_skip_the_same_rows():

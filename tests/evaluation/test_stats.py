@@ -335,6 +335,15 @@ def test_restating_an_old_stats_file_gives_the_method_level_interval_of_its_pred
         assert got["method_high"] == pytest.approx(want["method_high"], abs=0.15 * width)
     with pytest.raises(ValueError, match="already restated"):
         _restate_module().restate(restated)
+    # the redrawn chart's numbers: every run's own change is the report's (decoded metric), label means the same
+    drawn = {(p["label"], p["run"]): p for p in _restate_module().tradeoff_points(restated)
+             if p["measure"] == "primary"}
+    report = {(p["label"], p["run"]): p for p in csv.DictReader((tmp_path / "tradeoff.csv").open())
+              if p["measure"] == "primary"}
+    assert drawn.keys() == report.keys()
+    for key, point in drawn.items():
+        assert point["x"] == pytest.approx(float(report[key]["x"]))
+        assert point["y"] == pytest.approx(float(report[key]["y"]))
 
 
 @pytest.mark.parametrize("name", ["cpu_study_stats.json", "cpu_baselines3_stats.json", "cpu_baselines_stats.json"])

@@ -2,7 +2,7 @@
 and write the paper's table with our numbers beside the paper's.
 
     python reproduce.py table2 --dry_run          # the plan, its GPU-hours (when measured) and disk
-    python reproduce.py table2                    # in sequence on this node (finished runs skipped, interrupted resumed)
+    python reproduce.py table2                    # in sequence here: finished runs skipped, interrupted resumed
     python reproduce.py table2 --slurm slurm/table2 --sbatch_option=--partition=gpu && bash slurm/table2/submit.sh
 
 Plans: table1, table2, table3, table4 (with the ablation's forgetting, Figure 4), table6, figure3, all. The paper's
@@ -83,7 +83,8 @@ def dry_run(plan, args: argparse.Namespace) -> None:
     print(f"\nEvaluations ({len(plan.evaluations)}):")
     launcher = eval_launcher(args.gpus, "python")
     for ev in plan.evaluations:
-        print(f"  {evaluation_state(ev):7s} {shlex.join(ev.command(args.data_dir, shlex.split(args.eval_args), launcher))}")
+        cmd = ev.command(args.data_dir, shlex.split(args.eval_args), launcher)
+        print(f"  {evaluation_state(ev):7s} {shlex.join(cmd)}")
     print("\nCost:")
     for line in describe(estimate(plan, Path(args.data_dir), Path(args.runs_dir)), len(plan.runs)):
         print(f"  {line}")

@@ -278,10 +278,10 @@ def test_table2_end_to_end_on_a_tiny_model_killed_resumed_and_finished_by_a_slur
     common = ["table2", "--model", str(tiny_model_dir), "--methods", "LoRA,IMSM-LoRA", "--gpus", "1",
               "--data_dir", str(_toy_data(tmp_path / "data")), "--runs_dir", str(tmp_path / "runs"),
               "--eval_dir", str(tmp_path / "eval"),
-              "--train_args", "--max_steps 20 --save_strategy steps --save_steps 1 --save_total_limit 2 "
+              "--train_args", ("--max_steps 20 --save_strategy steps --save_steps 1 --save_total_limit 2 "
                               "--per_device_train_batch_size 2 --gradient_accumulation_steps 1 --bf16 false "
                               "--gradient_checkpointing false --max_input_length 64 --max_output_length 8 "
-                              "--report_to none --logging_steps 10 --frozen_memory_cache off",
+                              "--report_to none --logging_steps 10 --frozen_memory_cache off"),
               "--eval_args", "--max_examples 4 --batch_size 4 --score decode --bootstrap_resamples 1000"]
     plan = build_plan("table2", PlanOptions(runs_dir=tmp_path / "runs", methods=("LoRA", "IMSM-LoRA"),
                                             models={"*": str(tiny_model_dir)}))
@@ -316,6 +316,7 @@ def test_table2_end_to_end_on_a_tiny_model_killed_resumed_and_finished_by_a_slur
     stats = json.loads((tmp_path / "eval" / "table2" / tiny_model_dir.name / "stats.json").read_text())
     assert set(stats["labels"]) == {"untuned", "LoRA", "IMSM-LoRA"}
     report = (tmp_path / "eval" / "table2.md").read_text()
-    row = next(line for line in report.splitlines() if line.startswith("| ChatGLM3-6B | IMSM-LoRA |"))
+    row = next(line for line in report.splitlines()
+               if line.startswith(f"| ChatGLM3-6B (ran {tiny_model_dir}) | IMSM-LoRA |"))
     assert row.count(" / ") == 2 * 6 and "79.15 / " in row and "Table 2, IMSM (LoRA)" in row
     assert "—" not in row.split("|")[3]  # ours filled in for ROPES

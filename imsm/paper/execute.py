@@ -90,7 +90,7 @@ def write_slurm(plan: Plan, folder: Path, reproduce_args: list[str], python: str
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "logs").mkdir(exist_ok=True)
     again = shlex.join([python, "reproduce.py", *reproduce_args])
-    header = ["#!/bin/bash", f"#SBATCH --nodes=1", f"#SBATCH --gpus-per-node={gpus}", "#SBATCH --ntasks-per-node=1",
+    header = ["#!/bin/bash", "#SBATCH --nodes=1", f"#SBATCH --gpus-per-node={gpus}", "#SBATCH --ntasks-per-node=1",
               *(f"#SBATCH {opt}" for opt in sbatch_options)]
     listing = [f"#   {i}: {run.output_dir} ({run.label}, {run.task}, seed {run.seed}, {run.backbone.model_id})"
                for i, run in enumerate(plan.runs)]

@@ -65,7 +65,8 @@ def _row(table: str, backbone: str, label: str, source: str, layout: list[tuple[
     return PaperRow(table, backbone, label, source, {key: v for (key, _), v in zip(layout, numbers)}, average, params)
 
 
-def _table1(backbone: str, printed: str, rows: list[tuple[str, str, str | None, list[float], float]]) -> list[PaperRow]:
+def _table1(backbone: str, printed: str,
+            rows: list[tuple[str, str, str | None, list[float], float]]) -> list[PaperRow]:
     return [_row("table1", backbone, label, f"Table 1, {printed} / {row}", _T1, nums, avg, params)
             for label, row, params, nums, avg in rows]
 
@@ -99,7 +100,8 @@ PAPER_ROWS: tuple[PaperRow, ...] = (
         ("IMSM-AdaLoRA", "IMSM (AdaLoRA)", "5.276M", [89.22, 91.95, 71.55, 87.80, 89.05, 59.74], 81.55),
     ]),
     # Table 2: ChatGLM3-6B fine-tuned on ROPES (its column is ROPES EM, as in Table 1), forgetting on the others.
-    *(_row("table2", "ChatGLM3-6B", label, f"Table 2, {printed}", _FORGET_ROPES, nums, avg) for label, printed, nums, avg in [
+    *(_row("table2", "ChatGLM3-6B", label, f"Table 2, {printed}", _FORGET_ROPES, nums, avg)
+      for label, printed, nums, avg in [
         ("untuned", "ChatGLM3", [58.47, 25.49, 71.74, 74.72, 36.81], 53.45),
         ("LoRA", "LoRA", [74.38, 20.47, 66.67, 70.32, 38.61], 54.09),
         ("IMSM-LoRA", "IMSM (LoRA)", [79.15, 21.11, 71.47, 71.83, 38.01], 56.31),

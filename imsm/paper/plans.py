@@ -166,7 +166,8 @@ def parse_model_overrides(items: list[str]) -> dict[str, str]:
         if not sep:
             name, model_id = "*", item
         if name != "*" and name not in PAPER_BACKBONES:
-            raise ValueError(f"--model {item!r}: {name!r} is not one of the paper's backbones {sorted(PAPER_BACKBONES)}")
+            raise ValueError(f"--model {item!r}: {name!r} is not one of the paper's backbones "
+                             f"{sorted(PAPER_BACKBONES)}")
         if not model_id:
             raise ValueError(f"--model {item!r}: no model id")
         out[name] = model_id
@@ -287,8 +288,8 @@ _BUILDERS = {
     "table2": ("Table 2: ChatGLM3-6B tuned on ROPES, forgetting on WebQ, MultiRC, MRPC, FreebaseQA",
                ("table2",), _table2),
     "table3": ("Table 3: DoRA and IMSM-DoRA tuned on GSM8K, forgetting", ("table3",), _table3),
-    "table4": ("Table 4 and Figure 4: the gate ablation on ChatGLM3-6B (w/o query = --gate token, "
-               "w/o gate = --gate equal)", ("table4",), _table4),
+    "table4": (("Table 4 and Figure 4: the gate ablation on ChatGLM3-6B (w/o query = --gate token, "
+               "w/o gate = --gate equal)"), ("table4",), _table4),
     "table6": ("Table 6: gate rank 4/8/16 on Llama3-8B tuned on GSM8K", ("table6",), _table6),
     "figure3": ("Figure 3: LoRA, LoRAMoE and IMSM-LoRA on Llama2-7B tuned on ROPES and GSM8K", ("figure3",),
                 _figure3),

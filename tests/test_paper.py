@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser
 
-from imsm.args import DataArguments, ImsmArguments, ModelArguments
+from imsm.args import parse_train_args
 from imsm.evaluation.runner import EvalArguments
 from imsm.paper.compare import our_value, render
 from imsm.paper.cost import describe, estimate
@@ -94,10 +94,9 @@ def _launch_args(run, tmp_path: Path) -> list[str]:
 @pytest.mark.parametrize("name", PLAN_NAMES)
 def test_every_plan_expands_to_commands_that_train_py_and_evaluate_py_accept(name, tmp_path):
     plan = build_plan(name)
-    parser = HfArgumentParser((ModelArguments, DataArguments, ImsmArguments, TrainingArguments))
     for run in plan.runs:
         args = _launch_args(run, tmp_path)
-        model, data, imsm, training = parser.parse_args_into_dataclasses(args=[*args, "--bf16", "false"])
+        model, data, imsm, training = parse_train_args([*args, "--bf16", "false"])  # train.py's own parsing
         assert model.model_name_or_path == run.backbone.model_id
         assert model.trust_remote_code == (run.backbone.name == "ChatGLM3-6B")
         assert training.output_dir == str(run.output_dir) and training.seed == 42

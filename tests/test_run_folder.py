@@ -24,13 +24,28 @@ CONFIG = {"base_model": "/models/llama", "peft": "lora", "gate": "query_aware", 
           "calibration": None}
 
 
-def test_config_round_trips_and_older_folders_read_as_format_1(tmp_path):
-    config = RunConfig.from_dict(CONFIG | {"format_version": FORMAT_VERSION}, "x")
+def test_config_round_trips_and_older_folders_still_read(tmp_path):
+    config = RunConfig.from_dict(CONFIG | {"format_version": 1}, "x")
     config.write(tmp_path)
-    assert json.loads((tmp_path / CONFIG_FILE).read_text())["format_version"] == FORMAT_VERSION
+    assert json.loads((tmp_path / CONFIG_FILE).read_text())["format_version"] == FORMAT_VERSION == 2
     assert RunConfig.read(tmp_path) == config
     legacy = RunConfig.from_dict(dict(CONFIG), "legacy")  # written before the format was versioned
-    assert legacy.format_version == 1 and legacy == RunConfig.from_dict(CONFIG | {"format_version": 1}, "x")
+    assert legacy == RunConfig.from_dict(CONFIG | {"format_version": 1}, "x")
+
+
+@pytest.mark.parametrize("peft,files", [("lora", ["adapter_config.json", "adapter_model.safetensors"]),
+                                        ("loramoe", ["loramoe_config.json", "loramoe_model.safetensors"])])
+def test_format_1_moves_the_method_settings_into_method_options(peft, files):
+    """Format 1 kept LoRA's init and CorDA's calibration rows at the top and implied the adapter files by the
+    method; format 2 stores both as data. A format-1 folder reads as the same run."""
+    calibration = {"file": "/data/calib.jsonl", "rows": [2, 3]}
+    old = CONFIG | {"peft": peft, "format_version": 1, "init_lora_weights": "corda", "calibration": calibration}
+    config = RunConfig.from_dict(old, "old")
+    assert config.method_options == {"init_lora_weights": "corda", "calibration": calibration}
+    assert config.init_lora_weights == "corda" and config.calibration == calibration
+    assert list(config.adapter_files) == files
+    assert config.to_dict()["format_version"] == 2 and "init_lora_weights" not in config.to_dict()
+    assert RunConfig.from_dict(config.to_dict(), "new") == config
 
 
 @pytest.mark.parametrize("change,message", [
@@ -38,13 +53,36 @@ def test_config_round_trips_and_older_folders_read_as_format_1(tmp_path):
     ({"surprise": 1}, r"unknown keys \['surprise'\]"),
     ({"gate_rank": "8"}, "gate_rank has the wrong type"),
     ({"gate_rank": True}, "gate_rank has the wrong type"),
-    ({"gate": "softmax"}, "gate 'softmax' is not one of"),
-    ({"peft": "lokr"}, "peft 'lokr' is not one of"),
+    ({"prompt_template": "alpaca"}, "prompt_template 'alpaca' is not one of"),
+    ({"format_version": 2}, r"unknown keys \['calibration', 'init_lora_weights'\] for format 2"),
+    ({"format_version": 2, "adapter_files": ["a.json"], "init_lora_weights": None, "calibration": None},
+     "adapter_files must be two file names"),
 ])
 def test_bad_configs_name_the_file(tmp_path, change, message):
-    (tmp_path / CONFIG_FILE).write_text(json.dumps(CONFIG | change))
+    stored = {k: v for k, v in (CONFIG | change).items() if v is not None or k not in change}
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(stored))
     with pytest.raises(ValueError, match=message) as info:
         RunConfig.read(tmp_path)
+    assert str(tmp_path / CONFIG_FILE) in str(info.value)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"gate": "softmax"}, "gate 'softmax' is not one of"),
+    ({"peft": "lokr"}, "peft 'lokr': choose one of"),
+    ({"peft": "loramoe"}, "are not the files --peft loramoe writes"),
+])
+def test_unknown_methods_and_gates_name_the_file(tmp_path, change, message):
+    """The run folder stores a method's name as data; ``check_run`` (which knows the methods) refuses one it does not
+    know, or files that are not the method's, naming the config file."""
+    from imsm.loader import check_run
+
+    stored = {k: v for k, v in (CONFIG | change).items() if k not in ("init_lora_weights", "calibration")}
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(stored | {"format_version": 2}))
+    (tmp_path / "adapter_config.json").write_text("{}")
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "adapter_model.safetensors"))
+    save_file({}, str(tmp_path / "gate.safetensors"))
+    with pytest.raises(ValueError, match=message) as info:
+        check_run(tmp_path)
     assert str(tmp_path / CONFIG_FILE) in str(info.value)
 
 

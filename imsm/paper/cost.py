@@ -72,7 +72,8 @@ class Estimate:
     measured_runs: int  # planned runs with a measured rate
     unmeasured: list[TrainRun]
     cache_bytes: int
-    cache_unknown: list[TrainRun]  # IMSM runs whose hidden size is unknown (an overridden model)
+    cache_unknown: list[TrainRun]  # IMSM runs whose hidden size (an overridden model) or data file is unknown
+    todo: list[TrainRun]
     missing_files: list[Path]  # training files not found in the data folder
     checkpoint_bytes: int
     checkpoint_unmeasured: int
@@ -93,7 +94,7 @@ def estimate(plan: Plan, data_dir: Path, runs_dir: Path) -> Estimate:
         if run_state(run) == "done":
             sizes.setdefault((run.backbone.model_id, run.launcher.name), _folder_bytes(run.output_dir))
     todo = [run for run in plan.runs if run_state(run) != "done"]
-    est = Estimate(0.0, 0, [], 0, [], [], 0, 0, len(todo))
+    est = Estimate(0.0, 0, [], 0, [], todo, [], 0, 0, len(todo))
     examples_cache: dict[Path, list[dict]] = {}
     for run in todo:
         train_file = data_dir / run.task / "train.jsonl"
@@ -108,9 +109,9 @@ def estimate(plan: Plan, data_dir: Path, runs_dir: Path) -> Estimate:
             est.gpu_hours += rate.gpu_seconds_per_example * len(rows) * LAUNCHER_EPOCHS / 3600
             est.measured_runs += 1
         if two_pass:  # every IMSM launcher turns the frozen-memory cache on
-            if run.backbone.hidden_size is None:
+            if run.backbone.hidden_size is None or rows is None:
                 est.cache_unknown.append(run)
-            elif rows is not None:
+            else:
                 tokens = sum(math.ceil(len(_answer(r["output"])) / CHARS_PER_TOKEN) + 1 for r in rows)  # + EOS
                 est.cache_bytes += run.backbone.hidden_size * (tokens + len(rows)) * CACHE_BYTES_PER_VALUE
         size = sizes.get((run.backbone.model_id, run.launcher.name))
@@ -136,12 +137,13 @@ def describe(est: Estimate, total_runs: int) -> list[str]:
     if est.unmeasured:
         lines.append(f"GPU-hours: not measured for {len(est.unmeasured)} runs (no finished run of the same backbone, "
                      "task and gate kind yet; the estimate appears once one has finished)")
-    lines.append(f"disk, frozen-memory caches: {est.cache_bytes / gb:.1f} GB (hidden size x (answer tokens + "
-                 "examples) x 2 B per IMSM run whose training file is here; delete OUTPUT_DIR/frozen_memory_cache "
-                 "after training)")
+    cached = sum(run.label.startswith("IMSM-") for run in est.todo) - len(est.cache_unknown)
+    if cached:
+        lines.append(f"disk, frozen-memory caches: {est.cache_bytes / gb:.1f} GB for {cached} IMSM runs (hidden size "
+                     "x (answer tokens + examples) x 2 B each; delete OUTPUT_DIR/frozen_memory_cache after training)")
     if est.cache_unknown:
-        lines.append(f"disk, frozen-memory caches: unknown for {len(est.cache_unknown)} runs (the hidden size of an "
-                     "overridden model that is not a local folder)")
+        lines.append(f"disk, frozen-memory caches: unknown for {len(est.cache_unknown)} IMSM runs (training file "
+                     "missing, or the hidden size of an overridden model that is not a local folder)")
     if est.checkpoint_bytes:
         lines.append(f"disk, run folders: {est.checkpoint_bytes / gb:.2f} GB for the runs measured on a finished "
                      "run of the same launcher and backbone")

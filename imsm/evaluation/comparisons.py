@@ -84,6 +84,16 @@ class Comparisons:
         return diff
 
 
+def headline_interval(record: dict[str, Any]) -> tuple[float, float]:
+    """The interval to quote from a ``stats.json`` comparison record: method-level where estimable, else the
+    examples-only one (a record written before both kinds existed has one interval, ``low``/``high``)."""
+    if record.get("method_low") is not None:
+        return record["method_low"], record["method_high"]
+    if "examples_low" in record:
+        return record["examples_low"], record["examples_high"]
+    return record["low"], record["high"]
+
+
 def compared_pairs(rows: list[LabelRow], baseline_label: str,
                    pairs: list[tuple[str, str]]) -> list[tuple[LabelRow, LabelRow]]:
     """Every row against its baseline, then the named pairs not already among them."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imsm.atomic import atomic_write_text
+from imsm.evaluation.comparisons import headline_interval
 from imsm.evaluation.metrics import get_task
 from imsm.evaluation.report import PRIMARY
 from imsm.paper.numbers import LAYOUTS, PAPER, PAPER_ROWS, paper_row
@@ -53,7 +54,8 @@ def our_value(stats: dict, label: str, task: str, metric: str) -> Ours | None:
     for rec in stats["comparisons"]:
         if (rec["a"], rec["b"], rec["measure"], rec["column"], rec["metric"]) == \
                 (label, stats["baseline"], PRIMARY, task, metric) and base is not None:
-            return Ours(value, (base["value"] + rec["low"]) * 100, (base["value"] + rec["high"]) * 100)
+            low, high = headline_interval(rec)
+            return Ours(value, (base["value"] + low) * 100, (base["value"] + high) * 100)
     return Ours(value)
 
 

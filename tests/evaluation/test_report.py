@@ -9,7 +9,11 @@ import json
 import numpy as np
 import pytest
 
-from imsm.evaluation.report import RunResult, forgetting_table, plot_forgetting, summary_table, write_report
+from imsm.evaluation.charts import plot_forgetting
+from imsm.evaluation.metrics import ExampleScores
+from imsm.evaluation.report import write_report
+from imsm.evaluation.results import RunResult, score_records
+from imsm.evaluation.tables import forgetting_table, summary_table
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -174,8 +178,6 @@ def test_summary_shows_what_training_cost():
 
 def _scored(label, hits, run=None, tasks=("mrpc",)):
     """A run with the same per-example 0/1 outcomes on every task of ``tasks`` (accuracy-scored tasks)."""
-    from imsm.evaluation.metrics import ExampleScores
-
     scores = ExampleScores({"accuracy": ("mean", np.asarray(hits, float)[:, None])})
     return RunResult(label, "raw", {t: {"accuracy": scores.value("accuracy")} for t in tasks},
                      {t: scores for t in tasks}, run)
@@ -218,8 +220,6 @@ def test_seeds_get_a_method_level_interval_and_one_seed_says_why_not(tmp_path):
 def test_answer_nll_is_pooled_per_token_and_named_so(tmp_path):
     """Two examples: 7.0 nats over 2 tokens and 16.0 over 4: pooled 23/6 = 3.833 nats per token (the mean of the
     per-example means would be 3.75); the report shows the pooled value, names it, and keeps the other."""
-    from imsm.evaluation.results import score_records
-
     records = [{"input": "a", "gold": "x", "answer_nll": 3.5, "answer_nll_sum": 7.0, "answer_tokens": 2},
                {"input": "b", "gold": "y", "answer_nll": 4.0, "answer_nll_sum": 16.0, "answer_tokens": 4}]
     scores, metrics = score_records("webq", records)

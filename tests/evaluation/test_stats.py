@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
+from imsm.evaluation.comparisons import headline_interval
 from imsm.evaluation.metrics import ExampleScores, compute_metrics, example_scores
-from imsm.evaluation.report import RunResult, comparison_table, forgetting_table, write_report
+from imsm.evaluation.report import write_report
+from imsm.evaluation.results import RunResult
 from imsm.evaluation.stats import LabelScores, mcnemar, mcnemar_exact, paired_difference, resample_counts
+from imsm.evaluation.tables import comparison_table, forgetting_table
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -360,3 +363,10 @@ def test_the_published_stats_carry_both_interval_kinds(name):
             assert (rec["p"] < 0.05) == (rec["method_low"] > 0 or rec["method_high"] < 0)
         else:
             assert rec["method_low"] is None and rec["method_note"] == "not estimable from one seed"
+
+
+def test_the_headline_interval_of_a_record_prefers_the_method_level_one():
+    both = {"examples_low": -1.0, "examples_high": 1.0, "method_low": -3.0, "method_high": 3.0}
+    assert headline_interval(both) == (-3.0, 3.0)
+    assert headline_interval(both | {"method_low": None, "method_high": None}) == (-1.0, 1.0)
+    assert headline_interval({"low": -2.0, "high": 2.0}) == (-2.0, 2.0)  # a stats.json from before

@@ -61,6 +61,7 @@ from imsm.evaluation.generation import DecodingConfig, generate
 from imsm.evaluation.runner import DTYPES
 from imsm.evaluation.scoring import score_continuations
 from imsm.loader import load_backbone, load_run
+from imsm.run_folder import resolve_for_evaluation
 from imsm.templates import TEMPLATES, build_template
 
 logger = logging.getLogger(__name__)
@@ -155,7 +156,8 @@ class IMSMLM(TemplateLM):
         self._rank, self._world_size, self._device = distributed_setup(args.device)
         dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if self._device.type == "cuda" else torch.float32)
         if args.run is not None:
-            model, tokenizer, config = load_run(args.run, args.model_name_or_path, dtype, args.attn_implementation,
+            run = resolve_for_evaluation(args.run)  # no interrupted save, no final/ older than the last checkpoint
+            model, tokenizer, config = load_run(run, args.model_name_or_path, dtype, args.attn_implementation,
                                                 args.trust_remote_code)
             self.settings = config.to_dict()
         else:

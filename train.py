@@ -131,12 +131,12 @@ def main(argv: list[str] | None = None) -> IMSMTrainer | None:
     model_args, data_args, imsm_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     setup_logging(training_args)
     check_before_loading(data_args, imsm_args, training_args)
-    created = run_folder.claim_output_dir(training_args.output_dir)
+    # the processes that save claim the folder; the others never write into it
+    created = run_folder.claim_output_dir(training_args.output_dir) if training_args.should_save else []
     try:
         return run_training(model_args, data_args, imsm_args, training_args)
     except BaseException:
-        if training_args.should_save:  # a start that failed leaves no empty --output_dir of its own behind
-            run_folder.remove_if_unused(created)
+        run_folder.remove_if_unused(created)  # a start that failed leaves no empty --output_dir of its own behind
         raise
 
 

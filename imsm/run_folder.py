@@ -508,8 +508,11 @@ def claim_output_dir(output_dir: str | Path) -> list[Path]:
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--output_dir {out} is a file")
     created = [p for p in (*reversed(out.parents), out) if not p.exists()]
-    if out.is_dir() and any(out.iterdir()) and not _holds_a_run(out):
-        held = ", ".join(sorted(p.name for p in out.iterdir())[:6])
+    # another saving process may be writing the marker this moment: its temporary says nothing about the folder
+    entries = [p for p in out.iterdir() if not (p.name.startswith(".") and p.name.endswith(".tmp"))] \
+        if out.is_dir() else []
+    if entries and not _holds_a_run(out):
+        held = ", ".join(sorted(p.name for p in entries)[:6])
         raise FileExistsError(f"--output_dir {out} holds files that train.py did not write ({held}); train.py "
                               "deletes interrupted checkpoint-N folders and replaces final/ there, so choose an empty "
                               "or new folder")

@@ -253,6 +253,15 @@ def test_a_folder_of_another_program_is_refused_and_left_untouched(tiny_model_di
         assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) == before
 
 
+def test_another_process_writing_the_marker_does_not_make_the_folder_foreign(tmp_path):
+    """Two saving processes (one per node) claim the folder at once: one's temporary marker is not a foreign file."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / f".{run_folder.OUTPUT_MARKER}.x1y2.tmp").write_text("{")
+    assert run_folder.claim_output_dir(out) == []
+    assert (out / run_folder.OUTPUT_MARKER).is_file()
+
+
 # ---- 7. a failed run leaves no empty --output_dir behind --------------------------------------------------------
 def test_a_failure_after_the_early_checks_leaves_no_empty_output_dir(tiny_model_dir, tiny_train_file, tmp_path,
                                                                      monkeypatch):

@@ -6,7 +6,7 @@ time is token for token the one it was trained on; answer likelihoods (``scoring
 answer tokens training puts its loss on.
 
 Runs may share a label (``--labels untuned,LoRA,LoRA,LoRA,IMSM-LoRA,...``): they are seeds of one method, reported
-as one row (mean ± standard deviation over the runs, paired intervals on the seed-averaged per-example scores). A
+as one row (mean ± standard deviation over the runs, method-level intervals over seeds and examples). A
 label's runs must share the base model, prompt template, system prompt, PEFT method and gate; each run's files go to
 ``OUTPUT_DIR/<label>/run<k>/`` (a label of one run keeps ``OUTPUT_DIR/<label>/``).
 """
@@ -20,6 +20,7 @@ import time
 import unicodedata
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from transformers import AutoConfig
@@ -28,31 +29,24 @@ from imsm.atomic import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from imsm.data import Truncation, encode_prompt, read_jsonl
 from imsm.default_model import resolve_model_path
 from imsm.evaluation.generation import DecodingConfig, gather_shards, generate, shard
-from imsm.evaluation.metrics import (
-    YES_NO_RULES,
-    ExampleScores,
-    compute_metrics,
-    example_scores,
-    get_task,
-    get_yes_no_rule,
-)
+from imsm.evaluation.metrics import YES_NO_RULES, compute_metrics, get_task, get_yes_no_rule
 from imsm.evaluation.report import RunResult, parse_pairs
+from imsm.evaluation.results import REPORT_INPUTS, score_records
+from imsm.evaluation.scaling import load_scaled_run, parse_scales
 from imsm.evaluation.scoring import answer_nll, best_answer, gold_answers
-from imsm.loader import load_backbone, load_run, load_tokenizer
-from imsm.method.scaling import load_scaled_run, parse_scales
-from imsm.run_folder import RunConfig, check_hidden_size, read_train_stats, resolve_for_evaluation, validate
+from imsm.loader import check_run, load_backbone, load_run, load_tokenizer
+from imsm.method.adapters import METHODS, get_method
+from imsm.run_folder import RunConfig, check_hidden_size, read_train_stats, resolve, resolve_for_evaluation
 from imsm.templates import TEMPLATES, build_template
 
 logger = logging.getLogger(__name__)
 
 ALL_TASKS = "gsm8k,mrpc,cola,ropes,webq,freebaseqa,multirc"
-PEFT_DISPLAY = {"lora": "LoRA", "dora": "DoRA", "adalora": "AdaLoRA", "ia3": "IA3"}
 GATE_PREFIX = {"query_aware": "IMSM-", "token": "IMSM-token-", "equal": "IMSM-equal-", "none": ""}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SCORE_MODES = ("both", "decode", "likelihood")
-SCALABLE_PEFT = ("lora", "dora", "adalora", "ia3")  # methods whose run merges into one weight update
 REPORT_FILES = ("summary.md", "summary.csv", "forgetting.md", "forgetting.png", "comparisons.md", "stats.json",
-                "stats.csv", "tradeoff.png", "tradeoff.csv")
+                "stats.csv", "tradeoff.png", "tradeoff.csv", REPORT_INPUTS)
 INCOMPLETE = "INCOMPLETE"  # present while an evaluation writes its folder; removed once the report is complete
 EVALUATION_MARKER = "imsm_evaluation.json"  # written first into every report folder: --overwrite replaces only these
 
@@ -74,8 +68,8 @@ class EvalArguments:
     labels: str | None = field(default=None, metadata={
         "help": "Comma-separated names: untuned first (with --untuned), then the runs in order. Runs given the same "
                 "label are seeds of one method, e.g. --run a1 a2 a3 b1 b2 b3 --labels untuned,LoRA,LoRA,LoRA,"
-                "IMSM-LoRA,IMSM-LoRA,IMSM-LoRA: one row each, mean ± sd over its runs, paired intervals on the "
-                "seed-averaged per-example scores (same base model, template, PEFT method and gate required)."})
+                "IMSM-LoRA,IMSM-LoRA,IMSM-LoRA: one row each, mean ± sd over its runs, method-level intervals "
+                "over seeds and examples (same base model, template, PEFT method and gate required)."})
     target: str | None = field(default=None, metadata={"help": "Target task of the forgetting report (first task)."})
     max_examples: int | None = field(default=None, metadata={"help": "Only the first N examples of each task."})
     score: str = field(default="both", metadata={
@@ -87,8 +81,9 @@ class EvalArguments:
                 "code's rule, yes when 'yes' occurs anywhere in it, else no - to reproduce the paper's numbers."})
     compare: str | None = field(default=None, metadata={
         "help": "Pairs of labels to compare besides each row vs the untuned baseline: 'A:B,C:D' (A − B), e.g. "
-                "IMSM-LoRA:LoRA. Every comparison is paired per example, with a bootstrap 95%% interval and, for "
-                "accuracy-type metrics, McNemar's exact p."})
+                "IMSM-LoRA:LoRA. Every comparison is paired per example: an examples-only bootstrap 95%% interval, "
+                "a method-level one (seed variance added) where the labels have several seeds, and the p of a "
+                "test of the same quantity (imsm/evaluation/stats.py)."})
     adapter_scale: str | None = field(default=None, metadata={
         "help": "Evaluate every vanilla PEFT run (--gate none) at these scales of its learned update, e.g. "
                 "0.25,0.5,0.75,1: weights W0 + a*(W1 - W0) (LoRA/AdaLoRA/DoRA: the update scaled; (IA)3: l -> "
@@ -152,6 +147,14 @@ class EvalArguments:
                               temperature=self.temperature, top_p=self.top_p, seed=self.seed)
 
 
+class MethodKey(NamedTuple):
+    """What makes two runs seeds of one method."""
+
+    peft: str
+    gate: str
+    gate_rank: int
+
+
 @dataclass
 class ModelPlan:
     """One model to evaluate, fully resolved before any decoding starts."""
@@ -161,13 +164,13 @@ class ModelPlan:
     template: str
     system_prompt: str | None
     run_dir: Path | None = None  # None: the untuned backbone
-    method: tuple = ()  # (peft, gate, gate_rank): what runs sharing a label must have in common
+    method: MethodKey | None = None  # what runs sharing a label must have in common (None: the untuned backbone)
     folder: str = ""  # the output sub-folder: the label, or label/run<k> for a label shared by several runs
     scale: float | None = None  # --adapter_scale: the run's weight update times this (a plain causal LM)
 
 
 def default_label(config: RunConfig) -> str:
-    return GATE_PREFIX.get(config.gate, config.gate + "-") + PEFT_DISPLAY.get(config.peft, config.peft)
+    return GATE_PREFIX.get(config.gate, config.gate + "-") + get_method(config.peft).display_name
 
 
 def task_files(args: EvalArguments) -> dict[str, Path]:
@@ -183,11 +186,21 @@ def task_files(args: EvalArguments) -> dict[str, Path]:
     return {t: overrides.get(t) or Path(args.data_dir) / t / "test.jsonl" for t in args.task_names}
 
 
+def calibration_rows(run_dir: str | Path) -> set[tuple[str, int]]:
+    """(resolved file path, 0-based row index) of every row a run calibrated on (CorDA); empty for other runs.
+
+    Evaluation skips these rows of those files so the model is not scored on its calibration data. A row index
+    counts the file's non-empty lines, as ``imsm.data.read_jsonl`` reads them.
+    """
+    record = RunConfig.read(resolve(run_dir)).calibration
+    if not record:
+        return set()
+    return {(record["file"], int(i)) for i in record["rows"]}
+
+
 def calibration_skips(plans: list[ModelPlan], files: dict[str, Path]) -> dict[str, dict[str, list[int]]]:
     """task -> {run folder: row indices of the task's file that the run calibrated on (CorDA)}: never score a model
     on what it calibrated on, and skip those rows for every model so the comparisons stay paired."""
-    from imsm.method.lora_init import calibration_rows
-
     skips: dict[str, dict[str, list[int]]] = {}
     for plan in plans:
         if plan.run_dir is None:
@@ -244,7 +257,7 @@ def plan_models(args: EvalArguments) -> list[ModelPlan]:
                                args.system_prompt))
     for run in args.run_dir:
         run_dir = resolve_for_evaluation(run)  # no interrupted save, no final/ older than the run's last checkpoint
-        config = validate(run_dir)  # every file, before any model loads
+        config = check_run(run_dir)  # every file, before any model loads
         recorded = (config.prompt_template, config.system_prompt)
         template, system = recorded
         if args.prompt_template is not None:
@@ -256,7 +269,7 @@ def plan_models(args: EvalArguments) -> list[ModelPlan]:
         hidden = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code).hidden_size
         check_hidden_size(config, run_dir, hidden, model_path)
         plans.append(ModelPlan(default_label(config), model_path, template, system, run_dir,
-                               (config.peft, config.gate, config.gate_rank)))
+                               MethodKey(config.peft, config.gate, config.gate_rank)))
     if args.labels is not None:
         labels = [label.strip() for label in args.labels.split(",")]
         if len(labels) != len(plans):
@@ -280,12 +293,13 @@ def expand_scales(plans: list[ModelPlan], scales: list[float]) -> list[ModelPlan
     router makes the update depend on the input: no single weight update either) and the untuned model stay."""
     out = []
     for plan in plans:
-        if plan.run_dir is None or plan.method[1] != "none" or plan.method[0] not in SCALABLE_PEFT:
+        if plan.method is None or plan.method.gate != "none" or not get_method(plan.method.peft).scalable:
             out.append(plan)
             continue
         out += [replace(plan, label=f"{plan.label}@{scale:g}", scale=scale) for scale in scales]
     if not any(p.scale is not None for p in out):
-        raise ValueError(f"--adapter_scale scales vanilla PEFT runs ({', '.join(SCALABLE_PEFT)} trained with --gate "
+        scalable = ", ".join(sorted(name for name, spec in METHODS.items() if spec.scalable))
+        raise ValueError(f"--adapter_scale scales vanilla PEFT runs ({scalable} trained with --gate "
                          "none), and none is given: an IMSM run mixes two passes through a gate and a LoRAMoE run "
                          "routes per token, so neither has a single weight update to scale")
     return out
@@ -429,23 +443,17 @@ def evaluate_model(plan, args, tasks, dtype, device, rank, world_size) -> RunRes
         if rank != 0:
             continue
         predictions = [{"input": row["input"], "gold": row["output"]} for row in rows]
-        scores = ExampleScores({})
         if decoded is not None:
             for record, (text, n, reason, gate) in zip(predictions, decoded, strict=True):
                 record |= {"prediction": text, "num_tokens": n, "finish_reason": reason}
                 record |= {} if gate is None else {"gate_mean": gate}
-            scores = example_scores(task, [p["prediction"] for p in predictions], [p["gold"] for p in predictions],
-                                    args.yes_no_rule)
         if scored is not None:
             for record, (nll, nll_sum, n_tokens, gate) in zip(predictions, scored, strict=True):
                 record |= {"answer_nll": nll, "answer_nll_sum": nll_sum, "answer_tokens": n_tokens}
                 record |= {} if gate is None else {"answer_gate_mean": gate}
-            scores.components["answer_nll"] = ("mean", torch.tensor([s[0] for s in scored]).double().numpy()[:, None])
-        task_metrics = {name: scores.value(name) for name in scores.components} | {"n": len(rows)}
-        if scored is not None:
-            task_metrics["answer_nll_per_token"] = sum(s[1] for s in scored) / sum(s[2] for s in scored)
+        atomic_write_jsonl(out_dir / task / "predictions.jsonl", predictions)  # saved before anything can fail
+        scores, task_metrics = score_records(task, predictions, args.yes_no_rule)  # as a rebuilt report reads them
         gates = [g for *_, g in decoded if g is not None] if decoded is not None else []
-        atomic_write_jsonl(out_dir / task / "predictions.jsonl", predictions)
         atomic_write_json(out_dir / task / "metrics.json", {
             "label": plan.label, "task": task, "template": plan.template, "system_prompt": plan.system_prompt,
             "run": None if plan.run_dir is None else str(plan.run_dir), "model": plan.model_path,

@@ -24,8 +24,9 @@ Every change against the untuned model, and between the ``--compare`` pairs, is 
 bootstrap 95% interval (``--bootstrap_resamples``, ``--bootstrap_seed``) and, where a label has several seeds, a
 method-level interval that adds the seed-to-seed variance, each with the p-value of a test of the same quantity
 (``imsm/evaluation/stats.py``).
-An ``--output_dir`` that holds an earlier evaluation is refused unless ``--overwrite``; while an evaluation writes,
-the folder holds a file ``INCOMPLETE``. Every model's predictions are saved as soon as it is decoded, so a report can
+An ``--output_dir`` that holds an earlier evaluation is refused unless ``--overwrite``, which empties only a folder
+marked ``imsm_evaluation.json`` (every report is), never a run or another folder; while an evaluation writes, the
+folder holds a file ``INCOMPLETE``. Every model's predictions are saved as soon as it is decoded, so a report can
 be written again from the folder alone, without decoding (e.g. after a crash, or with other ``--compare`` pairs):
 
     python evaluate.py --report_only eval/gsm8k [--compare IMSM-LoRA:LoRA] [--target gsm8k] [--bootstrap_seed 1]

@@ -5,9 +5,11 @@
         --bf16 --num_train_epochs 3 --per_device_train_batch_size 2 --gradient_accumulation_steps 1
 
 Without ``--model_name_or_path`` the embedded SmolLM2-135M-Instruct is used. ``--resume_from_checkpoint latest``
-continues from the newest complete checkpoint in ``--output_dir``; a run that already reached its last step is not
-trained again. ``--eval_file`` (or ``--validation_fraction``) scores held-out examples every ``--eval_steps``. The
-final run folder is ``OUTPUT_DIR/final`` (its format: ``imsm/run_folder.py``).
+continues from the newest complete checkpoint in ``--output_dir`` whose files are whole; a run that already reached
+its last step is not trained again, only its ``final/`` brought up to that step. ``--eval_file`` (or
+``--validation_fraction``) scores held-out examples every ``--eval_steps``. The final run folder is
+``OUTPUT_DIR/final`` (its format: ``imsm/run_folder.py``). ``--output_dir`` must be new, empty or an earlier
+train.py output (marked ``imsm_output.json``); options and data are checked before the model loads.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import dataclasses
 import logging
 import math
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ import transformers
 from transformers import IntervalStrategy, TrainingArguments, set_seed
 
 from imsm import run_folder
-from imsm.args import DataArguments, parse_train_args
+from imsm.args import DataArguments, ImsmArguments, ModelArguments, parse_train_args
 from imsm.data import (
     WORLD_KNOWLEDGE,
     SupervisedCollator,
@@ -36,7 +37,14 @@ from imsm.data import (
 from imsm.distributed import configure_cpu_deepspeed
 from imsm.loader import build_imsm_model, load_backbone, make_run_config
 from imsm.templates import build_template
-from imsm.training.frozen_cache import FlushFrozenCache, cache_fingerprint, file_sha256, open_frozen_cache
+from imsm.training.frozen_cache import (
+    FINGERPRINT,
+    FlushFrozenCache,
+    cache_fingerprint,
+    check_cache_dir,
+    file_sha256,
+    open_frozen_cache,
+)
 from imsm.training.trainer import IMSMTrainer
 
 logger = logging.getLogger("train")
@@ -49,13 +57,13 @@ def setup_logging(training_args: TrainingArguments) -> None:
 
 
 def resolve_resume(training_args: TrainingArguments) -> str | None:
-    """The checkpoint to resume from: ``latest`` is the newest complete one (None when there is none yet); a named
-    checkpoint must be complete."""
+    """The checkpoint to resume from: ``latest`` is the newest complete one whose files are whole (a damaged one is
+    skipped with a warning; None when there is none yet); a named checkpoint must be complete and whole."""
     resume = training_args.resume_from_checkpoint
     if resume is None:
         return None
     if resume == "latest":
-        last = run_folder.latest_checkpoint(training_args.output_dir)
+        last = run_folder.resumable_checkpoint(training_args.output_dir)
         if last is None:
             logger.warning("--resume_from_checkpoint latest: no complete checkpoint in %s, starting fresh",
                            training_args.output_dir)
@@ -65,45 +73,51 @@ def resolve_resume(training_args: TrainingArguments) -> str | None:
     if not run_folder.is_complete(resume):
         raise ValueError(f"--resume_from_checkpoint {resume}: an interrupted checkpoint (no {run_folder.COMPLETE}); "
                          "resume from an earlier one or from latest")
+    if (problem := run_folder.damage(resume)) is not None:
+        raise ValueError(f"--resume_from_checkpoint {resume}: a damaged checkpoint ({problem}); resume from an "
+                         "earlier one or from latest")
     return resume
 
 
-def check_before_loading(data_args: DataArguments, training_args: TrainingArguments) -> None:
-    """What can fail without the model fails before it loads: the data files parse and the output folder is
-    writable (else a long run would be lost at its first save)."""
+def check_before_loading(data_args: DataArguments, imsm_args: ImsmArguments, training_args: TrainingArguments) -> None:
+    """What can fail without the model fails before it loads and before anything is written: the options' values,
+    the data files parse, the cache folder can be one."""
     if data_args.train_file is None:
         raise ValueError("--train_file is required (JSONL with 'input' and 'output')")
+    if training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
+        raise ValueError(f"--num_train_epochs {training_args.num_train_epochs:g}: nothing would be trained; give a "
+                         "positive number of epochs (or --max_steps)")
+    for option in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(training_args, option) < 1:
+            raise ValueError(f"--{option} {getattr(training_args, option)}: must be at least 1")
+    for option, value in (("learning_rate", training_args.learning_rate),
+                          ("gate_learning_rate", imsm_args.gate_learning_rate)):
+        if value < 0:
+            raise ValueError(f"--{option} {value:g}: a learning rate cannot be negative")
+    if training_args.load_best_model_at_end and data_args.eval_file is None and not data_args.validation_fraction:
+        raise ValueError("--load_best_model_at_end needs validation data: --eval_file or --validation_fraction")
+    check_cache_dir(imsm_args.frozen_memory_cache, training_args.output_dir)
     read_jsonl(data_args.train_file)
     if data_args.knowledge_file is not None:
         read_jsonl(data_args.knowledge_file, only_type=WORLD_KNOWLEDGE)
     if data_args.eval_file is not None:
         read_jsonl(data_args.eval_file)
-    out = Path(training_args.output_dir)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--output_dir {out} is a file")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
-            pass
-    except OSError as e:
-        raise PermissionError(f"--output_dir {out} is not writable ({e.strerror}); nothing was trained") from None
-    if training_args.load_best_model_at_end and data_args.eval_file is None and not data_args.validation_fraction:
-        raise ValueError("--load_best_model_at_end needs validation data: --eval_file or --validation_fraction")
 
 
 def already_finished(resume: str | None, training_args: TrainingArguments) -> bool:
-    """A resumed run whose checkpoint reached the last step is not trained again: ``final/`` is written from that
-    checkpoint when missing, and nothing else changes."""
+    """A resumed run whose checkpoint reached the last step is not trained again; ``final/`` is brought up to that
+    step when it is missing or older (a kill while it was written), and nothing else changes."""
     if resume is None or not run_folder.finished_checkpoint(resume, training_args.max_steps,
                                                             training_args.num_train_epochs):
         return False
     final = Path(training_args.output_dir) / "final"
-    run_folder.recover_final(Path(training_args.output_dir))
-    if training_args.should_save and not run_folder.is_complete(final):
-        run_folder.finish_from_checkpoint(resume, final)
-        logger.info("%s already reached the last step; wrote %s from it without training", resume, final)
-    else:
-        logger.info("%s already reached the last step and %s exists: nothing to train", resume, final)
+    if training_args.should_save:
+        best = run_folder.best_checkpoint(resume) if training_args.load_best_model_at_end else None
+        done = run_folder.bring_final_up_to_date(resume, final, best)
+        if done is not None:
+            logger.warning("%s already reached the last step: %s", resume, done)
+            return True
+    logger.info("%s already reached the last step and %s holds it: nothing to train", resume, final)
     return True
 
 
@@ -137,7 +151,20 @@ def main(argv: list[str] | None = None) -> IMSMTrainer | None:
     argv = configure_cpu_deepspeed(sys.argv[1:] if argv is None else argv)
     model_args, data_args, imsm_args, training_args = parse_train_args(argv)
     setup_logging(training_args)
-    check_before_loading(data_args, training_args)
+    check_before_loading(data_args, imsm_args, training_args)
+    # the processes that save claim the folder; the others never write into it
+    created = run_folder.claim_output_dir(training_args.output_dir) if training_args.should_save else []
+    try:
+        return run_training(model_args, data_args, imsm_args, training_args)
+    except BaseException:
+        # a start that failed leaves no --output_dir of its own behind that holds nothing (a cache with no shard yet)
+        run_folder.remove_if_unused(created, disposable=(FINGERPRINT,))
+        raise
+
+
+def run_training(model_args: ModelArguments, data_args: DataArguments, imsm_args: ImsmArguments,
+                 training_args: TrainingArguments) -> IMSMTrainer | None:
+    """Resume or start, build the model and the data, train, save ``final/``."""
     resume = resolve_resume(training_args)
     if already_finished(resume, training_args):
         return None

@@ -28,14 +28,19 @@ TASK, WORLD_KNOWLEDGE = 0, 1
 
 
 def read_jsonl(path: str | Path, require_output: bool = True, only_type: int | None = None) -> list[dict]:
-    """Read task rows; any malformed line, missing field or empty file raises ValueError naming file and line, as
-    does a ``task_type`` other than ``only_type`` when that is given."""
+    """Read task rows; any line that is not UTF-8 or not valid JSON, a missing field or an empty file raises
+    ValueError naming file and line, as does a ``task_type`` other than ``only_type`` when that is given."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                 f"{e.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:

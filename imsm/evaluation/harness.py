@@ -61,7 +61,7 @@ from imsm.evaluation.generation import DecodingConfig, generate
 from imsm.evaluation.runner import DTYPES
 from imsm.evaluation.scoring import score_continuations
 from imsm.loader import load_backbone, load_run
-from imsm.run_folder import RunConfig
+from imsm.run_folder import RunConfig, resolve_for_evaluation
 from imsm.templates import TEMPLATES, build_template
 
 logger = logging.getLogger(__name__)
@@ -157,7 +157,8 @@ class IMSMLM(TemplateLM):
         dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if self._device.type == "cuda" else torch.float32)
         self.run_config: RunConfig | None = None  # None: the untuned base model
         if args.run is not None:
-            model, tokenizer, self.run_config = load_run(args.run, args.model_name_or_path, dtype,
+            run = resolve_for_evaluation(args.run)  # no interrupted save, no final/ older than the last checkpoint
+            model, tokenizer, self.run_config = load_run(run, args.model_name_or_path, dtype,
                                                          args.attn_implementation, args.trust_remote_code)
             self.base_model = self.run_config.base_model
         else:

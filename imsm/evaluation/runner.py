@@ -17,6 +17,7 @@ import logging
 import shutil
 import sys
 import time
+import unicodedata
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -35,7 +36,7 @@ from imsm.evaluation.scaling import load_scaled_run, parse_scales
 from imsm.evaluation.scoring import answer_nll, best_answer, gold_answers
 from imsm.loader import check_run, load_backbone, load_run, load_tokenizer
 from imsm.method.adapters import METHODS, get_method
-from imsm.run_folder import RunConfig, check_hidden_size, read_train_stats, resolve
+from imsm.run_folder import RunConfig, check_hidden_size, read_train_stats, resolve, resolve_for_evaluation
 from imsm.templates import TEMPLATES, build_template
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ SCORE_MODES = ("both", "decode", "likelihood")
 REPORT_FILES = ("summary.md", "summary.csv", "forgetting.md", "forgetting.png", "comparisons.md", "stats.json",
                 "stats.csv", "tradeoff.png", "tradeoff.csv", REPORT_INPUTS)
 INCOMPLETE = "INCOMPLETE"  # present while an evaluation writes its folder; removed once the report is complete
+EVALUATION_MARKER = "imsm_evaluation.json"  # written first into every report folder: --overwrite replaces only these
 
 
 @dataclass
@@ -116,6 +118,9 @@ class EvalArguments:
             raise ValueError(f"--tasks is empty; choose from {ALL_TASKS}")
         for task in self.task_names + ([self.target] if self.target else []):
             get_task(task)
+        if self.target is not None and self.target not in self.task_names:
+            raise ValueError(f"--target {self.target} is not one of --tasks ({','.join(self.task_names)}); the "
+                             "forgetting report compares the target task with the others, so add it to --tasks")
         self.target = self.target or self.task_names[0]
         if not self.run_dir and not self.untuned:
             raise ValueError("nothing to evaluate: give --run RUN_DIR (repeatable) and/or --untuned")
@@ -251,7 +256,7 @@ def plan_models(args: EvalArguments) -> list[ModelPlan]:
         plans.append(ModelPlan("untuned", resolve_model_path(args.model_name_or_path), args.prompt_template or "raw",
                                args.system_prompt))
     for run in args.run_dir:
-        run_dir = resolve(run)
+        run_dir = resolve_for_evaluation(run)  # no interrupted save, no final/ older than the run's last checkpoint
         config = check_run(run_dir)  # every file, before any model loads
         recorded = (config.prompt_template, config.system_prompt)
         template, system = recorded
@@ -305,8 +310,11 @@ def check_label_groups(plans: list[ModelPlan]) -> None:
     groups: dict[str, list[ModelPlan]] = {}
     for plan in plans:
         name = plan.label
-        if not name or "/" in name or name.startswith(".") or name in REPORT_FILES or name == INCOMPLETE:
+        if not name or "/" in name or name.startswith(".") or name in (*REPORT_FILES, INCOMPLETE, EVALUATION_MARKER):
             raise ValueError(f"model label {name!r} cannot be a folder name of the report; set names with --labels")
+        if any(unicodedata.category(c) == "Cc" for c in name):
+            raise ValueError(f"model label {name!r} holds a control character (a newline, tab, ...); it names a "
+                             "folder and a table row, so set printable names with --labels")
         groups.setdefault(name, []).append(plan)
     for label, group in groups.items():
         if len(group) == 1:
@@ -328,18 +336,26 @@ def check_label_groups(plans: list[ModelPlan]) -> None:
 
 
 def prepare_output_dir(out: Path, overwrite: bool) -> None:
-    """Refuse a folder holding an earlier evaluation unless ``overwrite``; then empty it and mark it incomplete."""
+    """Refuse a non-empty folder unless ``overwrite`` and it is an earlier evaluate.py report (it holds
+    ``EVALUATION_MARKER``: nothing else is ever deleted); then empty it, mark it as a report and as incomplete."""
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--output_dir {out} is a file")
     if out.exists() and any(out.iterdir()):
+        held = ", ".join(sorted(p.name for p in out.iterdir())[:6])
         if not overwrite:
-            held = ", ".join(sorted(p.name for p in out.iterdir())[:6])
             raise FileExistsError(f"--output_dir {out} already holds results ({held}); pass --overwrite to replace "
                                   "them or choose another folder")
+        if not (out / EVALUATION_MARKER).is_file():
+            raise FileExistsError(f"--output_dir {out} holds {held}, not an evaluate.py report (no "
+                                  f"{EVALUATION_MARKER}); --overwrite replaces only an earlier report, so choose "
+                                  "another folder (or delete this one yourself)")
         logger.warning("--overwrite: removing the earlier results in %s", out)
         for path in out.iterdir():
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            if path.name != EVALUATION_MARKER:  # removed last: an interrupted removal stays recognisable
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / EVALUATION_MARKER, {"written_by": "imsm evaluate.py", "command": sys.argv,
+                                                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     atomic_write_text(out / INCOMPLETE, "evaluation under way or interrupted: " + " ".join(sys.argv) + "\n")
 
 

@@ -21,6 +21,14 @@ shard in the folder, memory-mapped, since data-parallel ranks see a different sh
 prompt, max lengths, data file content hash, the source code of truncation and templates); a folder built for
 anything else is emptied with a message and filled again.
 
+The cache is derived data, so damage costs a recomputation, never the run. Rank r records the SHA-256 of every shard
+it writes in ``rank{r}-index.json`` (before the shard itself, so a kill between the two loses nothing). When a run
+starts, rank 0 removes the temporaries a killed write left, and checks every shard already there: its header and
+length (``run_folder.safetensors_header``), its tensors' layout and its checksum; one that fails (truncated, empty,
+garbled, not in the index, or changed since it was written) is deleted with a warning naming it, and its examples
+are computed again. An unreadable ``fingerprint.json`` empties the folder with a warning. Shards that other ranks
+write during the run get the header and layout check when indexed.
+
 A batch skips the frozen pass only when every example of it is cached (under data parallelism: on every rank, since
 ZeRO-3 gathers parameters collectively during the pass). Filling happens in the first epoch's forward passes, where
 the frozen memory is computed anyway (measured faster than a separate no-grad pass, see bench/bench_train.py).
@@ -28,10 +36,12 @@ the frozen memory is computed anyway (measured faster than a separate no-grad pa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -43,12 +53,15 @@ from transformers import TrainerCallback
 from imsm import data as data_module
 from imsm import templates as templates_module
 from imsm.atomic import atomic_write_bytes, atomic_write_json
+from imsm.run_folder import safetensors_header
 
 logger = logging.getLogger(__name__)
 
 FINGERPRINT = "fingerprint.json"
 SHARD_GLOB = "rank*-*.safetensors"
+INDEX_GLOB = "rank*-index.json"  # rank r's {"sha256": {shard name: hex digest}}
 DEFAULT_DIR_NAME = "frozen_memory_cache"
+SHARD_TENSORS = ("index", "length", "answers", "q", "h")
 
 
 def truncation_rule() -> str:
@@ -109,38 +122,75 @@ class FrozenMemoryCache:
         self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._pending_bytes = 0
         self._pending_index: set[int] = set()
-        self._next_seq = 1 + max((int(p.stem.split("-")[1]) for p in self.directory.glob(f"rank{self.rank}-*")
+        self._next_seq = 1 + max((int(p.stem.split("-")[1]) for p in
+                                  self.directory.glob(f"rank{self.rank}-*.safetensors")
                                   if p.stem.split("-")[1].isdigit()), default=-1)
+        # this rank's checksums, of the shards still there (others may have been deleted as damaged)
+        self._digests = {name: digest for name, digest in _read_index(self._index_path).items()
+                         if (self.directory / name).is_file()}
         self.refresh()
         self.hits = self.misses = 0
 
     # ---- folder -------------------------------------------------------------------------------------------------
+    @property
+    def _index_path(self) -> Path:
+        return self.directory / f"rank{self.rank}-index.json"
+
     def _prepare(self, fingerprint: dict) -> None:
-        """Rank 0 checks the fingerprint and empties a folder built for something else; the others wait."""
+        """Rank 0 clears temporaries, checks the fingerprint, empties a folder built for something else and deletes
+        damaged shards (see the module docstring); the others wait."""
         path = self.directory / FINGERPRINT
         if self.rank == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
-            old = json.loads(path.read_text()) if path.is_file() else None
+            for tmp in self.directory.glob(".*.tmp"):  # what a write killed before its rename left
+                tmp.unlink(missing_ok=True)
+            old = _read_fingerprint(path)
             if old != fingerprint:
                 shards = list(self.directory.glob(SHARD_GLOB))
-                if old is not None or shards:
+                if isinstance(old, dict) or (old is None and shards):
                     changed = sorted(k for k in set(fingerprint) | set(old or {})
                                      if (old or {}).get(k) != fingerprint.get(k))
                     logger.warning("frozen-memory cache %s was built for a different setup (changed: %s); "
                                    "rebuilding it", self.directory, ", ".join(changed) or "no fingerprint")
-                for shard in shards:
-                    shard.unlink()
+                for stale in (*shards, *self.directory.glob(INDEX_GLOB)):
+                    stale.unlink()
                 atomic_write_json(path, fingerprint)
+            else:
+                self._delete_damaged_shards()
         if self._dist is not None:
             self._dist.barrier()
         if self.rank != 0 and (not path.is_file() or json.loads(path.read_text()) != fingerprint):
             raise RuntimeError(f"--frozen_memory_cache {self.directory}: rank {self.rank} does not see the folder "
                                "rank 0 prepared; put it on a file system that every node shares, or turn it off")
 
+    def _delete_damaged_shards(self) -> None:
+        digests = {name: digest for index in self.directory.glob(INDEX_GLOB) for name, digest in
+                   _read_index(index).items()}
+        for path in sorted(self.directory.glob(SHARD_GLOB)):
+            problem = _shard_problem(path)
+            if problem is None and path.name not in digests:
+                problem = "it is in no rank's index (written by an older imsm, or its index was lost)"
+            if problem is None:
+                with path.open("rb") as f:
+                    if hashlib.file_digest(f, "sha256").hexdigest() != digests[path.name]:
+                        problem = "its checksum differs from the one recorded when it was written"
+            if problem is not None:
+                logger.warning("frozen-memory cache: %s cannot be trusted (%s); deleting it, its examples will be "
+                               "rebuilt", path, problem)
+                path.unlink()
+
     def refresh(self) -> None:
-        """Index the shards written since the last look (by this rank or any other)."""
+        """Index the shards written since the last look (by this rank or any other); one that fails the header and
+        layout check is skipped with a warning (its examples are computed again)."""
         for path in sorted(self.directory.glob(SHARD_GLOB)):
             if path.name in self._shards:
+                continue
+            problem = _shard_problem(path)
+            if problem is not None:
+                logger.warning("frozen-memory cache: %s cannot be trusted (%s); its examples will be rebuilt", path,
+                               problem)
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
                 continue
             handle = safe_open(str(path), framework="pt")
             self._shards[path.name] = handle
@@ -215,10 +265,54 @@ class FrozenMemoryCache:
         columns = [torch.cat(c).contiguous() for c in zip(*self._pending, strict=True)]
         tensors = dict(zip(("index", "length", "answers", "q", "h"), columns, strict=True))
         name = f"rank{self.rank}-{self._next_seq:06d}.safetensors"
-        atomic_write_bytes(self.directory / name, save(tensors, metadata={"format": "pt"}))
+        data = save(tensors, metadata={"format": "pt"})
+        self._digests[name] = hashlib.sha256(data).hexdigest()
+        atomic_write_json(self._index_path, {"sha256": self._digests})  # first: a kill then loses nothing
+        atomic_write_bytes(self.directory / name, data)
         self._next_seq += 1
         self._pending, self._pending_bytes, self._pending_index = [], 0, set()
         self.refresh()
+
+
+def _read_fingerprint(path: Path) -> dict | str | None:
+    """The recorded fingerprint; None when there is none, "unreadable" (with a warning) when it is garbled."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        logger.warning("frozen-memory cache: %s is unreadable (%s); rebuilding the cache", path, e)
+        return "unreadable"
+
+
+def _read_index(path: Path) -> dict[str, str]:
+    """{shard name: SHA-256} of one rank's index; empty (a warning when garbled) when it cannot be read."""
+    if not path.is_file():
+        return {}
+    try:
+        digests = json.loads(path.read_text())["sha256"]
+        if isinstance(digests, dict) and all(isinstance(v, str) for v in digests.values()):
+            return digests
+    except (ValueError, OSError, KeyError, TypeError):
+        pass
+    logger.warning("frozen-memory cache: %s is unreadable; the shards it lists will be rebuilt", path)
+    return {}
+
+
+def _shard_problem(path: Path) -> str | None:
+    """Why a shard cannot be read as one (header, length, tensor names, dtypes and shapes), or None."""
+    try:
+        tensors = safetensors_header(path)
+    except (ValueError, OSError) as e:
+        return str(e).removeprefix(f"{path}: ")
+    if set(tensors) != set(SHARD_TENSORS):
+        return f"it holds {sorted(tensors)}, not {list(SHARD_TENSORS)}"
+    n = tensors["index"][1][0] if len(tensors["index"][1]) == 1 else -1
+    (q_dtype, q), (h_dtype, h) = tensors["q"], tensors["h"]
+    per_example = all(tensors[k] == ("I64", (n,)) for k in ("index", "length", "answers"))
+    if not per_example or len(q) != 2 or len(h) != 2 or q[0] != n or q[1] != h[1] or q_dtype != h_dtype:
+        return "its tensors do not have the cache's layout"
+    return None
 
 
 class FlushFrozenCache(TrainerCallback):
@@ -250,6 +344,23 @@ def resolve_cache_dir(option: str, output_dir: str | Path) -> Path | None:
     return Path(output_dir) / DEFAULT_DIR_NAME if option == "on" else Path(option)
 
 
+def check_cache_dir(option: str, output_dir: str | Path) -> None:
+    """The cache folder ``option`` names can be one (checked before the model loads): not a file, not inside a
+    checkpoint folder (rotation would delete it), and creatable."""
+    directory = resolve_cache_dir(option, output_dir)
+    if directory is None:
+        return
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"--frozen_memory_cache {directory} is a file; give a folder, on, or off")
+    if any(part.startswith("checkpoint-") for part in directory.resolve().parts):
+        raise ValueError(f"--frozen_memory_cache {directory}: keep the cache out of checkpoint folders")
+    existing = next(p for p in (directory, *directory.parents) if p.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(f"--frozen_memory_cache {directory}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"--frozen_memory_cache {directory}: {existing} is not writable")
+
+
 def check_backbone_is_deterministic(config) -> None:
     """A backbone with dropout gives a random frozen memory in training; caching one draw would change the method."""
     rates = {k: v for k, v in config.to_dict().items() if "dropout" in k and isinstance(v, float) and v > 0}
@@ -277,8 +388,7 @@ def open_frozen_cache(option: str, output_dir: str, dataset, model_config, finge
     directory = resolve_cache_dir(option, output_dir)
     if directory is None:
         return None
-    if any(part.startswith("checkpoint-") for part in directory.resolve().parts):
-        raise ValueError(f"--frozen_memory_cache {directory}: keep the cache out of checkpoint folders")
+    check_cache_dir(option, output_dir)
     check_backbone_is_deterministic(model_config)
     answer_tokens = sum(len(ex["input_ids"]) - ex["query_length"] for ex in (dataset[i] for i in range(len(dataset))))
     need = expected_bytes(answer_tokens, len(dataset), model_config.hidden_size, getattr(torch, fingerprint["dtype"]))

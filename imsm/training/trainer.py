@@ -6,8 +6,9 @@ Written by hand, and why:
 - saving: the run folder format (``imsm/run_folder.py``), gathering only trainable weights under ZeRO-3;
 - complete checkpoints by construction: the Trainer writes ``checkpoint-N`` in place, and ``COMPLETE`` is written
   into it last (``CheckpointCompletion``, a callback run after the Trainer's whole save), so an interrupted save is
-  never resumed from (``run_folder.latest_checkpoint``) and is removed when training starts again. Rotation
-  (``--save_total_limit``) also moves here and counts complete checkpoints only, keeping the best one;
+  never resumed from (``run_folder.resumable_checkpoint``) and is removed when training starts again (one whose
+  files were damaged after ``COMPLETE`` is skipped too, and moved aside). Rotation (``--save_total_limit``) also
+  moves here and counts complete checkpoints only, keeping the best one;
 - the final folder built beside ``final/`` and swapped in whole;
 - validation (``eval_dataset``): the answer loss and the mean gate, logged as ``eval_loss`` / ``eval_gate_mean``;
 - DeepSpeed checkpoints without the frozen backbone (the Trainer only does that for a bare PeftModel) and loading

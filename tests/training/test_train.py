@@ -52,7 +52,8 @@ def test_saved_run_reloads_to_the_trained_model(tiny_model_dir, tiny_train_file,
     from transformers import AutoModelForCausalLM
 
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(final))
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint-2", "checkpoint-4", "final"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint-2", "checkpoint-4", "final",
+                                                                 "imsm_output.json"]
 
 
 def test_resume_reaches_the_uninterrupted_adapter(tiny_model_dir, tiny_train_file, tmp_path):

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from transformers import HfArgumentParser
 
+from imsm.evaluation.measure_runs import MeasureArguments, MeasureSession
 from imsm.evaluation.report import write_report
 from imsm.evaluation.runner import (
     DTYPES,
@@ -57,7 +58,7 @@ from imsm.evaluation.runner import (
 
 
 def main(argv: list[str] | None = None) -> dict[str, Path] | None:
-    (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses(args=argv)
+    args, measure_args = HfArgumentParser((EvalArguments, MeasureArguments)).parse_args_into_dataclasses(args=argv)
     world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout,
                         level=logging.INFO if rank == 0 else logging.WARNING)
@@ -81,11 +82,13 @@ def main(argv: list[str] | None = None) -> dict[str, Path] | None:
         logging.getLogger("evaluate").warning(note)
     notes += scoring_notes(args)
 
+    measures = MeasureSession(measure_args, args, plans, files, dtype, device) if measure_args.names else None
+
     if rank == 0:
         prepare_output_dir(Path(args.output_dir), args.overwrite)
     runs, start = [], time.perf_counter()
     for i, plan in enumerate(plans):
-        runs.append(evaluate_model(plan, args, tasks, dtype, device, rank, world_size))
+        runs.append(evaluate_model(plan, args, tasks, dtype, device, rank, world_size, measures))
         elapsed = time.perf_counter() - start
         logging.getLogger("evaluate").info(
             "model %d/%d (%s) done; %.0f s so far, about %.0f s to go", i + 1, len(plans), plan.folder, elapsed,
@@ -94,6 +97,8 @@ def main(argv: list[str] | None = None) -> dict[str, Path] | None:
     if rank == 0:
         paths = write_report(runs, args.target, args.output_dir, pairs=args.pairs,
                              resamples=args.bootstrap_resamples, seed=args.bootstrap_seed, notes=notes)
+        if measures is not None:
+            paths |= measures.report(args.output_dir, args.bootstrap_resamples, args.bootstrap_seed)
         finish_output_dir(Path(args.output_dir))
         print(paths["summary_md"].read_text(), paths["forgetting_md"].read_text(), paths["comparisons_md"].read_text(),
               sep="\n")

@@ -20,10 +20,16 @@ Each process decodes a strided shard of every task; rank 0 gathers the predictio
     python evaluate.py --untuned --run runs/lora/s1 runs/lora/s2 runs/lora/s3 runs/imsm/s1 runs/imsm/s2 runs/imsm/s3 \
         --labels untuned,LoRA,LoRA,LoRA,IMSM-LoRA,IMSM-LoRA,IMSM-LoRA --compare IMSM-LoRA:LoRA ...
 
-Every change against the untuned model, and between the ``--compare`` pairs, is paired per example with a bootstrap
-95% interval (``--bootstrap_resamples``, ``--bootstrap_seed``) and, for accuracy-type metrics, McNemar's exact p.
+Every change against the untuned model, and between the ``--compare`` pairs, is paired per example: an examples-only
+bootstrap 95% interval (``--bootstrap_resamples``, ``--bootstrap_seed``) and, where a label has several seeds, a
+method-level interval that adds the seed-to-seed variance, each with the p-value of a test of the same quantity
+(``imsm/evaluation/stats.py``).
 An ``--output_dir`` that holds an earlier evaluation is refused unless ``--overwrite``; while an evaluation writes,
-the folder holds a file ``INCOMPLETE``. A run decodes with the prompt template it was
+the folder holds a file ``INCOMPLETE``. Every model's predictions are saved as soon as it is decoded, so a report can
+be written again from the folder alone, without decoding (e.g. after a crash, or with other ``--compare`` pairs):
+
+    python evaluate.py --report_only eval/gsm8k [--compare IMSM-LoRA:LoRA] [--target gsm8k] [--bootstrap_seed 1]
+ A run decodes with the prompt template it was
 trained with unless ``--prompt_template`` overrides it (a warning says so); the untuned model uses
 ``--prompt_template`` (default raw). Every input (tasks, data files, run folders, gate shapes, templates) is checked
 before anything is written.
@@ -35,13 +41,14 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import HfArgumentParser
 
 from imsm.evaluation.measure_runs import MeasureArguments, MeasureSession
-from imsm.evaluation.report import write_report
+from imsm.evaluation.report import rebuild_report, write_report, write_report_inputs
 from imsm.evaluation.runner import (
     DTYPES,
     EvalArguments,
@@ -55,13 +62,44 @@ from imsm.evaluation.runner import (
     scoring_notes,
     task_files,
 )
+from imsm.evaluation.tables import parse_pairs
+
+
+@dataclass
+class ReportOnlyArguments:
+    report_only: str = field(metadata={
+        "help": "An existing evaluate.py output folder: write its report again from the saved predictions, without "
+                "decoding. The target, pairs and bootstrap settings it was evaluated with are used unless given."})
+    target: str | None = field(default=None, metadata={"help": "Target task of the forgetting report."})
+    compare: str | None = field(default=None, metadata={"help": "Pairs of labels to compare: 'A:B,C:D'."})
+    bootstrap_resamples: int | None = field(default=None, metadata={"help": "Paired bootstrap resamples."})
+    bootstrap_seed: int | None = field(default=None, metadata={"help": "Seed of the bootstrap's resampling."})
+
+
+def report_only(argv: list[str]) -> dict[str, Path]:
+    args, rest = HfArgumentParser(ReportOnlyArguments).parse_args_into_dataclasses(args=argv,
+                                                                                  return_remaining_strings=True)
+    if rest:
+        raise ValueError(f"--report_only writes a report from saved predictions without decoding; it takes only "
+                         f"--target, --compare, --bootstrap_resamples and --bootstrap_seed, not {' '.join(rest)}")
+    if args.bootstrap_resamples is not None and args.bootstrap_resamples < 1000:
+        raise ValueError(f"--bootstrap_resamples {args.bootstrap_resamples}: use at least 1000")
+    paths = rebuild_report(args.report_only, args.target, parse_pairs(args.compare), args.bootstrap_resamples,
+                           args.bootstrap_seed)
+    finish_output_dir(Path(args.report_only))
+    return paths
 
 
 def main(argv: list[str] | None = None) -> dict[str, Path] | None:
-    args, measure_args = HfArgumentParser((EvalArguments, MeasureArguments)).parse_args_into_dataclasses(args=argv)
+    argv = sys.argv[1:] if argv is None else argv
     world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout,
                         level=logging.INFO if rank == 0 else logging.WARNING)
+    if any(a == "--report_only" or a.startswith("--report_only=") for a in argv):
+        paths = report_only(argv)
+        _print_report(paths, Path(paths["summary_md"]).parent)
+        return paths
+    args, measure_args = HfArgumentParser((EvalArguments, MeasureArguments)).parse_args_into_dataclasses(args=argv)
     device = torch.device("cpu")
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -86,6 +124,8 @@ def main(argv: list[str] | None = None) -> dict[str, Path] | None:
 
     if rank == 0:
         prepare_output_dir(Path(args.output_dir), args.overwrite)
+        write_report_inputs(args.output_dir, [plan.folder for plan in plans], args.target, args.pairs,
+                            args.bootstrap_resamples, args.bootstrap_seed, notes)
     runs, start = [], time.perf_counter()
     for i, plan in enumerate(plans):
         runs.append(evaluate_model(plan, args, tasks, dtype, device, rank, world_size, measures))
@@ -95,17 +135,29 @@ def main(argv: list[str] | None = None) -> dict[str, Path] | None:
             elapsed / (i + 1) * (len(plans) - i - 1))
     paths = None
     if rank == 0:
-        paths = write_report(runs, args.target, args.output_dir, pairs=args.pairs,
-                             resamples=args.bootstrap_resamples, seed=args.bootstrap_seed, notes=notes)
+        try:
+            paths = write_report(runs, args.target, args.output_dir, pairs=args.pairs,
+                                 resamples=args.bootstrap_resamples, seed=args.bootstrap_seed, notes=notes)
+        except Exception:
+            logging.getLogger("evaluate").error("the report failed; every prediction is saved in %s: write the "
+                                                "report again with python evaluate.py --report_only %s",
+                                                args.output_dir, args.output_dir)
+            raise
         if measures is not None:
             paths |= measures.report(args.output_dir, args.bootstrap_resamples, args.bootstrap_seed)
         finish_output_dir(Path(args.output_dir))
-        print(paths["summary_md"].read_text(), paths["forgetting_md"].read_text(), paths["comparisons_md"].read_text(),
-              sep="\n")
-        print(f"Report, predictions and charts (forgetting.png, tradeoff.png): {args.output_dir}")
+        _print_report(paths, args.output_dir)
     if world_size > 1:
         torch.distributed.destroy_process_group()
     return paths
+
+
+def _print_report(paths: dict[str, Path], out_dir: str | Path) -> None:
+    print(paths["summary_md"].read_text(), paths["forgetting_md"].read_text(), paths["comparisons_md"].read_text(),
+          sep="\n")
+    print(f"Report, predictions and charts (forgetting.png, tradeoff.png): {out_dir}")
+    if "frontier_png" in paths:
+        print(f"The LoRA frontier: {paths['frontier_png']}; every measure: {paths['measures_md']}")
 
 
 if __name__ == "__main__":

@@ -116,8 +116,8 @@ def check_run(run: str | Path, hidden_size: int | None = None, model_path: str |
     if config.gate not in GATES:
         raise ValueError(f"{source}: gate {config.gate!r} is not one of {sorted(GATES)}")
     if tuple(config.adapter_files) != method.files:
-        raise ValueError(f"{source}: adapter_files {list(config.adapter_files)} are not the files --peft {method.name} "
-                         f"writes ({list(method.files)})")
+        raise ValueError(f"{source}: adapter_files {list(config.adapter_files)} are not the files "
+                         f"--peft {method.name} writes ({list(method.files)})")
     saved = safetensors_header(run_dir / GATE_FILE)
     expected = GATES[config.gate].parameter_shapes(config.hidden_size, config.gate_rank)
     if set(saved) != set(expected):

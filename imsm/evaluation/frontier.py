@@ -18,7 +18,7 @@ and where G_IMSM lies outside the curve's gain range the gap is not given (never
 **Intervals.** The *examples-only* interval draws the target's and every forgetting task's examples with replacement
 (``stats.resample_counts``; one draw shared by every label, so all points move together), recomputes every point,
 **rebuilds the curve** and the gap on each draw, and takes the 2.5th and 97.5th percentiles. The *method-level*
-interval adds the seeds, as the statistics module's method-level interval does (Welch t over the seed terms):
+interval adds the seeds through the statistics module's ``method_interval`` (Welch t over the seed terms):
 SE² = V_ex + s²(d_r)/k_IMSM + s²(e_j)/k_LoRA, where d_r is the gap of IMSM's run r against the seed-averaged curve and
 e_j the gap of the seed-averaged IMSM point against LoRA seed j's own curve (run j of every LoRA label is one training
 run at its scales and checkpoints) - each seed's effect on the gap, to first order. A draw or seed whose gain leaves
@@ -27,35 +27,16 @@ the curve's range makes the interval not given, with the count in the note.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import stats as scipy_stats
 
 from imsm.evaluation.measures import auroc_resampled
-from imsm.evaluation.stats import resample_counts
+from imsm.evaluation.stats import method_interval, resample_counts
 
 CONFIDENCE = 0.95
 Point = tuple[float, float]  # (target gain, forgetting)
-
-
-def method_interval(delta: float, examples_variance: float, seed_terms: Sequence[tuple[float, int]],
-                    confidence: float = CONFIDENCE) -> tuple[float, float, float]:
-    """(low, high, p) of Δ ± t_df · SE, SE² = ``examples_variance`` + Σ s²/k, df by Welch–Satterthwaite over the seed
-    terms (normal when they are all 0). The statistics issue's ``imsm.evaluation.stats.method_interval`` (branch
-    ``stats``) with the same signature and formula; import it from there once that branch is merged."""
-    seed = [(v, k) for v, k in seed_terms if k > 1]
-    se = math.sqrt(examples_variance + sum(v for v, _ in seed))
-    if se == 0.0:
-        return delta, delta, 1.0 if delta == 0.0 else 0.0
-    denom = sum(v * v / (k - 1) for v, k in seed)
-    df = se**4 / denom if denom > 0 else math.inf
-    dist = scipy_stats.t(df) if math.isfinite(df) else scipy_stats.norm()
-    quantile = dist.ppf(0.5 + confidence / 2.0)
-    p = 2.0 * dist.sf(abs(delta) / se)
-    return float(delta - quantile * se), float(delta + quantile * se), float(min(1.0, p))
 
 
 def lower_frontier(points: Sequence[Point]) -> list[Point]:
@@ -194,6 +175,6 @@ def frontier_gap(imsm: LabelRuns, lora: dict[str, LabelRuns], untuned: LabelRuns
     d = np.array([float(if_[r, 0]) - v for r, v in enumerate(per_imsm_run)])
     e = np.array([f_imsm - v for v in per_lora_seed])
     terms = [(float(d.var(ddof=1)) / len(d), len(d)), (float(e.var(ddof=1)) / len(e), len(e))]
-    result.method_low, result.method_high, result.p = method_interval(
-        result.gap, float(np.var(gaps, ddof=1)), terms, confidence)
+    result.method_low, result.method_high, result.p = (float(x) for x in method_interval(
+        result.gap, float(np.var(gaps, ddof=1)), terms, confidence))
     return result

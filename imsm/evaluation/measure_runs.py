@@ -35,7 +35,7 @@ import torch
 
 from imsm.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from imsm.data import Truncation, read_jsonl
-from imsm.evaluation.frontier import LabelRuns, frontier_gap, method_interval
+from imsm.evaluation.frontier import LabelRuns, frontier_gap
 from imsm.evaluation.generation import gather_shards, shard
 from imsm.evaluation.measures import (
     auroc_resampled,
@@ -53,7 +53,7 @@ from imsm.evaluation.measures import (
 )
 from imsm.evaluation.metrics import get_task
 from imsm.evaluation.runner import read_task
-from imsm.evaluation.stats import resample_counts
+from imsm.evaluation.stats import method_interval, resample_counts
 from imsm.loader import load_backbone
 from imsm.run_folder import RUN_ARGS, resolve
 from imsm.templates import build_template
@@ -61,6 +61,14 @@ from imsm.templates import build_template
 logger = logging.getLogger(__name__)
 
 MEASURES = ("auroc", "general_nll", "kl")
+TARGET_MEASURES = ("auroc", "mcc", "balanced_accuracy")
+MEASURE_TITLES = {
+    "auroc": "AUROC of the yes/no log-odds (0.5: the majority class only)",
+    "mcc": "MCC at the threshold chosen on held-out training rows",
+    "balanced_accuracy": "balanced accuracy at the threshold chosen on held-out training rows",
+    "general_nll": "NLL of held-out natural text, nats per token",
+    "kl": "KL(untuned ‖ model) per greedy answer token of the untuned model",
+}
 MEASURES_FILE = "measures.json"
 CONFIDENCE = 0.95
 
@@ -265,8 +273,8 @@ def change(a: Measure, b: Measure, counts: np.ndarray, confidence: float = CONFI
             out["note"] = "method-level interval not estimable from one seed"
             return out
         terms.append((float(runs.var(ddof=1)) / len(runs), len(runs)) if m.seeded else (0.0, 1))
-    out["method_low"], out["method_high"], out["p"] = method_interval(delta, float(np.nanvar(samples, ddof=1)), terms,
-                                                                      confidence)
+    interval = method_interval(delta, float(np.nanvar(samples, ddof=1)), terms, confidence)
+    out["method_low"], out["method_high"], out["p"] = (float(x) for x in interval)
     return out
 
 
@@ -313,17 +321,15 @@ def write_measures_report(results: dict[str, list[dict]], target: str, margs: Me
     rng = np.random.default_rng(seed)
     counts = {(name, task): resample_counts(m.n, resamples, rng) for name, by_task in base.items()
               for task, m in by_task.items()}
-    lines = ["# Measures", "",
-             ("Value: mean ± sd over a label's runs. Change against the untuned model: estimate [examples-only 95% "
-             "interval] [method-level 95% interval] p (the method-level interval adds the seed variance; see "
-             "docs/measures.md). AUROC / MCC / balanced accuracy: yes/no log-odds on every scored row; general_nll: "
-             "nats per token of held-out text; kl: KL(untuned ‖ model) per greedy answer token of the untuned model."),
-             ""]
+    legend = ("Value: mean ± sd over a label's runs. Change against the untuned model: estimate [examples-only 95% "
+              "interval] [method-level 95% interval] p (the method-level interval adds the seed variance; see "
+              "docs/evaluation.md#measures).")
+    sections: dict[str, list[str]] = {}  # measure -> its lines
     stats: dict = {}
     for name, by_task in base.items():
         tasks = list(by_task)
-        lines += [f"## {name}", "", "| label | " + " | ".join(f"{t} | change" for t in tasks) + " |",
-                  "|---|" + "---|---|" * len(tasks)]
+        lines = [f"### {name}: {MEASURE_TITLES[name]}", "",
+                 "| label | " + " | ".join(f"{t} | change" for t in tasks) + " |", "|---|" + "---|---|" * len(tasks)]
         for label, table in tables.items():
             cells = []
             for task in tasks:
@@ -338,26 +344,31 @@ def write_measures_report(results: dict[str, list[dict]], target: str, margs: Me
                 stats.setdefault(name, {}).setdefault(task, {})[label] = {"value": float(runs.mean()),
                                                                           "per_run": runs.tolist(), "change": c}
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        lines.append("")
+        sections[name] = [*lines, ""]
     frontier = {}
     if margs.frontier is not None:
         frontier = _frontier(results, target, margs, resamples, seed)
         for measure, gap in frontier.items():
-            lines += [f"## Frontier ({measure}): IMSM's forgetting minus the LoRA curve at IMSM's target gain", "",
-                      f"gap {_fmt(gap.gap)} [examples-only {_fmt(gap.examples_low)}, {_fmt(gap.examples_high)}] "
-                      f"[method-level {_fmt(gap.method_low)}, {_fmt(gap.method_high)}] p = {_fmt(gap.p, 3)}; IMSM "
-                      f"at (gain {gap.imsm[0]:+.4f}, forgetting {gap.imsm[1]:+.4f}); curve "
-                      + ", ".join(f"({g:+.4f}, {f:+.4f})" for g, f in gap.curve)
-                      + ("; " + "; ".join(gap.notes) if gap.notes else ""), ""]
+            sections[f"frontier {measure}"] = [
+                f"### Frontier ({measure}): IMSM's forgetting minus the LoRA curve at IMSM's target gain", "",
+                f"gap {_fmt(gap.gap)} [examples-only {_fmt(gap.examples_low)}, {_fmt(gap.examples_high)}] "
+                f"[method-level {_fmt(gap.method_low)}, {_fmt(gap.method_high)}] p = {_fmt(gap.p, 3)}; IMSM at "
+                f"(gain {gap.imsm[0]:+.4f}, forgetting {gap.imsm[1]:+.4f}); curve "
+                + ", ".join(f"({g:+.4f}, {f:+.4f})" for g, f in gap.curve)
+                + ("; " + "; ".join(gap.notes) if gap.notes else ""), ""]
         stats["frontier"] = {k: v.to_dict() for k, v in frontier.items()}
-    text = "\n".join(lines)
+    target_part = [line for k, v in sections.items() if k in TARGET_MEASURES for line in v]
+    forgetting_part = [line for k, v in sections.items() if k not in TARGET_MEASURES for line in v]
     paths = {"measures_md": out_dir / "measures.md"}
-    atomic_write_text(paths["measures_md"], text)
-    for name in ("summary.md", "forgetting.md"):
+    atomic_write_text(paths["measures_md"], "\n".join(["# Measures", "", legend, "", *target_part,
+                                                        *forgetting_part]))
+    # the target's measures beside the task metrics, the forgetting measures beside the forgetting table
+    for name, part, title in (("summary.md", target_part, "Target learning without a threshold"),
+                              ("forgetting.md", forgetting_part, "Forgetting without the answer format")):
         path = out_dir / name
-        if path.is_file():
-            atomic_write_text(path, path.read_text().rstrip("\n") + "\n\n" + text.replace("# Measures", "## Measures",
-                                                                                         1) + "\n")
+        if part and path.is_file():
+            atomic_write_text(path, path.read_text().rstrip("\n") + "\n\n" + "\n".join(
+                [f"## {title} (--measures)", "", legend, "", *part]) + "\n")
     stats_path = out_dir / "stats.json"
     record = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
     atomic_write_json(stats_path, record | {"measures": stats})

@@ -178,11 +178,13 @@ def _mcc_from_means(tp, tn, fp, fn):
 
 # A metric is f(mean over examples of a per-example component vector): a plain mean for accuracy-type metrics, the
 # confusion counts for F1 and MCC (both are unchanged when every count is divided by n). Resampling examples then only
-# means re-averaging the components (``imsm.evaluation.stats``), and a seed group averages f over its runs.
+# means re-averaging the components (``imsm.evaluation.stats``), and a seed group averages f over its runs. "ratio"
+# is a pooled ratio, e.g. (NLL sum, token count) -> nats per token over all examples.
 METRIC_FUNCTIONS = {
     "f1_counts": lambda m: _f1_from_means(m[..., 0], m[..., 1], m[..., 2]),
     "mcc_counts": lambda m: _mcc_from_means(m[..., 0], m[..., 1], m[..., 2], m[..., 3]),
     "mean": lambda m: m[..., 0],
+    "ratio": lambda m: m[..., 0] / m[..., 1],
 }
 # Metrics whose per-example component is a single 0/1 outcome: McNemar's test applies to them.
 BINARY_METRICS = ("accuracy", "contain", "em")

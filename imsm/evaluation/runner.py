@@ -6,7 +6,7 @@ time is token for token the one it was trained on; answer likelihoods (``scoring
 answer tokens training puts its loss on.
 
 Runs may share a label (``--labels untuned,LoRA,LoRA,LoRA,IMSM-LoRA,...``): they are seeds of one method, reported
-as one row (mean ± standard deviation over the runs, paired intervals on the seed-averaged per-example scores). A
+as one row (mean ± standard deviation over the runs, method-level intervals over seeds and examples). A
 label's runs must share the base model, prompt template, system prompt, PEFT method and gate; each run's files go to
 ``OUTPUT_DIR/<label>/run<k>/`` (a label of one run keeps ``OUTPUT_DIR/<label>/``).
 """
@@ -28,17 +28,11 @@ from imsm.atomic import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from imsm.data import Truncation, encode_prompt, read_jsonl
 from imsm.default_model import resolve_model_path
 from imsm.evaluation.generation import DecodingConfig, gather_shards, generate, shard
-from imsm.evaluation.metrics import (
-    YES_NO_RULES,
-    ExampleScores,
-    compute_metrics,
-    example_scores,
-    get_task,
-    get_yes_no_rule,
-)
+from imsm.evaluation.metrics import YES_NO_RULES, compute_metrics, get_task, get_yes_no_rule
 from imsm.evaluation.report import RunResult, parse_pairs
-from imsm.evaluation.scoring import answer_nll, best_answer, gold_answers
+from imsm.evaluation.results import REPORT_INPUTS, score_records
 from imsm.evaluation.scaling import load_scaled_run, parse_scales
+from imsm.evaluation.scoring import answer_nll, best_answer, gold_answers
 from imsm.loader import check_run, load_backbone, load_run, load_tokenizer
 from imsm.method.adapters import METHODS, get_method
 from imsm.run_folder import RunConfig, check_hidden_size, read_train_stats, resolve
@@ -51,7 +45,7 @@ GATE_PREFIX = {"query_aware": "IMSM-", "token": "IMSM-token-", "equal": "IMSM-eq
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SCORE_MODES = ("both", "decode", "likelihood")
 REPORT_FILES = ("summary.md", "summary.csv", "forgetting.md", "forgetting.png", "comparisons.md", "stats.json",
-                "stats.csv", "tradeoff.png", "tradeoff.csv")
+                "stats.csv", "tradeoff.png", "tradeoff.csv", REPORT_INPUTS)
 INCOMPLETE = "INCOMPLETE"  # present while an evaluation writes its folder; removed once the report is complete
 
 
@@ -72,8 +66,8 @@ class EvalArguments:
     labels: str | None = field(default=None, metadata={
         "help": "Comma-separated names: untuned first (with --untuned), then the runs in order. Runs given the same "
                 "label are seeds of one method, e.g. --run a1 a2 a3 b1 b2 b3 --labels untuned,LoRA,LoRA,LoRA,"
-                "IMSM-LoRA,IMSM-LoRA,IMSM-LoRA: one row each, mean ± sd over its runs, paired intervals on the "
-                "seed-averaged per-example scores (same base model, template, PEFT method and gate required)."})
+                "IMSM-LoRA,IMSM-LoRA,IMSM-LoRA: one row each, mean ± sd over its runs, method-level intervals "
+                "over seeds and examples (same base model, template, PEFT method and gate required)."})
     target: str | None = field(default=None, metadata={"help": "Target task of the forgetting report (first task)."})
     max_examples: int | None = field(default=None, metadata={"help": "Only the first N examples of each task."})
     score: str = field(default="both", metadata={
@@ -85,8 +79,9 @@ class EvalArguments:
                 "code's rule, yes when 'yes' occurs anywhere in it, else no - to reproduce the paper's numbers."})
     compare: str | None = field(default=None, metadata={
         "help": "Pairs of labels to compare besides each row vs the untuned baseline: 'A:B,C:D' (A − B), e.g. "
-                "IMSM-LoRA:LoRA. Every comparison is paired per example, with a bootstrap 95%% interval and, for "
-                "accuracy-type metrics, McNemar's exact p."})
+                "IMSM-LoRA:LoRA. Every comparison is paired per example: an examples-only bootstrap 95%% interval, "
+                "a method-level one (seed variance added) where the labels have several seeds, and the p of a "
+                "test of the same quantity (imsm/evaluation/stats.py)."})
     adapter_scale: str | None = field(default=None, metadata={
         "help": "Evaluate every vanilla PEFT run (--gate none) at these scales of its learned update, e.g. "
                 "0.25,0.5,0.75,1: weights W0 + a*(W1 - W0) (LoRA/AdaLoRA/DoRA: the update scaled; (IA)3: l -> "
@@ -433,23 +428,17 @@ def evaluate_model(plan, args, tasks, dtype, device, rank, world_size, measures=
         if rank != 0:
             continue
         predictions = [{"input": row["input"], "gold": row["output"]} for row in rows]
-        scores = ExampleScores({})
         if decoded is not None:
             for record, (text, n, reason, gate) in zip(predictions, decoded, strict=True):
                 record |= {"prediction": text, "num_tokens": n, "finish_reason": reason}
                 record |= {} if gate is None else {"gate_mean": gate}
-            scores = example_scores(task, [p["prediction"] for p in predictions], [p["gold"] for p in predictions],
-                                    args.yes_no_rule)
         if scored is not None:
             for record, (nll, nll_sum, n_tokens, gate) in zip(predictions, scored, strict=True):
                 record |= {"answer_nll": nll, "answer_nll_sum": nll_sum, "answer_tokens": n_tokens}
                 record |= {} if gate is None else {"answer_gate_mean": gate}
-            scores.components["answer_nll"] = ("mean", torch.tensor([s[0] for s in scored]).double().numpy()[:, None])
-        task_metrics = {name: scores.value(name) for name in scores.components} | {"n": len(rows)}
-        if scored is not None:
-            task_metrics["answer_nll_per_token"] = sum(s[1] for s in scored) / sum(s[2] for s in scored)
+        atomic_write_jsonl(out_dir / task / "predictions.jsonl", predictions)  # saved before anything can fail
+        scores, task_metrics = score_records(task, predictions, args.yes_no_rule)  # as a rebuilt report reads them
         gates = [g for *_, g in decoded if g is not None] if decoded is not None else []
-        atomic_write_jsonl(out_dir / task / "predictions.jsonl", predictions)
         atomic_write_json(out_dir / task / "metrics.json", {
             "label": plan.label, "task": task, "template": plan.template, "system_prompt": plan.system_prompt,
             "run": None if plan.run_dir is None else str(plan.run_dir), "model": plan.model_path,

@@ -96,7 +96,7 @@ def test_end_to_end_files_metrics_and_report(model_dir, data_dir, runs, tmp_path
             assert metrics["metrics"]["n"] == len(rows) and metrics["metrics"] == result["metrics"][task]
             assert (metrics["gate_mean"] is not None) == (label == "IMSM-LoRA")
     assert set(json.loads((out / "IMSM-LoRA" / "mrpc" / "metrics.json").read_text())["metrics"]) == \
-        {"accuracy", "yes_rate", "invalid_rate", "f1", "n", "answer_nll", "answer_nll_per_token"}
+        {"accuracy", "yes_rate", "invalid_rate", "f1", "n", "answer_nll", "answer_nll_example_mean"}
     assert not (out / "INCOMPLETE").exists()
     assert "IMSM-LoRA" in (out / "summary.md").read_text()
     assert "| GSM8K |" in (out / "forgetting.md").read_text().splitlines()[2]
@@ -316,8 +316,10 @@ def test_seeds_share_a_label_and_every_comparison_is_paired(model_dir, data_dir,
     imsm_vs_lora = pairs[("IMSM", "LoRA", "answer_nll", "webq")]
     mean = {lab: sum(stats["labels"][lab]["tasks"]["webq"]["answer_nll"]["per_run"]) / 2 for lab in ("IMSM", "LoRA")}
     assert imsm_vs_lora["delta"] == pytest.approx(mean["IMSM"] - mean["LoRA"])
-    assert imsm_vs_lora["low"] <= imsm_vs_lora["delta"] <= imsm_vs_lora["high"]
-    assert pairs[("IMSM", "LoRA", "primary", "mrpc")]["p_mcnemar"] is not None
+    assert imsm_vs_lora["examples_low"] <= imsm_vs_lora["delta"] <= imsm_vs_lora["examples_high"]
+    assert imsm_vs_lora["method_low"] <= imsm_vs_lora["delta"] <= imsm_vs_lora["method_high"]
+    two_seeds = pairs[("IMSM", "LoRA", "primary", "mrpc")]  # two seeds each: tested at the method level, no vote
+    assert two_seeds["test"] == "method-level t" and two_seeds["p"] is not None and two_seeds["method_low"] is not None
     assert ("LoRA", "untuned", "answer_nll", "general") in pairs
     summary = (out / "summary.md").read_text()
     assert "| LoRA | raw | 2 |" in summary and "±" in summary
@@ -331,12 +333,23 @@ def test_likelihood_only_scores_without_decoding(model_dir, data_dir, runs, tmp_
     monkeypatch.setattr(imsm.evaluation.runner, "generate",
                         lambda *a, **k: pytest.fail("decoded with --score likelihood"))
     out = tmp_path / "eval"
-    evaluate.main(_argv(model_dir, data_dir, out, "--run", str(runs["imsm"]), "--untuned", "--tasks", "mrpc,gsm8k",
-                        "--score", "likelihood"))
+    lengths = tmp_path / "webq.jsonl"  # one-word and six-word answers: a pooled mean differs from a mean of means
+    lengths.write_text("".join(json.dumps({"input": f"Question: what is {i} ? Output:", "output": [answer]}) + "\n"
+                               for i, answer in enumerate(["cat", "is a cat , and a dog", "dog", "red"])))
+    evaluate.main(_argv(model_dir, data_dir, out, "--run", str(runs["imsm"]), "--untuned", "--tasks",
+                        "mrpc,gsm8k,webq", "--task_file", f"webq={lengths}", "--score", "likelihood"))
+    webq = _predictions(out / "IMSM-LoRA" / "webq" / "predictions.jsonl")
+    pooled = json.loads((out / "IMSM-LoRA" / "webq" / "metrics.json").read_text())["metrics"]
+    # nats per answer token pooled over the task, not the mean of the examples' means
+    assert pooled["answer_nll"] == pytest.approx(sum(p["answer_nll_sum"] for p in webq)
+                                                 / sum(p["answer_tokens"] for p in webq))
+    assert pooled["answer_nll_example_mean"] == pytest.approx(sum(p["answer_nll"] for p in webq) / len(webq))
+    assert len({p["answer_tokens"] for p in webq}) > 1
+    assert pooled["answer_nll"] != pytest.approx(pooled["answer_nll_example_mean"])
     preds = _predictions(out / "IMSM-LoRA" / "gsm8k" / "predictions.jsonl")
     assert all("prediction" not in p and p["answer_nll"] > 0 and "answer_gate_mean" in p for p in preds)
     metrics = json.loads((out / "IMSM-LoRA" / "gsm8k" / "metrics.json").read_text())["metrics"]
-    assert set(metrics) == {"answer_nll", "answer_nll_per_token", "n"}
+    assert set(metrics) == {"answer_nll", "answer_nll_example_mean", "n"}
     assert "NLL" in (out / "summary.md").read_text() and "answer NLL" in (out / "forgetting.md").read_text()
 
 
@@ -363,6 +376,50 @@ def test_bad_groups_and_report_folders(model_dir, data_dir, runs, tmp_path):
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["untuned"]
     assert not (out / "INCOMPLETE").exists() and not list(out.glob(".*"))
     assert "IMSM" not in (out / "summary.md").read_text()
+
+
+def test_a_failed_report_keeps_the_predictions_and_is_rebuilt_without_decoding(model_dir, data_dir, runs, tmp_path,
+                                                                               monkeypatch, caplog):
+    argv = ("--untuned", "--run", str(runs["lora"]), str(runs["lora_s2"]), str(runs["imsm"]), "--labels",
+            "untuned,LoRA,LoRA,IMSM", "--tasks", "mrpc,webq", "--target", "mrpc", "--compare", "IMSM:LoRA",
+            "--bootstrap_resamples", "1000", "--bootstrap_seed", "3")
+    whole = tmp_path / "whole"
+    evaluate.main(_argv(model_dir, data_dir, whole, *argv))
+
+    def crash(*args, **kwargs):
+        raise OverflowError("the report broke")
+
+    out = tmp_path / "crashed"
+    monkeypatch.setattr(evaluate, "write_report", crash)
+    with pytest.raises(OverflowError), caplog.at_level(logging.ERROR):
+        evaluate.main(_argv(model_dir, data_dir, out, *argv))
+    assert f"--report_only {out}" in caplog.text
+    assert (out / "INCOMPLETE").exists() and not (out / "stats.json").exists()
+    assert (out / "LoRA" / "run2" / "webq" / "predictions.jsonl").is_file()
+    monkeypatch.undo()
+
+    import imsm.evaluation.runner
+
+    monkeypatch.setattr(imsm.evaluation.runner, "generate", lambda *a, **k: pytest.fail("decoded again"))
+    monkeypatch.setattr(imsm.evaluation.runner, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    paths = evaluate.main(["--report_only", str(out)])
+    assert not (out / "INCOMPLETE").exists()
+    for name in ("summary.md", "forgetting.md", "comparisons.md", "stats.csv", "tradeoff.csv"):
+        assert (out / name).read_text() == (whole / name).read_text(), name
+    assert json.loads(paths["stats_json"].read_text()) == json.loads((whole / "stats.json").read_text())
+    # other pairs and bootstrap settings without decoding; a bad folder or an option of decoding is refused
+    evaluate.main(["--report_only", str(out), "--compare", "LoRA:IMSM", "--bootstrap_seed", "4"])
+    assert "LoRA − IMSM" in (out / "comparisons.md").read_text()
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        evaluate.main(["--report_only", str(tmp_path / "nothing")])
+    with pytest.raises(ValueError, match="takes only --target, --compare.*not --batch_size 4"):
+        evaluate.main(["--report_only", str(out), "--batch_size", "4"])
+    # a folder written before report_inputs.json existed: rows in folder order, untuned first, the target given
+    (whole / "report_inputs.json").unlink()
+    with pytest.raises(ValueError, match="give --target"):
+        evaluate.main(["--report_only", str(whole)])
+    evaluate.main(["--report_only", str(whole), "--target", "mrpc", "--bootstrap_seed", "3"])
+    assert list(json.loads((whole / "stats.json").read_text())["labels"]) == ["untuned", "IMSM", "LoRA"]
 
 
 def test_calibration_notes_group_runs_that_skip_the_same_rows():

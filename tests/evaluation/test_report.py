@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 
+import numpy as np
 import pytest
 
-from imsm.evaluation.report import RunResult, forgetting_table, plot_forgetting, summary_table, write_report
+from imsm.evaluation.charts import plot_forgetting
+from imsm.evaluation.metrics import ExampleScores
+from imsm.evaluation.report import write_report
+from imsm.evaluation.results import RunResult, score_records
+from imsm.evaluation.tables import forgetting_table, summary_table
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -149,7 +155,8 @@ def test_write_report(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == names
     assert sorted(p.name for p in paths.values()) == names
     assert paths["forgetting_png"].read_bytes().startswith(PNG_SIGNATURE)
-    assert paths["forgetting_md"].read_text().endswith(forgetting_table([_untuned(), _lora()], "cola"))
+    table = forgetting_table([_untuned(), _lora()], "cola")
+    assert paths["forgetting_md"].read_text().startswith("### Forgetting: decoded metric\n\n" + table + "\n[a, b]: ")
     md, csv_text = summary_table([_untuned(), _lora()])
     assert paths["summary_md"].read_text() == md
     assert paths["summary_csv"].read_text() == csv_text
@@ -167,3 +174,59 @@ def test_summary_shows_what_training_cost():
     header, base, row = _rows(md)
     assert header[-3:] == ["Train s", "Steps", "Tokens"]
     assert row[-3:] == ["248", "60", "91234"] and base[-3:] == ["-", "-", "-"]
+
+
+def _scored(label, hits, run=None, tasks=("mrpc",)):
+    """A run with the same per-example 0/1 outcomes on every task of ``tasks`` (accuracy-scored tasks)."""
+    scores = ExampleScores({"accuracy": ("mean", np.asarray(hits, float)[:, None])})
+    return RunResult(label, "raw", {t: {"accuracy": scores.value("accuracy")} for t in tasks},
+                     {t: scores for t in tasks}, run)
+
+
+def test_a_paper_size_report_is_written(tmp_path):
+    """4,000 rows with a 68-point change (2,720 discordant pairs, beyond 2.0**1024): McNemar's tail in log space."""
+    n = 4000
+    untuned = _scored("untuned", np.arange(n) < 600)
+    tuned = _scored("LoRA", np.arange(n) < 3320, run="runs/lora")
+    paths = write_report([untuned, tuned], "mrpc", tmp_path, resamples=1000)
+    records = json.loads(paths["stats_json"].read_text())
+    (rec,) = [r for r in records["comparisons"] if r["column"] == "mrpc"]
+    assert rec["delta"] == pytest.approx(0.68) and rec["test"] == "McNemar exact" and rec["p"] == 0.0
+    assert rec["method_low"] is None and rec["method_note"] == "not estimable from one seed"
+    assert "LoRA | raw | 83.0 (+68.0 ex[" in paths["forgetting_md"].read_text()
+
+
+def test_seeds_get_a_method_level_interval_and_one_seed_says_why_not(tmp_path):
+    rng = np.random.default_rng(5)
+    n = 300
+    both = ("mrpc", "multirc")
+    untuned = _scored("untuned", rng.random(n) < 0.5, tasks=both)
+    seeds = [_scored("IMSM", rng.random(n) < p, f"imsm/{i}", both) for i, p in enumerate((0.6, 0.7, 0.65))]
+    single = _scored("LoRA", rng.random(n) < 0.6, "lora/0", both)
+    paths = write_report([untuned, *seeds, single], "mrpc", tmp_path, pairs=[("IMSM", "LoRA")], resamples=1000)
+    comparisons = paths["comparisons_md"].read_text()
+    assert "[not estimable from one seed] ex[" in comparisons and "method-level" in comparisons
+    forgetting = paths["forgetting_md"].read_text()
+    imsm_cell = next(line for line in forgetting.splitlines() if line.startswith("| IMSM"))
+    assert " [" in imsm_cell and "ex[" not in imsm_cell  # several seeds: the method-level interval
+    records = json.loads(paths["stats_json"].read_text())
+    imsm = next(r for r in records["comparisons"] if (r["a"], r["b"], r["column"]) == ("IMSM", "untuned", "mrpc"))
+    assert imsm["test"] == "method-level t" and imsm["method_low"] < imsm["examples_low"]
+    points = list(csv.DictReader(paths["tradeoff_csv"].open()))
+    assert {(p["label"], p["interval"]) for p in points if p["run"] == "mean" and p["measure"] == "primary"} == \
+        {("IMSM", "method"), ("LoRA", "examples")}
+
+
+def test_answer_nll_is_pooled_per_token_and_named_so(tmp_path):
+    """Two examples: 7.0 nats over 2 tokens and 16.0 over 4: pooled 23/6 = 3.833 nats per token (the mean of the
+    per-example means would be 3.75); the report shows the pooled value, names it, and keeps the other."""
+    records = [{"input": "a", "gold": "x", "answer_nll": 3.5, "answer_nll_sum": 7.0, "answer_tokens": 2},
+               {"input": "b", "gold": "y", "answer_nll": 4.0, "answer_nll_sum": 16.0, "answer_tokens": 4}]
+    scores, metrics = score_records("webq", records)
+    assert metrics == {"answer_nll": pytest.approx(23 / 6), "answer_nll_example_mean": pytest.approx(3.75), "n": 2}
+    run = RunResult("untuned", "raw", {"webq": metrics}, {"webq": scores})
+    md, _ = summary_table([run])
+    assert _rows(md)[0][-1] == "WebQ NLL/token" and _rows(md)[1][-1] == "3.833"
+    paths = write_report([run], "webq", tmp_path)
+    assert "pooled" in paths["forgetting_md"].read_text()
+    assert "pooled" in json.loads(paths["stats_json"].read_text())["definitions"]["answer_nll"]

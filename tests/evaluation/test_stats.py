@@ -9,10 +9,14 @@ import math
 
 import numpy as np
 import pytest
+from scipy import stats as scipy_stats
 
+from imsm.evaluation.comparisons import headline_interval
 from imsm.evaluation.metrics import ExampleScores, compute_metrics, example_scores
-from imsm.evaluation.report import RunResult, comparison_table, forgetting_table, write_report
+from imsm.evaluation.report import write_report
+from imsm.evaluation.results import RunResult
 from imsm.evaluation.stats import LabelScores, mcnemar, mcnemar_exact, paired_difference, resample_counts
+from imsm.evaluation.tables import comparison_table, forgetting_table
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -26,7 +30,7 @@ def test_constant_difference_has_a_zero_width_interval():
     b = rng.random(50)
     diff = paired_difference([(_mean_scores(b + 0.1), _mean_scores(b))], [resample_counts(50, 2000, rng)])
     assert diff.delta == pytest.approx(0.1)
-    assert diff.low == pytest.approx(0.1) and diff.high == pytest.approx(0.1)
+    assert diff.examples_low == pytest.approx(0.1) and diff.examples_high == pytest.approx(0.1)
 
 
 def test_hand_made_interval_contains_the_mean_and_has_the_normal_width():
@@ -39,8 +43,8 @@ def test_hand_made_interval_contains_the_mean_and_has_the_normal_width():
     assert diff.covers(0.15)
     d = a - b
     half_width = 1.96 * d.std(ddof=1) / math.sqrt(len(d))  # the normal-approximation half width, 0.0535
-    assert (diff.high - diff.low) / 2 == pytest.approx(half_width, rel=0.1)
-    assert diff.low > 0  # a 30-example discordance imbalance out of 70 is no noise
+    assert (diff.examples_high - diff.examples_low) / 2 == pytest.approx(half_width, rel=0.1)
+    assert diff.examples_low > 0  # a 30-example discordance imbalance out of 70 is no noise
 
 
 def test_mcnemar_on_hand_counted_tables():
@@ -53,10 +57,10 @@ def test_mcnemar_on_hand_counted_tables():
     a = _mean_scores([1, 1, 0, 0, 1, 1, 1])
     b = _mean_scores([1, 0, 1, 1, 1, 1, 1])
     assert mcnemar(a, b) == pytest.approx(mcnemar_exact(1, 2))
-    # seed groups: an example counts as right when more than half of the runs get it right
-    group = _mean_scores([1, 1, 0], [1, 0, 0], [0, 1, 0])  # majority right: yes, yes, no
-    single = _mean_scores([0, 0, 0])
-    assert mcnemar(group, single) == pytest.approx(mcnemar_exact(2, 0))
+    # seed groups are never put to a vote: McNemar compares two single models only
+    group = _mean_scores([1, 1, 0], [1, 0, 0], [0, 1, 0])
+    with pytest.raises(ValueError, match="method-level"):
+        mcnemar(group, _mean_scores([0, 0, 0]))
 
 
 @pytest.mark.parametrize("confidence,low,high", [(0.95, 0.915, 0.985), (0.5, 0.40, 0.60)])
@@ -103,6 +107,111 @@ def test_mcc_and_f1_components_reproduce_the_metrics():
             rows = np.array([0, 2, 4, 6])
             assert scores.value(name, rows) == pytest.approx(
                 compute_metrics(task, [preds[i] for i in rows], [golds[i] for i in rows])[name])
+
+
+# ------------------------------------------------------------------------------------- method-level intervals
+
+
+def _seeded_study(rng, n, tasks, seeds, sigma, tau=1.5, shift=0.3):
+    """3 (``seeds``) runs of A and of B per task: example difficulty ~ N(0, tau²) logit, each run a seed effect
+    ~ N(0, sigma²) logit shared by every task it is scored on, A ``shift`` logit better than B."""
+    effect_a, effect_b = rng.normal(0, sigma, seeds), rng.normal(0, sigma, seeds)
+    pairs = []
+    for _ in range(tasks):
+        x = rng.normal(0, tau, n)
+        a = rng.random((seeds, n)) < _expit(x + shift + effect_a[:, None])
+        b = rng.random((seeds, n)) < _expit(x + effect_b[:, None])
+        pairs.append((_mean_scores(*a), _mean_scores(*b)))
+    return pairs
+
+
+def _expit(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _method_truth(sigma, tau=1.5, shift=0.3):
+    """E over examples and seeds of A's accuracy minus B's, by Gauss-Hermite quadrature over both normals."""
+    nodes, weights = np.polynomial.hermite_e.hermegauss(80)
+    weights = weights / weights.sum()
+    logit = tau * nodes[:, None] + sigma * nodes[None, :]
+    both = weights[:, None] * weights[None, :]
+    return float(np.sum(both * (_expit(logit + shift) - _expit(logit))))
+
+
+@pytest.mark.parametrize("tasks,trials", [(1, 300), (3, 150)])
+def test_method_level_interval_covers_the_method_truth_across_seeds(tasks, trials):
+    """3 vs 3 seeds, n = 1,000, a seed effect of 0.2 logit (about 3 points of seed SD): the method-level 95%
+    interval covers the method-level truth at least 93% of the time, for one task and for a 3-task average whose
+    seeds are shared; the examples-only interval, which holds the runs fixed, covers it far less often."""
+    rng = np.random.default_rng(16)
+    truth = _method_truth(0.2)
+    method = examples = 0
+    for _ in range(trials):
+        pairs = _seeded_study(rng, 1000, tasks, 3, 0.2)
+        diff = paired_difference(pairs, [resample_counts(1000, 400, rng) for _ in pairs])
+        method += diff.method_covers(truth)
+        examples += diff.covers(truth)
+        assert diff.test == "method-level t" and diff.p is not None
+    assert method / trials >= 0.93
+    assert examples / trials <= 0.80
+
+
+def test_method_level_interval_is_welchs_t_when_examples_add_no_variance():
+    """Runs whose every example scores the run's value: the examples-only interval has zero width, and the
+    method-level interval and p are Welch's t-test on the per-run values (scipy as the reference)."""
+    a_runs, b_runs = [0.61, 0.55, 0.66], [0.52, 0.50, 0.57, 0.49]
+    a = LabelScores("mean", np.full((3, 40, 1), 0.0) + np.asarray(a_runs)[:, None, None])
+    b = LabelScores("mean", np.full((4, 40, 1), 0.0) + np.asarray(b_runs)[:, None, None])
+    diff = paired_difference([(a, b)], [resample_counts(40, 1000, np.random.default_rng(0))])
+    welch = scipy_stats.ttest_ind(a_runs, b_runs, equal_var=False)
+    low, high = welch.confidence_interval(0.95)
+    assert diff.examples_low == pytest.approx(diff.examples_high)
+    assert (diff.method_low, diff.method_high) == (pytest.approx(low), pytest.approx(high))
+    assert diff.p == pytest.approx(welch.pvalue)
+
+
+def test_one_seed_has_no_method_level_interval_and_the_untuned_model_has_no_seed():
+    rng = np.random.default_rng(2)
+    one = _mean_scores(rng.random(30) < 0.6)
+    three = _mean_scores(*(rng.random((3, 30)) < 0.6))
+    untuned = LabelScores("mean", (rng.random((1, 30)) < 0.4)[:, :, None], seeded=False)
+    counts = [resample_counts(30, 1000, rng)]
+    for a, b in ((one, untuned), (three, one), (one, one)):
+        diff = paired_difference([(a, b)], counts)
+        assert diff.method_low is None and diff.method_note == "not estimable from one seed" and diff.p is None
+        assert diff.headline == (diff.examples_low, diff.examples_high)
+    diff = paired_difference([(three, untuned)], counts)  # only A's seeds vary: df = k_A − 1 when examples add none
+    assert diff.method_low < diff.examples_low <= diff.examples_high < diff.method_high and diff.p is not None
+
+
+def test_the_p_value_tests_the_seed_mean_not_a_vote():
+    """The issue's case: 2 seeds each on 200 examples, A's seeds right on different examples (70% each), B's on the
+    same 60%. The seed mean gains 10 points for A, while the seeds' majority vote (a tie counted wrong) favours B by 20
+    examples to 60; the p-value beside the change must be the method-level one, agreeing with its interval."""
+    n = 200
+    a = np.zeros((2, n))
+    a[0, :140], a[1, 60:] = 1, 1
+    b = np.zeros((2, n))
+    b[:, :120] = 1
+    right_a, right_b = a.mean(0) > 0.5, b.mean(0) > 0.5
+    assert (np.sum(right_a & ~right_b), np.sum(~right_a & right_b)) == (20, 60)  # the vote says B
+    diff = paired_difference([(_mean_scores(*a), _mean_scores(*b))],
+                             [resample_counts(n, 2000, np.random.default_rng(3))])
+    assert diff.delta == pytest.approx(0.10)
+    assert diff.test == "method-level t" and diff.p < 0.05 and diff.method_low > 0
+    rng = np.random.default_rng(4)
+    for _ in range(40):  # p < 0.05 exactly when the method-level interval leaves out 0, on the side of the change
+        pairs = _seeded_study(rng, 150, int(rng.integers(1, 4)), int(rng.integers(2, 5)), 0.3, shift=0.4)
+        diff = paired_difference(pairs, [resample_counts(150, 500, rng) for _ in pairs])
+        outside = diff.method_low > 0 or diff.method_high < 0
+        assert (diff.p < 0.05) == outside
+        assert not outside or (diff.method_low > 0) == (diff.delta > 0)
+
+
+@pytest.mark.parametrize("b,c", [(1024, 0), (600, 600), (1500, 1712), (3, 4000), (0, 1)])
+def test_mcnemar_survives_thousands_of_discordant_pairs(b, c):
+    assert mcnemar_exact(b, c) == pytest.approx(scipy_stats.binomtest(min(b, c), b + c, 0.5).pvalue, rel=1e-9,
+                                                abs=1e-300)
 
 
 # ------------------------------------------------------------------------------------------------------- report
@@ -155,8 +264,8 @@ def test_comparison_table_and_stats_files(study, tmp_path):
     md = comparison_table(study, "mrpc", [("IMSM-LoRA", "LoRA")])
     (row,) = _rows(md)[1:]
     assert row[0] == "IMSM-LoRA − LoRA"
-    assert row[1].startswith("+0.0 [+0.0, +0.0] p=1")  # both always right on MRPC: identical, no discordance
-    assert "p=" in row[2]
+    assert row[1] == "+0.0 [+0.0, +0.0] ex[+0.0, +0.0] p=1"  # both always right on MRPC: identical
+    assert "p=" in row[2] and row[2].count("[") == 2  # WebQ: method-level and examples-only intervals
     with pytest.raises(ValueError, match="nope"):
         comparison_table(study, "mrpc", [("IMSM-LoRA", "nope")])
 
@@ -170,8 +279,11 @@ def test_comparison_table_and_stats_files(study, tmp_path):
             == ("IMSM-LoRA", "LoRA", "answer_nll", "webq")]
     expected = np.mean([r.metrics["webq"]["answer_nll"] for r in study[4:]]) - np.mean(
         [r.metrics["webq"]["answer_nll"] for r in study[1:4]])
-    assert pair[0]["delta"] == pytest.approx(expected) and pair[0]["low"] < expected < pair[0]["high"]
-    assert pair[0]["p_mcnemar"] is None
+    assert pair[0]["delta"] == pytest.approx(expected)
+    rec = pair[0]
+    assert rec["method_low"] < rec["examples_low"] < expected < rec["examples_high"] < rec["method_high"]
+    assert pair[0]["test"] == "method-level t" and 0 < pair[0]["p"] <= 1 and pair[0]["method_note"] is None
+    assert "pooled" in records["definitions"]["answer_nll"] and "examples" in records["intervals"]
     assert len(list(csv.reader(paths["stats_csv"].open()))) == 1 + len(records["comparisons"])
     # the chart's numbers: a mean point per label and measure with intervals, a small point per run
     points = list(csv.DictReader(paths["tradeoff_csv"].open()))
@@ -190,3 +302,71 @@ def test_paired_scores_must_cover_the_same_examples(study):
     short = _run("short", [1, 0], [1, 1], [2.0, 2.0])
     with pytest.raises(ValueError, match="different numbers of examples"):
         forgetting_table(study + [short], "mrpc")
+
+
+def _restate_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "restate_stats.py"
+    spec = importlib.util.spec_from_file_location("restate_stats", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_restating_an_old_stats_file_gives_the_method_level_interval_of_its_predictions(study, tmp_path):
+    """A stats.json in the old form (examples-only interval, McNemar on the vote) restated from its stored numbers
+    gives about the method-level interval computed from the per-example scores themselves."""
+    new = json.loads(write_report(study, "mrpc", tmp_path, pairs=[("IMSM-LoRA", "LoRA")])["stats_json"].read_text())
+    old = {k: new[k] for k in ("target", "baseline", "confidence", "bootstrap_resamples", "bootstrap_seed", "labels")}
+    old["labels"] = json.loads(json.dumps(old["labels"]))
+    for label in old["labels"].values():
+        for metrics in label["tasks"].values():
+            if "answer_nll" in metrics:
+                metrics["answer_nll_per_token"] = metrics["answer_nll"]
+    old["comparisons"] = [{k: rec[k] for k in ("a", "b", "measure", "metric", "column", "delta")}
+                          | {"low": rec["examples_low"], "high": rec["examples_high"], "p_mcnemar": 0.5}
+                          for rec in new["comparisons"]]
+    restated = _restate_module().restate(json.loads(json.dumps(old)))
+    assert restated["labels"]["LoRA"]["tasks"]["webq"]["answer_nll"] == new["labels"]["LoRA"]["tasks"]["webq"][
+        "answer_nll"]
+    for got, want in zip(restated["comparisons"], new["comparisons"], strict=True):
+        assert (got["a"], got["b"], got["column"], got["test"]) == (want["a"], want["b"], want["column"], want["test"])
+        width = want["method_high"] - want["method_low"]
+        assert got["method_low"] == pytest.approx(want["method_low"], abs=0.15 * width)
+        assert got["method_high"] == pytest.approx(want["method_high"], abs=0.15 * width)
+    with pytest.raises(ValueError, match="already restated"):
+        _restate_module().restate(restated)
+    # the redrawn chart's numbers: every run's own change is the report's (decoded metric), label means the same
+    drawn = {(p["label"], p["run"]): p for p in _restate_module().tradeoff_points(restated)
+             if p["measure"] == "primary"}
+    report = {(p["label"], p["run"]): p for p in csv.DictReader((tmp_path / "tradeoff.csv").open())
+              if p["measure"] == "primary"}
+    assert drawn.keys() == report.keys()
+    for key, point in drawn.items():
+        assert point["x"] == pytest.approx(float(report[key]["x"]))
+        assert point["y"] == pytest.approx(float(report[key]["y"]))
+
+
+@pytest.mark.parametrize("name", ["cpu_study_stats.json", "cpu_baselines3_stats.json", "cpu_baselines_stats.json"])
+def test_the_published_stats_carry_both_interval_kinds(name):
+    from pathlib import Path
+
+    records = json.loads((Path(__file__).resolve().parents[2] / "docs" / name).read_text())
+    for rec in records["comparisons"]:
+        runs = [len(records["labels"][rec[side]]["runs"]) for side in ("a", "b")]
+        trained = [records["labels"][rec[side]]["runs"] != [None] for side in ("a", "b")]
+        assert rec["examples_low"] <= rec["delta"] <= rec["examples_high"]
+        if all(k > 1 or not t for k, t in zip(runs, trained, strict=True)):
+            assert rec["test"] == "method-level t" and rec["method_low"] <= rec["delta"] <= rec["method_high"]
+            assert (rec["p"] < 0.05) == (rec["method_low"] > 0 or rec["method_high"] < 0)
+        else:
+            assert rec["method_low"] is None and rec["method_note"] == "not estimable from one seed"
+
+
+def test_the_headline_interval_of_a_record_prefers_the_method_level_one():
+    both = {"examples_low": -1.0, "examples_high": 1.0, "method_low": -3.0, "method_high": 3.0}
+    assert headline_interval(both) == (-3.0, 3.0)
+    assert headline_interval(both | {"method_low": None, "method_high": None}) == (-1.0, 1.0)
+    assert headline_interval({"low": -2.0, "high": 2.0}) == (-2.0, 2.0)  # a stats.json from before

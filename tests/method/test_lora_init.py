@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM
 
 import train
 from imsm.args import ImsmArguments
-from imsm.loader import load_run
 from imsm.evaluation.runner import calibration_rows
+from imsm.loader import load_run
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -4,7 +4,8 @@ Each module here defines a ``MethodSpec`` subclass (``base.py`` says what a meth
 help strings, how it builds, attaches, loads and saves its adapter, the files it writes, whether it can be scaled or
 run in one mixed-adapter batch, its extra loss and its callbacks) and registers an instance with
 ``register_method`` (``registry.py``). Every module of the package is imported when the package is, so adding a
-method is adding one file; everything else (the command line, training, the run folder, evaluation) looks methods up here by name.
+method is adding one file; everything else (the command line, training, the run folder, evaluation) looks methods
+up here by name.
 """
 
 from __future__ import annotations

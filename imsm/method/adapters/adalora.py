@@ -13,9 +13,9 @@ import torch
 from peft import AdaLoraConfig, TaskType
 from transformers import TrainerCallback
 
-from imsm.method.adapters.registry import register_method
 from imsm.method.adapters.base import ExtraLoss, MethodSpec, lookup_targets
 from imsm.method.adapters.lora import LORA_TARGET_MODULES
+from imsm.method.adapters.registry import register_method
 
 
 @dataclass

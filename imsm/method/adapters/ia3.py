@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 from peft import IA3Config, TaskType
 
-from imsm.method.adapters.registry import register_method
 from imsm.method.adapters.base import MethodSpec, lookup_targets
+from imsm.method.adapters.registry import register_method
 
 IA3_TARGET_MODULES: dict[str, list[str]] = {
     "llama": ["k_proj", "v_proj", "down_proj"],

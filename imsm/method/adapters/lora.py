@@ -13,8 +13,8 @@ from pathlib import Path
 from peft import LoraConfig, TaskType
 from peft.tuners.lora.config import CordaConfig
 
-from imsm.method.adapters.registry import register_method
 from imsm.method.adapters.base import Adapter, MethodSpec, check_target_modules, json_ready, lookup_targets
+from imsm.method.adapters.registry import register_method
 from imsm.method.lora_init import (
     LORA_INITS,
     RESIDUAL_ADAPTER,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from imsm.method.adapters.registry import register_method
 from imsm.method.adapters.base import Adapter, ExtraLoss, MethodSpec, check_target_modules, lookup_targets
+from imsm.method.adapters.registry import register_method
 from imsm.method.loramoe import LORAMOE_CONFIG, LORAMOE_WEIGHTS, LoRAMoEConfig, LoRAMoEModel
 
 LORAMOE_TARGET_MODULES: dict[str, list[str]] = {

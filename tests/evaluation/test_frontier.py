@@ -43,7 +43,8 @@ def _runs(signal, shift, seeds=3, seed=0, seed_sd=0.05):
 
 def _lora(seeds=3, seed_sd=0.05):
     """LoRA at scales 0 .. 1: gain grows with the scale, forgetting with its square (a convex curve)."""
-    return {f"LoRA@{a:g}": _runs(2.0 * a, 0.5 * a * a, seeds, seed=7, seed_sd=seed_sd) for a in (0.0, 0.25, 0.5, 0.75, 1.0)}
+    return {f"LoRA@{a:g}": _runs(2.0 * a, 0.5 * a * a, seeds, seed=7, seed_sd=seed_sd)
+            for a in (0.0, 0.25, 0.5, 0.75, 1.0)}
 
 
 UNTUNED = _runs(0.0, 0.0, seeds=1, seed=7, seed_sd=0.0)

@@ -137,6 +137,8 @@ class MeasureSession:
 
     def __init__(self, margs: MeasureArguments, eval_args, plans, files: dict[str, Path], dtype, device) -> None:
         self.margs, self.eval_args, self.dtype, self.device = margs, eval_args, dtype, device
+        if not any(p.run_dir is None for p in plans):
+            raise ValueError("--measures reports each change against the untuned model: add --untuned")
         self.target = eval_args.target
         names = margs.names
         yes_no = [t for t in eval_args.task_names if get_task(t).kind == "yesno"]

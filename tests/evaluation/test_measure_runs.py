@@ -99,6 +99,10 @@ def test_bad_measure_inputs_fail_before_anything_is_written(tiny_model_dir, setu
                             f"mrpc={base / 'mrpc' / 'test.jsonl'}"))
     with pytest.raises(ValueError, match="needs --general_text"):
         evaluate.main(_argv(tiny_model_dir, base, train, runs, out)[:-14] + ["--measures", "general_nll"])
+    without_untuned = [a.removeprefix("untuned,") for a in _argv(tiny_model_dir, base, train, runs, out)
+                       if a != "--untuned"]
+    with pytest.raises(ValueError, match="add --untuned"):
+        evaluate.main(without_untuned)
     with pytest.raises(ValueError, match="unknown"):
         evaluate.main(_argv(tiny_model_dir, base, train, runs, out, "--measures", "perplexity"))
     trained_all = tmp_path / "all"

@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 from transformers import HfArgumentParser
 
+from imsm.evaluation.measure_runs import MeasureArguments, MeasureSession
 from imsm.evaluation.report import rebuild_report, write_report, write_report_inputs
 from imsm.evaluation.runner import (
     DTYPES,
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path] | None:
         paths = report_only(argv)
         _print_report(paths, Path(paths["summary_md"]).parent)
         return paths
-    (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses(args=argv)
+    args, measure_args = HfArgumentParser((EvalArguments, MeasureArguments)).parse_args_into_dataclasses(args=argv)
     device = torch.device("cpu")
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -120,13 +121,15 @@ def main(argv: list[str] | None = None) -> dict[str, Path] | None:
         logging.getLogger("evaluate").warning(note)
     notes += scoring_notes(args)
 
+    measures = MeasureSession(measure_args, args, plans, files, dtype, device) if measure_args.names else None
+
     if rank == 0:
         prepare_output_dir(Path(args.output_dir), args.overwrite)
         write_report_inputs(args.output_dir, [plan.folder for plan in plans], args.target, args.pairs,
                             args.bootstrap_resamples, args.bootstrap_seed, notes)
     runs, start = [], time.perf_counter()
     for i, plan in enumerate(plans):
-        runs.append(evaluate_model(plan, args, tasks, dtype, device, rank, world_size))
+        runs.append(evaluate_model(plan, args, tasks, dtype, device, rank, world_size, measures))
         elapsed = time.perf_counter() - start
         logging.getLogger("evaluate").info(
             "model %d/%d (%s) done; %.0f s so far, about %.0f s to go", i + 1, len(plans), plan.folder, elapsed,
@@ -141,6 +144,8 @@ def main(argv: list[str] | None = None) -> dict[str, Path] | None:
                                                 "report again with python evaluate.py --report_only %s",
                                                 args.output_dir, args.output_dir)
             raise
+        if measures is not None:
+            paths |= measures.report(args.output_dir, args.bootstrap_resamples, args.bootstrap_seed)
         finish_output_dir(Path(args.output_dir))
         _print_report(paths, args.output_dir)
     if world_size > 1:
@@ -152,6 +157,8 @@ def _print_report(paths: dict[str, Path], out_dir: str | Path) -> None:
     print(paths["summary_md"].read_text(), paths["forgetting_md"].read_text(), paths["comparisons_md"].read_text(),
           sep="\n")
     print(f"Report, predictions and charts (forgetting.png, tradeoff.png): {out_dir}")
+    if "frontier_png" in paths:
+        print(f"The LoRA frontier: {paths['frontier_png']}; every measure: {paths['measures_md']}")
 
 
 if __name__ == "__main__":

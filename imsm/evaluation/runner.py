@@ -421,9 +421,10 @@ def _likelihood(model, template, rows, args, task, rank, world_size):
     return gather_shards(local, len(rows), rank, world_size)
 
 
-def evaluate_model(plan, args, tasks, dtype, device, rank, world_size) -> RunResult | None:
+def evaluate_model(plan, args, tasks, dtype, device, rank, world_size, measures=None) -> RunResult | None:
     """Decode and/or likelihood-score every task with one model; rank 0 scores and writes its files and returns its
-    result (with the per-example scores the report's paired statistics need)."""
+    result (with the per-example scores the report's paired statistics need). ``measures``: a
+    ``measure_runs.MeasureSession`` that also measures the model while it is loaded (``--measures``)."""
     model, tokenizer = load_model(plan, args, dtype, device)
     template = build_template(plan.template, tokenizer, plan.system_prompt)
     out_dir = Path(args.output_dir) / plan.folder
@@ -465,6 +466,8 @@ def evaluate_model(plan, args, tasks, dtype, device, rank, world_size) -> RunRes
         shown += [f"answer_nll = {task_metrics['answer_nll']:.4f}"] if likelihood else []
         logger.info("%s / %s: %d examples, %s (%s)", plan.folder, task, len(rows), ", ".join(shown),
                     ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
+    if measures is not None:
+        measures.measure(plan, model, tokenizer, template, rank, world_size)
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()

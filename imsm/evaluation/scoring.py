@@ -54,15 +54,30 @@ def _hidden_and_head(model: nn.Module, input_ids, attention_mask, query_mask):
     return hidden, model.get_output_embeddings(), None
 
 
+@dataclass
+class ScoredPositions:
+    """One right-padded batch of (context, continuation) pairs through the model, at the positions that predict a
+    continuation token, in row-major order (pair by pair, token by token)."""
+
+    logits: torch.Tensor  # (N, vocab) float32
+    targets: torch.Tensor  # (N,) the continuation token each position predicts
+    rows: torch.Tensor  # (N,) the pair each position belongs to
+    scored: torch.Tensor  # (B, T) bool: position t predicts the continuation token at t + 1
+    gate: torch.Tensor | None  # the model's gate over the whole batch (IMSM only)
+
+
 @torch.inference_mode()
-def _score_batch(model: nn.Module, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
-                 device: torch.device) -> list[SequenceScore]:
+def scored_positions(model: nn.Module, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
+                     device: torch.device) -> ScoredPositions:
+    """One forward pass over the pairs, right-padded, with the context as the query (see the module docstring); the
+    LM head runs only where a continuation token is predicted. Other measures (``imsm.evaluation.measures``) read
+    full next-token distributions from here."""
     width = max(len(c) + len(y) for c, y in pairs)
     n = len(pairs)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((n, width), dtype=torch.long)
     query_mask = torch.zeros((n, width), dtype=torch.long)
-    scored = torch.zeros((n, width), dtype=torch.bool)  # position t predicts the continuation token at t + 1
+    scored = torch.zeros((n, width), dtype=torch.bool)
     for i, (context, continuation) in enumerate(pairs):
         length = len(context) + len(continuation)
         input_ids[i, :length] = torch.tensor([*context, *continuation], dtype=torch.long)
@@ -71,14 +86,20 @@ def _score_batch(model: nn.Module, pairs: Sequence[tuple[Sequence[int], Sequence
         scored[i, len(context) - 1 : length - 1] = True
     input_ids, attention_mask, query_mask = (t.to(device) for t in (input_ids, attention_mask, query_mask))
     scored = scored.to(device)
-
     hidden, lm_head, gate = _hidden_and_head(model, input_ids, attention_mask, query_mask)
-    targets = input_ids[:, 1:][scored[:, :-1]]
-    logits = lm_head(hidden[scored]).float()
+    return ScoredPositions(logits=lm_head(hidden[scored]).float(), targets=input_ids[:, 1:][scored[:, :-1]],
+                           rows=scored.nonzero()[:, 0], scored=scored, gate=gate)
+
+
+@torch.inference_mode()
+def _score_batch(model: nn.Module, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
+                 device: torch.device) -> list[SequenceScore]:
+    n = len(pairs)
+    out = scored_positions(model, pairs, pad_id, device)
+    logits, targets, rows, scored, gate = out.logits, out.targets, out.rows, out.scored, out.gate
     logprobs = torch.log_softmax(logits, dim=-1)
     token_logprob = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     greedy = logits.argmax(-1) == targets
-    rows = scored.nonzero()[:, 0]
     sums = torch.zeros(n, dtype=torch.float32, device=device).index_add_(0, rows, token_logprob)
     misses = torch.zeros(n, dtype=torch.long, device=device).index_add_(0, rows, (~greedy).long())
     gate_rows = None

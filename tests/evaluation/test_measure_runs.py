@@ -1,0 +1,113 @@
+"""evaluate.py --measures end to end on tiny saved runs: each model's measures match the measures computed directly
+on the reloaded run, the threshold rows are training rows no run trained on, the report holds every measure."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import save_random_run
+
+import evaluate
+from imsm.evaluation.measures import auroc, gold_yes, pooled, yes_no_log_odds
+from imsm.loader import load_run
+from imsm.templates import build_template
+
+YES_NO = [{"input": f"Question: Is {i % 10} {w} odd ? Output:", "output": "yes" if i % 3 else "no"}
+          for i, w in enumerate(["cat", "dog", "red", "blue", "big", "small"] * 4)]
+QA = [{"input": f"Question: what is the big {w} ? Output:", "output": [w]} for w in ("cat", "dog", "red", "blue")]
+TEXT = ["the cat is big and the dog is small and the answer is 7 .", "what is the number of the red dog ? 1 2 3",
+        "a blue cat and a red dog is a big answer to the number 4 .", "is the answer 5 or 6 or 7 or 8 ? no ."]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(single_thread):
+    """Tiny matrices only."""
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir, tmp_path_factory):
+    base = tmp_path_factory.mktemp("measures")
+    for task, rows in (("mrpc", YES_NO), ("webq", QA)):
+        (base / task).mkdir()
+        (base / task / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train = base / "mrpc" / "train.jsonl"
+    train_rows = [{"input": f"Question: Is {i % 10} odd ? Output:", "output": "yes" if i % 2 else "no"}
+                  for i in range(40)]
+    train.write_text("".join(json.dumps(r) + "\n" for r in train_rows))
+    (base / "general.jsonl").write_text("".join(json.dumps({"text": t, "source": "test"}) + "\n" for t in TEXT))
+    runs = []
+    for k, gate in enumerate(["none", "none", "query_aware", "query_aware"]):
+        run = save_random_run(tiny_model_dir, base / f"run{k}", gate, seed=k)
+        (run / "run_args.json").write_text(json.dumps({"train_file": str(train), "max_train_examples": 10}))
+        runs.append(run)
+    return base, train, train_rows, runs
+
+
+def _argv(model_dir, base, train, runs, out, *extra):
+    return ["--model_name_or_path", str(model_dir), "--data_dir", str(base), "--output_dir", str(out),
+            "--untuned", "--run", *map(str, runs), "--labels", "untuned,LoRA,LoRA,IMSM-LoRA,IMSM-LoRA",
+            "--tasks", "mrpc,webq", "--target", "mrpc", "--score", "likelihood", "--batch_size", "4",
+            "--measures", "auroc,general_nll,kl", "--general_text", str(base / "general.jsonl"),
+            "--general_prefix_tokens", "4", "--kl_max_new_tokens", "3", "--threshold_file", f"mrpc={train}",
+            "--threshold_examples", "20", "--bootstrap_resamples", "1000", *extra]
+
+
+def test_measures_end_to_end_match_the_reloaded_runs(tiny_model_dir, setup, tmp_path):
+    base, train, train_rows, runs = setup
+    out = tmp_path / "eval"
+    evaluate.main(_argv(tiny_model_dir, base, train, runs, out, "--adapter_scale", "0.5,1",
+                        "--frontier", "IMSM-LoRA:LoRA"))
+    stats = json.loads((out / "stats.json").read_text())["measures"]
+    imsm = json.loads((out / "IMSM-LoRA" / "run1" / "measures.json").read_text())
+
+    model, tokenizer, _ = load_run(runs[2], str(tiny_model_dir))
+    template = build_template("raw", tokenizer)
+    direct = yes_no_log_odds(model, template, YES_NO, 1024)
+    np.testing.assert_allclose(imsm["yes_no"]["mrpc"]["log_odds"], direct, atol=1e-5)
+    # the threshold rows: rows 11-30 of the training file (the runs trained on its first 10), never test rows
+    held = yes_no_log_odds(model, template, train_rows[10:30], 1024)
+    np.testing.assert_allclose(imsm["yes_no"]["mrpc"]["train_log_odds"], held, atol=1e-5)
+    assert imsm["yes_no"]["mrpc"]["train_gold_yes"] == gold_yes(train_rows[10:30]).tolist()
+
+    per_run = stats["auroc"]["mrpc"]["IMSM-LoRA"]["per_run"]
+    assert per_run[0] == pytest.approx(auroc(direct, gold_yes(YES_NO)))
+    assert len(stats["mcc"]["mrpc"]["IMSM-LoRA"]["per_run"]) == 2
+    nll = stats["general_nll"]["general text"]["IMSM-LoRA"]
+    assert nll["per_run"][0] == pytest.approx(pooled(np.array(imsm["general_nll"])))
+    untuned = json.loads((out / "untuned" / "measures.json").read_text())
+    assert np.all(np.array(untuned["kl"]["webq"])[:, 0] == 0) and "mrpc" not in untuned["kl"]  # target: no KL
+    assert np.all(np.array(imsm["kl"]["webq"])[:, 0] > 0)
+    change = stats["kl"]["webq"]["IMSM-LoRA"]["change"]
+    assert change["method_low"] <= change["delta"] <= change["method_high"]
+    for label in ("LoRA@0.5", "LoRA@1"):
+        assert label in stats["auroc"]["mrpc"]
+    assert set(stats["frontier"]) == {"general_nll", "kl"}
+    assert (out / "frontier.png").stat().st_size > 1000
+    summary, forgetting = (out / "summary.md").read_text(), (out / "forgetting.md").read_text()
+    assert "### auroc" in summary and "### mcc" in summary and "### kl" not in summary
+    assert "### general_nll" in forgetting and "### kl" in forgetting and "Frontier (kl)" in forgetting
+    assert "### auroc" not in forgetting
+    assert "Frontier (kl)" in (out / "measures.md").read_text()
+
+
+def test_bad_measure_inputs_fail_before_anything_is_written(tiny_model_dir, setup, tmp_path):
+    base, train, _, runs = setup
+    out = tmp_path / "eval"
+    with pytest.raises(ValueError, match="test file"):
+        evaluate.main(_argv(tiny_model_dir, base, train, runs, out, "--threshold_file",
+                            f"mrpc={base / 'mrpc' / 'test.jsonl'}"))
+    with pytest.raises(ValueError, match="needs --general_text"):
+        evaluate.main(_argv(tiny_model_dir, base, train, runs, out)[:-14] + ["--measures", "general_nll"])
+    without_untuned = [a.removeprefix("untuned,") for a in _argv(tiny_model_dir, base, train, runs, out)
+                       if a != "--untuned"]
+    with pytest.raises(ValueError, match="add --untuned"):
+        evaluate.main(without_untuned)
+    with pytest.raises(ValueError, match="unknown"):
+        evaluate.main(_argv(tiny_model_dir, base, train, runs, out, "--measures", "perplexity"))
+    trained_all = tmp_path / "all"
+    run = save_random_run(tiny_model_dir, trained_all, "query_aware")
+    (Path(run) / "run_args.json").write_text(json.dumps({"train_file": str(train), "max_train_examples": None}))
+    with pytest.raises(ValueError, match="trained on all of it"):
+        evaluate.main(_argv(tiny_model_dir, base, train, [*runs[:3], run], out))
+    assert not out.exists()

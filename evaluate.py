@@ -48,21 +48,19 @@ from pathlib import Path
 import torch
 from transformers import HfArgumentParser
 
+from imsm.evaluation.arguments import DTYPES, EvalArguments
 from imsm.evaluation.measure_runs import MeasureArguments, MeasureSession
-from imsm.evaluation.report import rebuild_report, write_report, write_report_inputs
-from imsm.evaluation.runner import (
-    DTYPES,
-    EvalArguments,
+from imsm.evaluation.output_dir import finish_output_dir, prepare_output_dir
+from imsm.evaluation.planning import (
     calibration_notes,
     calibration_skips,
-    evaluate_model,
-    finish_output_dir,
     plan_models,
-    prepare_output_dir,
     read_task,
     scoring_notes,
     task_files,
 )
+from imsm.evaluation.report import rebuild_report, write_report, write_report_inputs
+from imsm.evaluation.runner import evaluate_model
 from imsm.evaluation.tables import parse_pairs
 
 

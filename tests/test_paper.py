@@ -15,7 +15,7 @@ import pytest
 from transformers import HfArgumentParser
 
 from imsm.args import parse_train_args
-from imsm.evaluation.runner import EvalArguments
+from imsm.evaluation.arguments import EvalArguments
 from imsm.paper.compare import our_value, render
 from imsm.paper.cost import describe, estimate
 from imsm.paper.numbers import LAYOUTS, PAPER_ROWS, paper_row

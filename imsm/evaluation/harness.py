@@ -57,8 +57,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from imsm.data import encode_prompt, truncate_prompt
+from imsm.evaluation.arguments import DTYPES
 from imsm.evaluation.generation import DecodingConfig, generate
-from imsm.evaluation.runner import DTYPES
 from imsm.evaluation.scoring import score_continuations
 from imsm.loader import load_backbone, load_run
 from imsm.run_folder import RunConfig, resolve_for_evaluation

@@ -52,7 +52,7 @@ from imsm.evaluation.measures import (
     yes_no_log_odds,
 )
 from imsm.evaluation.metrics import get_task
-from imsm.evaluation.runner import read_task
+from imsm.evaluation.planning import read_task
 from imsm.evaluation.stats import method_interval, resample_counts
 from imsm.loader import load_backbone
 from imsm.run_folder import RUN_ARGS, resolve

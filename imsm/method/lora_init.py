@@ -71,7 +71,7 @@ def calibration_indices(args) -> list[int]:
 
 def calibration_record(args) -> dict | None:
     """What ``imsm_config.json`` records about the calibration data (None without CorDA); evaluation leaves exactly
-    these rows out (``imsm.evaluation.runner.calibration_rows``)."""
+    these rows out (``imsm.evaluation.planning.calibration_rows``)."""
     if getattr(args, "init_lora_weights", "default") != "corda":
         return None
     return {"file": str(Path(args.corda_calibration_file).resolve()), "rows": calibration_indices(args)}

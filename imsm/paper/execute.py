@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from imsm import run_folder
-from imsm.evaluation.runner import INCOMPLETE
+from imsm.evaluation.output_dir import INCOMPLETE
 from imsm.paper.plans import Evaluation, Plan, TrainRun
 
 logger = logging.getLogger(__name__)

@@ -423,7 +423,7 @@ def test_a_failed_report_keeps_the_predictions_and_is_rebuilt_without_decoding(m
 
 
 def test_calibration_notes_group_runs_that_skip_the_same_rows():
-    from imsm.evaluation.runner import calibration_notes
+    from imsm.evaluation.planning import calibration_notes
 
     files = {"webq": Path("data/webq/test.jsonl"), "mrpc": Path("data/mrpc/test.jsonl")}
     skips = {"webq": {"seed1": [3, 4, 5, 9], "seed2": [3, 4, 5, 9], "seed3": [0]}, "mrpc": {"seed1": [7]}}

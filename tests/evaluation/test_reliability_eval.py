@@ -13,7 +13,7 @@ from conftest import save_random_run
 import evaluate
 from imsm import run_folder
 from imsm.evaluation.harness import IMSMLM
-from imsm.evaluation.runner import EVALUATION_MARKER
+from imsm.evaluation.output_dir import EVALUATION_MARKER
 
 ROWS = [{"input": f"Question: Is {i} odd ? Output:", "output": "yes" if i % 2 else "no"} for i in range(3)]
 

@@ -114,7 +114,7 @@ def test_evaluate_makes_one_row_per_scale(tiny_model_dir, tmp_path):
 
 
 def test_only_mergeable_vanilla_runs_are_expanded(tmp_path):
-    from imsm.evaluation.runner import MethodKey, ModelPlan, expand_scales
+    from imsm.evaluation.planning import MethodKey, ModelPlan, expand_scales
 
     plans = [ModelPlan("untuned", "m", "raw", None),
              ModelPlan("LoRAMoE", "m", "raw", None, tmp_path / "a", MethodKey("loramoe", "none", 8)),

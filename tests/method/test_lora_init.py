@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import train
 from imsm.args import ImsmArguments
-from imsm.evaluation.runner import calibration_rows
+from imsm.evaluation.planning import calibration_rows
 from imsm.loader import load_run
 
 pytestmark = pytest.mark.usefixtures("single_thread")

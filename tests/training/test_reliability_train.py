@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 import imsm.loader
 import train
 from imsm import run_folder
-from imsm.evaluation.runner import EVALUATION_MARKER
+from imsm.evaluation.output_dir import EVALUATION_MARKER
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -38,6 +38,8 @@ class IMSMConfig(PreTrainedConfig):
             raise ValueError(f"IMSMConfig: gate {self.gate!r} is not one of {GATE_VARIANTS}")
         self.tuned_modules = list(self.tuned_modules or [])
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+        # read by tools that size contexts from the top-level config (lm-evaluation-harness's hf model)
+        self.max_position_embeddings = getattr(self.text_config, "max_position_embeddings", None)
 
 
 __all__ = ["IMSMConfig"]

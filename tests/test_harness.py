@@ -312,7 +312,7 @@ def test_smollm2_imsm_run_through_the_harness(task_manager, tmp_path):
     assert [s["resps"][0][0] for s in _samples(results, "imsm_local_gen")] == [g.text for g in reference]
 
 
-# ---------------------------------------------------------------------------------------- issue 18: the harness everywhere
+# ------------------------------------------------------------------------ the harness everywhere (issue 18)
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("IMSM_DATA_DIR", "/work/shared/data"))
@@ -331,6 +331,7 @@ def _plugin_discovery() -> bool:
 
 def test_entry_point_declaration_names_the_registered_model():
     import importlib
+
     import tomllib
 
     declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"]["lm_eval.models"]
@@ -352,7 +353,7 @@ def test_contexts_longer_than_the_limit_warn_once_with_the_count(runs, caplog):
     from lm_eval.api.instance import Instance
 
     lm = IMSMLM(run=str(runs["imsm"]), max_input_length=40, batch_size=4, device="cpu")
-    words = "the big cat is red and the small dog is blue".split()
+    words = ["the", "big", "cat", "is", "red", "and", "the", "small", "dog", "is", "blue"]
     long = [" ".join(words[(i + j) % len(words)] for j in range(44 + 3 * i)) for i in range(5)]
     short = ["the cat is", "a dog"]
     requests = [Instance("loglikelihood", {}, (ctx, " yes"), i) for i, ctx in enumerate(long + short)]

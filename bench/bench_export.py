@@ -41,18 +41,17 @@ def random_run(model_name_or_path: str | None, out: Path) -> Path:
     import torch
 
     from imsm.args import DataArguments, ImsmArguments
-    from imsm.loader import build_imsm_model, load_backbone
-    from imsm.run_folder import RunConfig, save_run_files
+    from imsm.loader import build_imsm_model, load_backbone, make_run_config, save_run_files
 
     backbone, _, path = load_backbone(model_name_or_path, attn_implementation="sdpa")
-    args = ImsmArguments(peft="lora", gate="query_aware", lora_dropout=0.0, gate_dropout=0.0)
+    args = ImsmArguments.create(peft="lora", gate="query_aware", lora_dropout=0.0, gate_dropout=0.0)
     model = build_imsm_model(backbone, args)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for _, p in model.named_parameters():
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    config = RunConfig.from_args(args, DataArguments(), path, backbone.config.hidden_size)
+    config = make_run_config(args, DataArguments(), path, backbone.config.hidden_size)
     save_run_files(model, out, config, None, True)
     return out
 

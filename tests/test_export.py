@@ -34,8 +34,7 @@ def save_method_run(model_dir: Path, out: Path, peft: str, gate: str = "query_aw
     """A run folder as train.py writes it, for any PEFT method, with random adapter and gate weights ((IA)3 vectors
     around 1) so that the two memories and the gate differ per token."""
     from imsm.args import DataArguments
-    from imsm.loader import build_imsm_model, load_backbone
-    from imsm.run_folder import RunConfig, save_run_files
+    from imsm.loader import build_imsm_model, load_backbone, make_run_config, save_run_files
 
     backbone, _, path = load_backbone(str(model_dir), attn_implementation="sdpa")
     args = imsm_args(peft=peft, gate=gate, gate_dropout=0.0, lora_dropout=0.0, lora_r=4, lora_alpha=8, gate_rank=4,
@@ -47,7 +46,7 @@ def save_method_run(model_dir: Path, out: Path, peft: str, gate: str = "query_aw
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g) * (0.5 if "w_b" in name else 0.3)
                         + (1.0 if "ia3" in name else 0.0))
-    config = RunConfig.from_args(args, DataArguments(), path, backbone.config.hidden_size)
+    config = make_run_config(args, DataArguments(), path, backbone.config.hidden_size)
     save_run_files(model, out, config, {"train_file": "data/train.jsonl", "lora_r": 4}, True)
     return out
 

@@ -79,8 +79,10 @@ def test_launcher_arguments_parse_with_paper_settings(script, tmp_path):
     if method in ("lora", "dora"):
         assert (imsm.lora_r, imsm.lora_alpha) == ((16, 16) if method == "lora" else (16, 32))
     if method == "loramoe":
-        assert (imsm.loramoe_num_experts, imsm.loramoe_r, imsm.loramoe_alpha) == (6, 4, 32)
-        assert (imsm.loramoe_balance_weight, imsm.loramoe_balance_delta) == (0.1, 0.1)
+        # the LoRAMoE authors' launcher (run_loramoe.sh): lora_nums=8, lora_rank=4, lora_alpha=32, lora_dropout=0.05,
+        # blc_weight=0, blc_alpha=0
+        assert (imsm.loramoe_num_experts, imsm.loramoe_r, imsm.loramoe_alpha, imsm.loramoe_dropout) == (8, 4, 32, 0.05)
+        assert (imsm.loramoe_balance_weight, imsm.loramoe_balance_delta) == (0.0, 0.0)
     assert data.train_file.endswith(f"/{script.stem.split('_')[-1]}/train.jsonl")
 
 

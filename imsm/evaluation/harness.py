@@ -56,7 +56,7 @@ from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from imsm.data import encode_prompt, truncate_prompt
+from imsm.data import Truncation, encode_prompt, truncate_prompt
 from imsm.evaluation.arguments import DTYPES
 from imsm.evaluation.generation import DecodingConfig, generate
 from imsm.evaluation.scoring import score_continuations
@@ -174,6 +174,7 @@ class IMSMLM(TemplateLM):
         self.system_prompt = args.system_prompt or (self.run_config.system_prompt if self.run_config else None)
         self.template = build_template(self.template_name, tokenizer, self.system_prompt)
         self.harness_renders_chat = False  # set once the harness calls apply_chat_template
+        self.truncation = self._new_truncation()
         self._max_length = args.max_length or min(getattr(model.config, "max_position_embeddings", 2048), 4096)
         logger.info("imsm lm-eval model: %s (gate %s, template %s) on %s, rank %d of %d",
                     args.run or self.base_model, self.run_config and self.run_config.gate, self.template_name,
@@ -281,14 +282,30 @@ class IMSMLM(TemplateLM):
         to ``max_input_length``, the template's frame kept); a context the harness rendered itself is cut from the
         left, BOS kept."""
         if self.wraps_in_chat:
-            return encode_prompt(self.template, context, self.args.max_input_length)
-        return truncate_prompt(self.tok_encode(context), self.args.max_input_length, self.tokenizer.bos_token_id)
+            return encode_prompt(self.template, context, self.args.max_input_length, self.truncation)
+        return self._truncate(self.tok_encode(context))
+
+    def _new_truncation(self) -> Truncation:
+        return Truncation(f"lm-eval --model imsm (model_args max_input_length={self.args.max_input_length})")
+
+    def _truncate(self, ids: list[int]) -> list[int]:
+        """``truncate_prompt``, counted: contexts longer than max_input_length are cut from the left, and
+        ``_warn_truncation`` says how many once per request type."""
+        self.truncation.examples += 1
+        if len(ids) > self.args.max_input_length:
+            self.truncation.prompts += 1
+            self.truncation.prompt_tokens += len(ids) - self.args.max_input_length
+        return truncate_prompt(ids, self.args.max_input_length, self.tokenizer.bos_token_id)
+
+    def _warn_truncation(self) -> None:
+        self.truncation.warn()
+        self.truncation = self._new_truncation()
 
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         if self.wraps_in_chat:  # the continuation is the assistant turn, stripped as training strips an answer
             return self.encode_context(context), self.tok_encode(continuation.lstrip(), add_special_tokens=False)
         context_ids, continuation_ids = super()._encode_pair(context, continuation)
-        return truncate_prompt(context_ids, self.args.max_input_length, self.tokenizer.bos_token_id), continuation_ids
+        return self._truncate(context_ids), continuation_ids
 
     # ------------------------------------------------------------------------------------------ requests
 
@@ -316,6 +333,7 @@ class IMSMLM(TemplateLM):
             self.cache_hook.add_partial("loglikelihood", key, result)
             results.append(result)
         self._log_gate("loglikelihood", scores)
+        self._warn_truncation()
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -368,6 +386,7 @@ class IMSMLM(TemplateLM):
                         texts[i] = gen.text
                         self.cache_hook.add_partial("generate_until", requests[i].args, gen.text)
                     bar.update(len(chunk))
+        self._warn_truncation()
         return texts
 
     def _log_gate(self, kind: str, scores) -> None:

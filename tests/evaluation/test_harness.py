@@ -310,3 +310,100 @@ def test_smollm2_imsm_run_through_the_harness(task_manager, tmp_path):
     prompts = [encode_prompt(template, row["input"], 1024) for row in GEN_ROWS[:3]]
     reference = generate(model, tokenizer, prompts, DecodingConfig(max_new_tokens=GEN_MAX, stop_strings=tuple(UNTIL)))
     assert [s["resps"][0][0] for s in _samples(results, "imsm_local_gen")] == [g.text for g in reference]
+
+
+# ------------------------------------------------------------------------ the harness everywhere (issue 18)
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED_DATA = Path(os.environ.get("IMSM_DATA_DIR", "/work/shared/data"))
+SEVEN = ("gsm8k", "cola", "mrpc", "ropes", "webq", "freebaseqa", "multirc")
+
+
+def _plugin_discovery() -> bool:
+    """Whether the installed harness looks models up among installed packages' entry points (PR #4013)."""
+    import inspect
+
+    from lm_eval.api import registry
+
+    source = inspect.getsource(registry)
+    return "entry_points" in source and "lm_eval.models" in source
+
+
+def test_entry_point_declaration_names_the_registered_model():
+    import importlib
+
+    import tomllib
+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"]["lm_eval.models"]
+    module, _, name = declared["imsm"].partition(":")
+    from lm_eval.api.registry import get_model
+
+    assert getattr(importlib.import_module(module), name) is get_model("imsm") is IMSMLM
+
+
+@pytest.mark.skipif(not _plugin_discovery(), reason="the installed lm-eval has no entry-point plugin discovery "
+                                                    "(added after 0.4.13); `lm-eval-imsm` registers the model instead")
+def test_installed_harness_discovers_the_imsm_model():
+    code = "from lm_eval.api.registry import get_model; print(get_model('imsm').__module__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
+    assert out.stdout.strip() == "imsm.evaluation.harness"
+
+
+def test_contexts_longer_than_the_limit_warn_once_with_the_count(runs, caplog):
+    from lm_eval.api.instance import Instance
+
+    lm = IMSMLM(run=str(runs["imsm"]), max_input_length=40, batch_size=4, device="cpu")
+    words = ["the", "big", "cat", "is", "red", "and", "the", "small", "dog", "is", "blue"]
+    long = [" ".join(words[(i + j) % len(words)] for j in range(44 + 3 * i)) for i in range(5)]
+    short = ["the cat is", "a dog"]
+    requests = [Instance("loglikelihood", {}, (ctx, " yes"), i) for i, ctx in enumerate(long + short)]
+    with caplog.at_level("WARNING", logger="imsm.data"):
+        lm.loglikelihood(requests, disable_tqdm=True)
+    cut = [r for r in caplog.records if "max_input_length" in r.getMessage()]
+    assert len(cut) == 1 and "cut 5 of 7 prompts" in cut[0].getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="imsm.data"):
+        lm.generate_until([Instance("generate_until", {}, (ctx, {"until": [], "max_gen_toks": 2}), i)
+                           for i, ctx in enumerate(long[:2] + short)], disable_tqdm=True)
+    cut = [r for r in caplog.records if "max_input_length" in r.getMessage()]
+    assert len(cut) == 1 and "cut 2 of 4 prompts" in cut[0].getMessage()
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"the benchmark data is not at {SHARED_DATA}")
+def test_harness_tasks_cover_the_seven_benchmarks_from_any_directory(tmp_path, monkeypatch):
+    from lm_eval.tasks import get_task_dict
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("IMSM_DATA_DIR", str(SHARED_DATA))
+    tasks = get_task_dict([f"imsm_{t}" for t in SEVEN], TaskManager(include_path=str(REPO / "harness_tasks")))
+    for name in SEVEN:
+        task = tasks[f"imsm_{name}"]
+        rows = [json.loads(line) for line in (SHARED_DATA / name / "test.jsonl").read_text().splitlines() if line]
+        docs = list(task.test_docs())
+        assert len(docs) == len(rows) and docs[0]["input"] == rows[0]["input"]
+        if task.OUTPUT_TYPE == "generate_until":
+            gold = rows[0]["output"][0] if isinstance(rows[0]["output"], list) else rows[0]["output"]
+            scores = task.process_results(docs[0], [gold])
+            assert scores and all(v == 1.0 for v in scores.values()), (name, scores)
+        else:
+            assert task.doc_to_choice(docs[0]) == ["no", "yes"]
+            assert task.doc_to_target(docs[0]) == int(rows[0]["output"] == "yes")
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"the benchmark data is not at {SHARED_DATA}")
+def test_exported_folder_under_the_harness_hf_model_generates_like_lm_eval_imsm(runs, tmp_path, monkeypatch):
+    """The harness's own ``hf`` model on an exported IMSM folder: WebQ generations equal ``--model imsm``'s on the
+    same rows (hf needs add_bos_token=True to encode contexts as the run's raw template does)."""
+    from imsm.export.folder import export_run
+
+    monkeypatch.setenv("IMSM_DATA_DIR", str(SHARED_DATA))
+    folder = export_run(runs["imsm"], tmp_path / "exported")
+    manager = TaskManager(include_path=str(REPO / "harness_tasks"))
+    kw = {"tasks": ["imsm_webq"], "task_manager": manager, "limit": 6, "log_samples": True}
+    ours = lm_eval.simple_evaluate(model="imsm", model_args={"run": str(runs["imsm"]), "batch_size": 3}, **kw)
+    hf = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(folder), "trust_remote_code": True,
+                                                         "add_bos_token": True, "backend": "causal",
+                                                         "batch_size": 3, "device": "cpu"}, **kw)
+    texts = [[s["resps"][0][0].strip() for s in _samples(r, "imsm_webq")] for r in (ours, hf)]
+    assert len(texts[0]) == 6 and texts[0] == texts[1]
+    assert any(texts[0])

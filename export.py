@@ -1,0 +1,49 @@
+"""Export a trained IMSM run as a self-contained Hugging Face model folder (loads with only torch + transformers).
+
+    python export.py runs/imsm_lora_gsm8k exported/imsm_lora_gsm8k
+    python export.py runs/imsm_lora_gsm8k/checkpoint-500 exported/ckpt500 --dtype bfloat16 --overwrite
+
+and then, anywhere:
+
+    model = AutoModelForCausalLM.from_pretrained("exported/imsm_lora_gsm8k", trust_remote_code=True)
+
+LoRA, DoRA, AdaLoRA and (IA)3 runs with a query_aware, token or equal gate export; a vanilla run (--gate none) is
+refused with the PEFT merge to use instead, and so is a LoRAMoE run. What the folder holds: imsm/export/folder.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import torch
+
+from imsm.export.folder import ExportRefused, export_run
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", help="A run folder: train.py's output folder, its final/ or a checkpoint-N.")
+    parser.add_argument("out_dir", help="The Hugging Face folder to write (refused if it exists, see --overwrite).")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="Weights' dtype (the gate stays float32); bfloat16 halves the folder.")
+    parser.add_argument("--model_name_or_path", default=None, help="Base model; default: the run's recorded one.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing out_dir (swapped in whole).")
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout,
+                        level=logging.INFO)
+    try:
+        out = export_run(args.run, args.out_dir, DTYPES[args.dtype], args.model_name_or_path, args.overwrite)
+    except (ExportRefused, FileExistsError, FileNotFoundError) as e:
+        print(f"export.py: {e}", file=sys.stderr)
+        return 2
+    print(f"Exported {args.run} to {out}; load it with AutoModelForCausalLM.from_pretrained({str(out)!r}, "
+          "trust_remote_code=True)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

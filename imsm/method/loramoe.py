@@ -1,7 +1,7 @@
 """LoRAMoE (Dou et al., 2024, "LoRAMoE: Alleviate World Knowledge Forgetting in Large Language Models via MoE-Style
 Plugin"): several LoRA experts on the feed-forward projections, mixed per token by a softmax router, trained with a
 localized balancing constraint. Checked against the authors' public code (github.com/Ablustrund/LoRAMoE,
-``peft/tuners/lora.py``, ``Linear.forward``); ``tests/test_loramoe.py`` restates that forward and compares.
+``peft/tuners/lora.py``, ``Linear.forward``); ``tests/method/test_loramoe.py`` restates that forward and compares.
 
 For a frozen linear layer W0 (d_out × d_in) with experts i = 1..E (A_i r × d_in, B_i d_out × r) and a router
 W_g (E × d_in):

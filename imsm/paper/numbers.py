@@ -5,7 +5,7 @@ Source: Song, Xue, He, Liu, Lu, "Interweaving Memories of a Siamese Large Langua
 of the paper found with the search tool (the arXiv HTML page and a Markdown conversion of the AAAI version). Its
 tables were partly garbled (Table 1's Qwen1.5 and Llama3 blocks and Tables 2-3 had cells shifted between rows), so
 every row below was placed by checking it against the paper's own Average column: each stored row reproduces its
-printed average to the rounding (``tests/test_paper.py``), and values printed in two tables agree. What the text
+printed average to the rounding (``tests/paper/test_paper.py``), and values printed in two tables agree. What the text
 rendering could not give is not stored: Figure 3 (LoRAMoE, a bar chart) and Figure 4 (the ablation's forgetting, a
 bar chart) have no numbers here, and reports say "not available" for them.
 

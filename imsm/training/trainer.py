@@ -13,7 +13,7 @@ Written by hand, and why:
 - validation (``eval_dataset``): the answer loss and the mean gate, logged as ``eval_loss`` / ``eval_gate_mean``;
 - DeepSpeed checkpoints without the frozen backbone (the Trainer only does that for a bare PeftModel) and loading
   a run folder's weights on resume and for ``--load_best_model_at_end`` (the Trainer expects a full model file):
-  the only private Trainer methods overridden; ``tests/test_train.py`` pins what they rely on;
+  the only private Trainer methods overridden; ``tests/training/test_train.py`` pins what they rely on;
 - the method's own callbacks (``MethodSpec.callbacks``, e.g. AdaLoRA's rank allocation);
 - the mean gate value (and the method's logged loss terms, e.g. LoRAMoE's balancing constraint) in the logs;
 - what the run cost, written as ``train_stats.json`` into every checkpoint and the final folder: training wall time

@@ -1,7 +1,7 @@
-"""Run in a fresh interpreter by tests/test_export.py: load an exported folder with only torch + transformers (any
+"""Run in a fresh interpreter by tests/export/test_export.py: load an exported folder with only torch + transformers (any
 ``import imsm`` fails here), run the requested checks, write the results as safetensors + JSON.
 
-    python tests/export_child.py SPEC.json
+    python tests/export/export_child.py SPEC.json
 
 SPEC: {"folder", "out", "logits": {input_ids, attention_mask, prompt_length} | null,
        "generate": [{name, input_ids, attention_mask, kwargs}], "roundtrip": bool, "bfloat16": bool,

@@ -21,7 +21,7 @@ from imsm.paper.cost import describe, estimate
 from imsm.paper.numbers import LAYOUTS, PAPER_ROWS, paper_row
 from imsm.paper.plans import PAPER_BACKBONES, PLAN_NAMES, PlanOptions, build_plan, parse_model_overrides
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA = ROOT.parent.parent / "shared" / "data" if (ROOT.parent.parent / "shared").is_dir() else \
     Path("/work/shared/data")
 CAPTURE_DEEPSPEED = '#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$CAPTURE"\n'

@@ -202,8 +202,8 @@ def test_more_devices_than_the_global_batch_is_refused(tmp_path):
     assert done.returncode != 0 and not capture.exists() and "= 32" in done.stderr
 
 
-# Each divides or multiplies into 16 by bash arithmetic, or breaks it: -2 x 2 = -4 divides 16 (accumulation -4),
-# -8 x -2 = 16 (accumulation 1 on -8 GPUs), "abc" is read as an unset variable, "2.5" is a syntax error, "08" bad octal.
+# In bash arithmetic each passes the batch check or breaks it: -2 x 2 = -4 divides 16 (accumulation -4), -8 x -2 = 16
+# (accumulation 1 on -8 GPUs), "abc" is read as an unset variable, "2.5" is a syntax error, "08" is bad octal.
 NOT_POSITIVE_INTEGERS = [
     ({"GPUS": "-2"}, "GPUS", "-2"),
     ({"GPUS": "-8", "PER_DEVICE_BATCH": "-2"}, "GPUS", "-8"),

@@ -21,16 +21,22 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import HfArgumentParser, IntervalStrategy, TrainingArguments, set_seed
+from transformers import IntervalStrategy, TrainingArguments, set_seed
 
 from imsm import run_folder
-from imsm.args import DataArguments, ImsmArguments, ModelArguments
-from imsm.data import SupervisedCollator, SupervisedDataset, read_jsonl, split_validation
+from imsm.args import DataArguments, parse_train_args
+from imsm.data import (
+    WORLD_KNOWLEDGE,
+    SupervisedCollator,
+    SupervisedDataset,
+    examples_by_type,
+    read_jsonl,
+    split_validation,
+)
 from imsm.distributed import configure_cpu_deepspeed
-from imsm.loader import build_imsm_model, load_backbone
-from imsm.run_folder import RunConfig
+from imsm.loader import build_imsm_model, load_backbone, make_run_config
 from imsm.templates import build_template
-from imsm.training.frozen_cache import attach_frozen_cache, cache_fingerprint
+from imsm.training.frozen_cache import FlushFrozenCache, cache_fingerprint, file_sha256, open_frozen_cache
 from imsm.training.trainer import IMSMTrainer
 
 logger = logging.getLogger("train")
@@ -68,6 +74,8 @@ def check_before_loading(data_args: DataArguments, training_args: TrainingArgume
     if data_args.train_file is None:
         raise ValueError("--train_file is required (JSONL with 'input' and 'output')")
     read_jsonl(data_args.train_file)
+    if data_args.knowledge_file is not None:
+        read_jsonl(data_args.knowledge_file, only_type=WORLD_KNOWLEDGE)
     if data_args.eval_file is not None:
         read_jsonl(data_args.eval_file)
     out = Path(training_args.output_dir)
@@ -118,10 +126,16 @@ def configure_validation(training_args: TrainingArguments, n_examples: int) -> N
                 training_args.eval_steps if training_args.eval_strategy == IntervalStrategy.STEPS else "epoch")
 
 
+def knowledge_fingerprint(mix: dict) -> dict:
+    """What the knowledge rows add to the frozen-memory cache's key (their examples follow the task file's)."""
+    if "knowledge_file" not in mix:
+        return {}
+    return {"knowledge_file_sha256": file_sha256(mix["knowledge_file"]), "knowledge_rows": mix["knowledge_rows_taken"]}
+
+
 def main(argv: list[str] | None = None) -> IMSMTrainer | None:
     argv = configure_cpu_deepspeed(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser((ModelArguments, DataArguments, ImsmArguments, TrainingArguments))
-    model_args, data_args, imsm_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, imsm_args, training_args = parse_train_args(argv)
     setup_logging(training_args)
     check_before_loading(data_args, training_args)
     resume = resolve_resume(training_args)
@@ -135,7 +149,9 @@ def main(argv: list[str] | None = None) -> IMSMTrainer | None:
     )
     template = build_template(data_args.prompt_template, tokenizer, data_args.system_prompt)
     dataset = SupervisedDataset(data_args.train_file, template, data_args.max_input_length,
-                                data_args.max_output_length, data_args.max_train_examples)
+                                data_args.max_output_length, data_args.max_train_examples, data_args.knowledge_file,
+                                data_args.knowledge_examples, data_args.knowledge_share)
+    mix = dataset.mix
     eval_dataset = None
     if data_args.eval_file is not None:
         eval_dataset = SupervisedDataset(data_args.eval_file, template, data_args.max_input_length,
@@ -145,26 +161,31 @@ def main(argv: list[str] | None = None) -> IMSMTrainer | None:
                                                  if training_args.data_seed is not None else training_args.seed)
     if eval_dataset is not None:
         configure_validation(training_args, len(eval_dataset))
+    mix["trained_examples_by_type"] = examples_by_type(dataset)  # after any validation split
 
+    cache = open_frozen_cache(imsm_args.frozen_memory_cache, training_args.output_dir, dataset, backbone.config,
+                              cache_fingerprint(model_path, backbone.config, dtype, data_args.prompt_template,
+                                                data_args.system_prompt, data_args.max_input_length,
+                                                data_args.max_output_length, data_args.train_file)
+                              | knowledge_fingerprint(mix))
     model = build_imsm_model(backbone, imsm_args, total_steps=optimizer_steps(len(dataset), training_args),
-                             template=template, max_input_length=data_args.max_input_length)
+                             template=template, max_input_length=data_args.max_input_length, frozen_cache=cache)
     counts = {group: sum(getattr(p, "ds_numel", p.numel()) for _, p in named)
               for group, named in model.trainable_parameters().items()}
     logger.info("trainable parameters: adapter %d, gate %d (%s gate, %s)", counts["adapter"], counts["gate"],
                 imsm_args.gate, imsm_args.peft)
 
-    config = RunConfig.from_args(imsm_args, data_args, model_path, backbone.config.hidden_size)
-    run_args = {k: v for a in (model_args, data_args, imsm_args) for k, v in dataclasses.asdict(a).items()}
-    run_args |= {"training": training_args.to_dict(), "resolved_model_path": model_path}
+    config = make_run_config(imsm_args, data_args, model_path, backbone.config.hidden_size)
+    run_args = {k: v for a in (model_args, data_args, imsm_args, imsm_args.options)
+                for k, v in dataclasses.asdict(a).items() if k != "options"}
+    run_args |= {"training": training_args.to_dict(), "resolved_model_path": model_path, "training_mix": mix}
     training_args.remove_unused_columns = False  # query_mask is ours, not a backbone forward argument
     trainer = IMSMTrainer(
         model=model, args=training_args, train_dataset=dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
         data_collator=SupervisedCollator(tokenizer.pad_token_id), run_config=config, run_args=run_args,
         gate_learning_rate=imsm_args.gate_learning_rate,
+        callbacks=None if cache is None else [FlushFrozenCache(cache)],
     )
-    attach_frozen_cache(trainer, model, dataset, imsm_args.frozen_memory_cache, cache_fingerprint(
-        model_path, backbone.config, dtype, data_args.prompt_template, data_args.system_prompt,
-        data_args.max_input_length, data_args.max_output_length, data_args.train_file))
     trainer.train(resume_from_checkpoint=resume)
     final_dir = f"{training_args.output_dir}/final"
     trainer.save_model(final_dir)

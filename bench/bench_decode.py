@@ -64,7 +64,7 @@ def build(args):
     else:
         backbone, tokenizer, name = load_backbone(args.model_name_or_path, dtype=dtype, attn_implementation="sdpa")
     torch.manual_seed(0)
-    model = build_imsm_model(backbone, ImsmArguments(peft="lora", gate="query_aware", lora_r=args.lora_r,
+    model = build_imsm_model(backbone, ImsmArguments.create(peft="lora", gate="query_aware", lora_r=args.lora_r,
                                                      lora_alpha=args.lora_r, lora_dropout=0.0, gate_dropout=0.0))
     with torch.no_grad():
         for n, p in model.named_parameters():

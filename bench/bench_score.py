@@ -53,7 +53,7 @@ def main(argv=None) -> dict[str, float]:
     if args.threads:
         torch.set_num_threads(args.threads)
     backbone, tokenizer, path = load_backbone(args.model_name_or_path)
-    model = build_imsm_model(backbone, ImsmArguments(peft="lora", gate="query_aware", gate_dropout=0.0))
+    model = build_imsm_model(backbone, ImsmArguments.create(peft="lora", gate="query_aware", gate_dropout=0.0))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():

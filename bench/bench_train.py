@@ -37,7 +37,7 @@ def measure(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     backbone, _, _ = load_backbone(args.model_name_or_path, dtype=dtype)
-    model = build_imsm_model(backbone, ImsmArguments(peft="lora", gate=args.gate, lora_r=16, lora_alpha=16))
+    model = build_imsm_model(backbone, ImsmArguments.create(peft="lora", gate=args.gate, lora_r=16, lora_alpha=16))
     model.to(device).train()
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
@@ -105,7 +105,7 @@ def measure_run(args) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     backbone, _, _ = load_backbone(args.model_name_or_path, dtype=dtype)
     gate = "none" if args.variant == "lora" else "query_aware"
-    model = build_imsm_model(backbone, ImsmArguments(peft="lora", gate=gate, lora_r=16, lora_alpha=16))
+    model = build_imsm_model(backbone, ImsmArguments.create(peft="lora", gate=gate, lora_r=16, lora_alpha=16))
     model.to(device).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     examples = _examples(args, model.config.vocab_size)

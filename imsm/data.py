@@ -3,7 +3,11 @@ labels, truncation that keeps the template's frame and the answer's closing toke
 and the padding collator.
 
 A line is ``{"input": PROMPT, "output": ANSWER}``; a list ``output`` (several acceptable answers) trains on its first
-item.
+item. An optional ``"task_type"`` (``TYPE_FIELD``) gives the sample's type for LoRAMoE's balancing constraint, as the
+LoRAMoE authors' data files do: 1 = world knowledge (e.g. closed-book QA), 0 = downstream task, the default when the
+field is absent. A knowledge file (``--knowledge_file``) adds world-knowledge rows to the training set
+(``SupervisedDataset``; ``knowledge_count`` says how many): they are type 1 whatever their own field says, and a row
+there that says 0 is refused.
 """
 
 from __future__ import annotations
@@ -19,10 +23,13 @@ from imsm.templates import PromptTemplate
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
+TYPE_FIELD = "task_type"  # the field name of the LoRAMoE authors' build_dataset.py
+TASK, WORLD_KNOWLEDGE = 0, 1
 
 
-def read_jsonl(path: str | Path, require_output: bool = True) -> list[dict]:
-    """Read task rows; any malformed line, missing field or empty file raises ValueError naming file and line."""
+def read_jsonl(path: str | Path, require_output: bool = True, only_type: int | None = None) -> list[dict]:
+    """Read task rows; any malformed line, missing field or empty file raises ValueError naming file and line, as
+    does a ``task_type`` other than ``only_type`` when that is given."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file")
@@ -50,6 +57,13 @@ def read_jsonl(path: str | Path, require_output: bool = True) -> list[dict]:
                         raise ValueError(f"{path}:{lineno}: 'output' list must hold at least one string")
                 elif not isinstance(out, str):
                     raise ValueError(f"{path}:{lineno}: 'output' must be a string or a list of strings")
+            kind = row.get(TYPE_FIELD)
+            if TYPE_FIELD in row and (type(kind) is not int or kind not in (TASK, WORLD_KNOWLEDGE)):
+                raise ValueError(f"{path}:{lineno}: {TYPE_FIELD!r} must be {WORLD_KNOWLEDGE} (world knowledge) or "
+                                 f"{TASK} (downstream task), got {kind!r}")
+            if kind is not None and only_type is not None and kind != only_type:
+                raise ValueError(f"{path}:{lineno}: {TYPE_FIELD!r} is {kind}, but every row of this file is type "
+                                 f"{only_type}; remove the field or the row")
             rows.append(row)
     if not rows:
         raise ValueError(f"{path}: empty file, no examples")
@@ -147,30 +161,50 @@ def truncate_prompt(ids: list[int], max_length: int, bos_id: int | None) -> list
     return ids[len(ids) - max_length :]
 
 
+def knowledge_count(path: str | Path, rows: int, task_examples: int, examples: int | None = None,
+                    share: float | None = None) -> int:
+    """How many rows of the knowledge file ``path`` (which has ``rows``) join ``task_examples`` task examples:
+    ``examples``, or the number making them ``share`` of the mixed set, round(share · n / (1 − share)), or all."""
+    if examples is None and share is None:
+        return rows
+    wanted = examples if examples is not None else round(share * task_examples / (1 - share))
+    what = f"--knowledge_examples {examples}" if examples is not None else \
+        f"--knowledge_share {share} of {task_examples} task examples"
+    if wanted > rows:
+        raise ValueError(f"{what} needs {wanted} rows of --knowledge_file {path}, which has {rows}")
+    if wanted < 1:
+        raise ValueError(f"{what} gives no knowledge row; raise it or leave out --knowledge_file")
+    return wanted
+
+
 class SupervisedDataset(torch.utils.data.Dataset):
-    """Tokenized training examples of one JSONL file."""
+    """Tokenized training examples of one JSONL file, optionally followed by the first rows of a knowledge file
+    (type 1; ``knowledge_examples`` rows, or enough to make ``knowledge_share`` of the whole, or all).
+
+    ``mix`` describes what it holds, for the run folder: the files and the examples of each type."""
 
     def __init__(
         self, path: str | Path, template: PromptTemplate, max_input_length: int, max_output_length: int,
-        max_examples: int | None = None,
+        max_examples: int | None = None, knowledge_file: str | Path | None = None,
+        knowledge_examples: int | None = None, knowledge_share: float | None = None,
     ) -> None:
         rows = read_jsonl(path)
         if max_examples is not None:
             rows = rows[:max_examples]
-        self.examples, dropped, truncation = [], 0, Truncation(str(path))
-        for row in rows:
-            ex = encode_example(template, row["input"], training_answer(row["output"]), max_input_length,
-                                max_output_length, truncation)
-            if ex is None:
-                dropped += 1
-            else:
-                self.examples.append(ex)
-        truncation.warn()
-        if dropped:
-            logger.warning("%s: dropped %d of %d examples with no answer token left", path, dropped, len(rows))
-        if not self.examples:
-            raise ValueError(f"{path}: no example has an answer token left")
-        logger.info("%s: %d training examples", path, len(self.examples))
+        lengths = (max_input_length, max_output_length)
+        self.examples = _encode_rows(path, rows, template, *lengths, default_type=TASK)
+        self.mix = {"train_file": str(path), "task_file_examples": len(self.examples)}
+        if knowledge_file is not None:
+            knowledge = read_jsonl(knowledge_file, only_type=WORLD_KNOWLEDGE)
+            n = knowledge_count(knowledge_file, len(knowledge), len(self.examples), knowledge_examples,
+                                knowledge_share)
+            added = _encode_rows(knowledge_file, knowledge[:n], template, *lengths, default_type=WORLD_KNOWLEDGE)
+            self.examples += added
+            self.mix |= {"knowledge_file": str(knowledge_file), "knowledge_rows_taken": n,
+                         "knowledge_file_examples": len(added)}
+        self.mix["examples_by_type"] = examples_by_type(self)
+        logger.info("%s: %d training examples (%s)", path, len(self.examples),
+                    ", ".join(f"{k}: {v}" for k, v in self.mix["examples_by_type"].items()))
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -178,6 +212,30 @@ class SupervisedDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         # the index keys the frozen-memory cache (imsm/training/frozen_cache.py)
         return {**self.examples[i], "index": i}
+
+
+def _encode_rows(path: str | Path, rows: list[dict], template: PromptTemplate, max_input_length: int,
+                 max_output_length: int, default_type: int) -> list[dict]:
+    """The rows' examples with their type; one warning for what was cut or dropped, an error when none is left."""
+    examples, truncation = [], Truncation(str(path))
+    for row in rows:
+        ex = encode_example(template, row["input"], training_answer(row["output"]), max_input_length,
+                            max_output_length, truncation)
+        if ex is not None:
+            examples.append({**ex, TYPE_FIELD: row.get(TYPE_FIELD, default_type)})
+    truncation.warn()
+    if len(examples) < len(rows):
+        logger.warning("%s: dropped %d of %d examples with no answer token left", path, len(rows) - len(examples),
+                       len(rows))
+    if not examples:
+        raise ValueError(f"{path}: no example has an answer token left")
+    return examples
+
+
+def examples_by_type(dataset: torch.utils.data.Dataset) -> dict[str, int]:
+    """{"task": n0, "world_knowledge": n1}: the examples of each type (a ``Subset`` counts its own)."""
+    types = [dataset[i][TYPE_FIELD] for i in range(len(dataset))]
+    return {"task": types.count(TASK), "world_knowledge": types.count(WORLD_KNOWLEDGE)}
 
 
 def split_validation(dataset: torch.utils.data.Dataset, fraction: float, seed: int):
@@ -196,7 +254,8 @@ def split_validation(dataset: torch.utils.data.Dataset, fraction: float, seed: i
 class SupervisedCollator:
     """Right-pads a batch; ``query_mask`` marks the prompt tokens that the gate's query means average over.
 
-    Examples that carry their dataset ``index`` also give ``example_index`` (B,), the frozen-memory cache's key.
+    Examples that carry their dataset ``index`` also give ``example_index`` (B,), the frozen-memory cache's key;
+    ``task_types`` (B,) is each example's type (0, task, when it has none), which LoRAMoE's constraint reads.
     """
 
     pad_token_id: int
@@ -211,6 +270,7 @@ class SupervisedCollator:
             out["labels"][i, :n] = torch.tensor(ex["labels"])
             out["attention_mask"][i, :n] = 1
             out["query_mask"][i, :q] = 1
+        out["task_types"] = torch.tensor([ex.get(TYPE_FIELD, TASK) for ex in batch], dtype=torch.long)
         if all("index" in ex for ex in batch):
             out["example_index"] = torch.tensor([ex["index"] for ex in batch], dtype=torch.long)
         return out

@@ -1,28 +1,31 @@
-"""One build/load path for training and evaluation: backbone + tokenizer, the PEFT adapter, the gate, and a saved run
-(its format: ``imsm/run_folder.py``)."""
+"""One build/load/save path for training and evaluation: backbone + tokenizer, the method's adapter
+(``imsm/method/adapters``), the gate, and a saved run (its format: ``imsm/run_folder.py``)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
 import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from imsm.default_model import resolve_model_path
-from imsm.method.adapters import attach_adapter, build_peft_config
-from imsm.method.gate import GATE_PARAM_PREFIX, build_gate
-from imsm.method.lora_init import (
-    RESIDUAL_ADAPTER,
-    calibrate_corda,
-    initial_adapter_state,
-    mutates_base,
-)
-from imsm.method.loramoe import LORAMOE_WEIGHTS, LoRAMoEModel
+from imsm.method.adapters import get_method
+from imsm.method.gate import GATE_PARAM_PREFIX, GATES, build_gate
 from imsm.method.model import IMSMModel
-from imsm.run_folder import ADAPTER_WEIGHTS, GATE_FILE, check_hidden_size, resolve, validate
+from imsm.run_folder import (
+    GATE_FILE,
+    RUN_ARGS,
+    RunConfig,
+    check_hidden_size,
+    resolve,
+    safetensors_header,
+    validate,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,22 +57,30 @@ def load_backbone(model_name_or_path: str | None, dtype: torch.dtype = torch.flo
 
 
 def build_imsm_model(backbone, imsm_args, total_steps: int | None = None, template=None,
-                     max_input_length: int = 1024) -> IMSMModel:
-    """Attach a fresh adapter and gate; only they require grad. CorDA calibrates on ``imsm_args``' calibration
-    file first, encoding its prompts with ``template``."""
-    peft_config = build_peft_config(imsm_args, backbone.config.model_type, total_steps)
-    if imsm_args.init_lora_weights == "corda":
-        calibrate_corda(backbone, peft_config, imsm_args, template, max_input_length)
-    peft_model = attach_adapter(backbone, peft_config)
+                     max_input_length: int = 1024, frozen_cache=None) -> IMSMModel:
+    """Attach a fresh adapter (``imsm_args.method`` with ``imsm_args.options``) and gate; only they require grad.
+    CorDA calibrates on its calibration file first, encoding its prompts with ``template``. ``frozen_cache``
+    (training) supplies the frozen memory of the examples it holds."""
+    method = imsm_args.method
+    options = imsm_args.options if imsm_args.options is not None else method.options_class()
+    adapter = method.attach(backbone, options, imsm_args.target_modules, total_steps, template, max_input_length)
     gate = build_gate(imsm_args.gate, backbone.config.hidden_size, imsm_args.gate_rank, imsm_args.gate_dropout)
-    model = IMSMModel(peft_model, gate)
-    if mutates_base(imsm_args.init_lora_weights):
-        model.lora_initial_state = initial_adapter_state(peft_model)
+    model = IMSMModel(adapter.peft_model, gate, method, initial_adapter_state=adapter.initial_state,
+                      frozen_cache=frozen_cache)
     model.requires_grad_(False)
     for group in model.trainable_parameters().values():
         for _, p in group:
             p.requires_grad_(True)
     return model
+
+
+def make_run_config(imsm_args, data_args, model_path: str, hidden_size: int) -> RunConfig:
+    """What ``imsm_config.json`` records of a training run: the method's options as data."""
+    method = imsm_args.method
+    return RunConfig(base_model=model_path, peft=imsm_args.peft, gate=imsm_args.gate, gate_rank=imsm_args.gate_rank,
+                     gate_dropout=imsm_args.gate_dropout, hidden_size=hidden_size,
+                     prompt_template=data_args.prompt_template, system_prompt=data_args.system_prompt,
+                     adapter_files=method.files, method_options=method.record(imsm_args.options))
 
 
 def load_gate_into(model: IMSMModel, gate_path: Path) -> None:
@@ -90,39 +101,83 @@ def load_gate_into(model: IMSMModel, gate_path: Path) -> None:
 
 def load_trained_weights(model: IMSMModel, run_dir: str | Path) -> None:
     """Put a run folder's adapter and gate values into an already built model (the Trainer's non-DeepSpeed resume)."""
-    from peft import set_peft_model_state_dict
-
     run_dir = resolve(run_dir)
-    if isinstance(model.peft_model, LoRAMoEModel):
-        model.peft_model.load_adapter_weights(run_dir / LORAMOE_WEIGHTS)
-        load_gate_into(model, run_dir / GATE_FILE)
-        return
-    # a PiSSA/CorDA run's adapter file is converted to the pretrained weights; resume from the unconverted one
-    weights = RESIDUAL_ADAPTER if model.lora_initial_state is not None else ADAPTER_WEIGHTS
-    result = set_peft_model_state_dict(model.peft_model, load_file(str(run_dir / weights)))
-    missing = [k for k in result.missing_keys if model.adapter_prefix() in k]
-    if missing:
-        raise ValueError(f"{run_dir}: the saved adapter lacks {missing[:3]}")
+    model.method.load_weights(model.peft_model, run_dir, model.initial_adapter_state)
     load_gate_into(model, run_dir / GATE_FILE)
+
+
+def check_run(run: str | Path, hidden_size: int | None = None, model_path: str | None = None) -> RunConfig:
+    """``run_folder.validate`` (the config, every file whole) plus what needs the methods: the method and gate are
+    known, the adapter files are the method's, and the gate's tensors have the shapes the config implies."""
+    run_dir = resolve(run)
+    config = validate(run_dir, hidden_size, model_path)
+    source = run_dir / "imsm_config.json"
+    method = get_method(config.peft, f"{source}: peft")
+    if config.gate not in GATES:
+        raise ValueError(f"{source}: gate {config.gate!r} is not one of {sorted(GATES)}")
+    if tuple(config.adapter_files) != method.files:
+        raise ValueError(f"{source}: adapter_files {list(config.adapter_files)} are not the files --peft {method.name} "
+                         f"writes ({list(method.files)})")
+    saved = safetensors_header(run_dir / GATE_FILE)
+    expected = GATES[config.gate].parameter_shapes(config.hidden_size, config.gate_rank)
+    if set(saved) != set(expected):
+        raise ValueError(f"{run_dir / GATE_FILE}: gate tensors {sorted(saved)} do not match the {config.gate} gate's "
+                         f"{sorted(expected)}")
+    for name, shape in expected.items():
+        if saved[name][1] != shape:
+            raise ValueError(f"{run_dir / GATE_FILE}: {name} has shape {saved[name][1]}, the {config.gate} gate of "
+                             f"rank {config.gate_rank} on hidden size {config.hidden_size} needs {shape}")
+    return config
 
 
 def load_run(run: str | Path, model_name_or_path: str | None = None, dtype: torch.dtype = torch.float32,
              attn_implementation: str = "auto", trust_remote_code: bool = False):
     """(IMSMModel in eval mode, tokenizer, RunConfig) from a saved run; the base model is the recorded one unless
-    ``model_name_or_path`` is given. The folder is validated (``run_folder.validate``) before the backbone loads."""
-    from peft import PeftModel
-
+    ``model_name_or_path`` is given. The folder is checked (``check_run``) before the backbone loads."""
     run_dir = resolve(run)
-    config = validate(run_dir)
+    config = check_run(run_dir)
+    method = get_method(config.peft)
     backbone, tokenizer, path = load_backbone(model_name_or_path or config.base_model, dtype,
                                               attn_implementation, trust_remote_code)
     check_hidden_size(config, run_dir, backbone.config.hidden_size, path)
-    if config.peft == "loramoe":
-        peft_model = LoRAMoEModel.from_pretrained(backbone, run_dir)
-    else:
-        peft_model = PeftModel.from_pretrained(backbone, str(run_dir))
+    peft_model = method.load(backbone, run_dir)
     gate = build_gate(config.gate, backbone.config.hidden_size, config.gate_rank, config.gate_dropout)
-    model = IMSMModel(peft_model, gate)
+    model = IMSMModel(peft_model, gate, method)
     load_gate_into(model, run_dir / GATE_FILE)
     model.eval()
     return model, tokenizer, config
+
+
+# ---- writing ------------------------------------------------------------------------------------------------------
+def _gathered(params: list[torch.nn.Parameter]):
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+def save_run_files(model: IMSMModel, out_dir: str | Path, config: RunConfig, run_args: dict | None,
+                   is_main: bool) -> None:
+    """Write the model's files into ``out_dir``; every rank must call this (ZeRO-3 gathers collectively).
+
+    Under ZeRO-3 only the saved parameters are gathered (the Trainer's own DeepSpeed save would consolidate the whole
+    16-bit backbone on rank 0 to keep a few MB of it). The caller writes ``COMPLETE`` once everything else is in.
+    """
+    from imsm.atomic import atomic_write_json
+
+    out_dir = Path(out_dir)
+    named = model.saved_parameters()
+    with _gathered([p for _, p in named]):
+        if not is_main:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        full = {n[len("peft_model."):]: p.detach().cpu().clone() for n, p in named if n.startswith("peft_model.")}
+        # the method picks its entries out of this (AdaLoRA: cut to the allocated ranks)
+        model.method.save(model.peft_model, full, out_dir, model.initial_adapter_state)
+        gate = {n[len(GATE_PARAM_PREFIX):]: p.detach().cpu().float().contiguous().clone()
+                for n, p in named if n.startswith(GATE_PARAM_PREFIX)}
+        save_file(gate, str(out_dir / GATE_FILE), metadata={"format": "pt", "variant": config.gate})
+    config.write(out_dir)
+    if run_args is not None:
+        atomic_write_json(out_dir / RUN_ARGS, json.loads(json.dumps(run_args, default=str)))

@@ -2,17 +2,19 @@
 checkpoint), read by evaluation, the harness model, adapter scaling and resume.
 
     imsm_config.json            RunConfig: how to rebuild the model (typed, versioned; see FORMAT_VERSION)
-    adapter_config.json         the adapter in PEFT's own format (LoRAMoE: loramoe_config.json,
-    adapter_model.safetensors   loramoe_model.safetensors)
+    adapter_config.json         the adapter's files, named in RunConfig.adapter_files (a PEFT method: its own format;
+    adapter_model.safetensors   LoRAMoE: loramoe_config.json, loramoe_model.safetensors)
     gate.safetensors            the gate's tensors (none for the equal and none gates), float32
     run_args.json               every resolved argument of the run, for reproduction
     train_stats.json            what the run cost: wall time, optimizer steps, tokens seen
     tokenizer files
     COMPLETE                    written last; a checkpoint without it was interrupted and is never resumed from
 
-Nothing is pickled. ``validate`` checks a folder without building a model: the config, that every file is present,
-that every safetensors file is whole (its header parses and the data it declares is all there) and that the gate's
-tensors have the shapes the config implies for a base model of a given hidden size. Every error names the file.
+Nothing is pickled. ``validate`` checks a folder without building a model: the config, that every file is present and
+that every safetensors file is whole (its header parses and the data it declares is all there). Every error names the
+file. This module is storage only: it imports no method; a method's settings are data here (``method_options``), and
+``imsm.loader.check_run`` adds what needs the methods (the names, the gate's shapes). Writing a model's files is
+``imsm.loader.save_run_files``.
 """
 
 from __future__ import annotations
@@ -28,13 +30,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
 from imsm.atomic import atomic_write_json, atomic_write_text, replace_dir
-from imsm.method.gate import GATE_PARAM_PREFIX, GATES
-from imsm.method.lora_init import calibration_record, convert_saved_adapter
-from imsm.method.loramoe import LORAMOE_CONFIG, LORAMOE_WEIGHTS
 
 logger = logging.getLogger(__name__)
 
@@ -45,18 +41,16 @@ TRAIN_STATS = "train_stats.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 COMPLETE = "COMPLETE"
-# (config, weights) of a run's adapter by method; every other method is a PEFT adapter folder
-ADAPTER_FILES: dict[str, tuple[str, str]] = {"loramoe": (LORAMOE_CONFIG, LORAMOE_WEIGHTS)}
-# 1: the first versioned format; folders written before versioning have the same fields and read as 1
-FORMAT_VERSION = 1
+# 1: the first versioned format; folders written before versioning have the same fields and read as 1.
+# 2: the method's settings as data (``method_options``, where format 1 had ``init_lora_weights`` and ``calibration``
+#    at the top) and the adapter's file names (``adapter_files``, which format 1 implied by the method's name).
+FORMAT_VERSION = 2
+# the adapter files format-1 writers used, by method: what a format-1 folder holds (LoRAMoE's own, else PEFT's)
+FORMAT_1_ADAPTER_FILES = {"loramoe": ("loramoe_config.json", "loramoe_model.safetensors")}
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 # what a checkpoint holds beyond the run folder: the Trainer's and DeepSpeed's resume state
 RESUME_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin", "latest",
                 "zero_to_fp32.py", "rng_state.pth")
-
-
-def adapter_files(peft: str) -> tuple[str, str]:
-    return ADAPTER_FILES.get(peft, (ADAPTER_CONFIG, ADAPTER_WEIGHTS))
 
 
 @dataclass(frozen=True)
@@ -71,23 +65,22 @@ class RunConfig:
     hidden_size: int
     prompt_template: str = "raw"
     system_prompt: str | None = None
-    init_lora_weights: str = "default"
-    calibration: dict | None = None  # CorDA: the calibration file and rows (evaluation skips them)
+    adapter_files: tuple[str, str] = ("adapter_config.json", "adapter_model.safetensors")  # (config, weights)
+    # the method's resolved options (its MethodSpec.record), e.g. LoRA's init_lora_weights and CorDA's calibration
+    # file and rows (evaluation skips those rows)
+    method_options: dict = dataclasses.field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
-    @classmethod
-    def from_args(cls, imsm_args, data_args, model_path: str, hidden_size: int) -> RunConfig:
-        return cls(base_model=model_path, peft=imsm_args.peft, gate=imsm_args.gate, gate_rank=imsm_args.gate_rank,
-                   gate_dropout=imsm_args.gate_dropout, hidden_size=hidden_size,
-                   prompt_template=data_args.prompt_template, system_prompt=data_args.system_prompt,
-                   init_lora_weights=imsm_args.init_lora_weights, calibration=calibration_record(imsm_args))
+    @property
+    def init_lora_weights(self) -> str:
+        return self.method_options.get("init_lora_weights", "default")
 
     @property
-    def adapter_files(self) -> tuple[str, str]:
-        return adapter_files(self.peft)
+    def calibration(self) -> dict | None:
+        return self.method_options.get("calibration")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "adapter_files": list(self.adapter_files)}
 
     @classmethod
     def from_dict(cls, raw: object, source: str | Path) -> RunConfig:
@@ -100,26 +93,31 @@ class RunConfig:
         if version > FORMAT_VERSION:
             raise ValueError(f"{source}: run folder format {version} was written by a newer imsm; this one reads up "
                              f"to format {FORMAT_VERSION} (upgrade imsm)")
+        kinds = {"base_model": str, "peft": str, "gate": str, "gate_rank": int, "gate_dropout": (int, float),
+                 "hidden_size": int, "prompt_template": str, "system_prompt": (str, type(None)),
+                 "init_lora_weights": str, "calibration": (dict, type(None)), "adapter_files": list,
+                 "method_options": dict, "format_version": int}
+        for name, kind in kinds.items():
+            if name in raw and (not isinstance(raw[name], kind) or isinstance(raw[name], bool)):
+                raise ValueError(f"{source}: {name} has the wrong type ({type(raw[name]).__name__})")
+        if version == 1:
+            raw = _from_format_1(raw, source)
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - set(fields))
         if unknown:
             raise ValueError(f"{source}: unknown keys {unknown} for format {version}")
-        missing = sorted(n for n, f in fields.items() if f.default is dataclasses.MISSING and n not in raw)
+        missing = sorted(n for n, f in fields.items() if f.default is dataclasses.MISSING
+                         and f.default_factory is dataclasses.MISSING and n not in raw)
         if missing:
             raise ValueError(f"{source}: missing keys {missing}")
-        kinds = {"base_model": str, "peft": str, "gate": str, "gate_rank": int, "gate_dropout": (int, float),
-                 "hidden_size": int, "prompt_template": str, "system_prompt": (str, type(None)),
-                 "init_lora_weights": str, "calibration": (dict, type(None)), "format_version": int}
-        for name, kind in kinds.items():
-            if name in raw and (not isinstance(raw[name], kind) or isinstance(raw[name], bool)):
-                raise ValueError(f"{source}: {name} has the wrong type ({type(raw[name]).__name__})")
-        from imsm.method.adapters import PEFT_METHODS
+        files = raw.get("adapter_files", fields["adapter_files"].default)
+        if len(files) != 2 or not all(isinstance(f, str) and f and "/" not in f for f in files):
+            raise ValueError(f"{source}: adapter_files must be two file names (config, weights), got {files!r}")
         from imsm.templates import TEMPLATES
 
-        for name, known in (("peft", PEFT_METHODS), ("gate", GATES), ("prompt_template", TEMPLATES)):
-            if name in raw and raw[name] not in known:
-                raise ValueError(f"{source}: {name} {raw[name]!r} is not one of {sorted(known)}")
-        return cls(**{**raw, "format_version": version})
+        if raw.get("prompt_template", "raw") not in TEMPLATES:
+            raise ValueError(f"{source}: prompt_template {raw['prompt_template']!r} is not one of {sorted(TEMPLATES)}")
+        return cls(**{**raw, "adapter_files": tuple(files), "format_version": FORMAT_VERSION})
 
     @classmethod
     def read(cls, run_dir: str | Path) -> RunConfig:
@@ -132,6 +130,17 @@ class RunConfig:
 
     def write(self, run_dir: str | Path) -> None:
         atomic_write_json(Path(run_dir) / CONFIG_FILE, self.to_dict())
+
+
+def _from_format_1(raw: dict, source: str | Path) -> dict:
+    """A format-1 config as format 2: ``init_lora_weights`` and ``calibration`` move into ``method_options``; the
+    adapter files are those format-1 writers used for the method."""
+    raw = dict(raw)
+    options = {key: raw.pop(key) for key in ("init_lora_weights", "calibration") if key in raw}
+    if "peft" in raw and not isinstance(raw["peft"], str):
+        raise ValueError(f"{source}: peft has the wrong type ({type(raw['peft']).__name__})")
+    files = FORMAT_1_ADAPTER_FILES.get(raw.get("peft"), ("adapter_config.json", "adapter_model.safetensors"))
+    return {**raw, "adapter_files": list(files), "method_options": options}
 
 
 # ---- reading ------------------------------------------------------------------------------------------------------
@@ -187,9 +196,10 @@ def safetensors_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]
 
 
 def validate(run_dir: str | Path, hidden_size: int | None = None, model_path: str | None = None) -> RunConfig:
-    """Check a run folder without building a model (see the module docstring); returns its config.
+    """Check a run folder's storage without building a model (see the module docstring); returns its config.
 
     With ``hidden_size``, also that the run fits a base model of that size (``model_path`` names it in errors).
+    ``imsm.loader.check_run`` adds the checks that need the methods.
     """
     run_dir = resolve(run_dir)
     config = RunConfig.read(run_dir)
@@ -200,15 +210,7 @@ def validate(run_dir: str | Path, hidden_size: int | None = None, model_path: st
         raise ValueError(f"{weights}: holds no tensors")
     if hidden_size is not None:
         check_hidden_size(config, run_dir, hidden_size, model_path)
-    saved = safetensors_header(run_dir / GATE_FILE)
-    expected = GATES[config.gate].parameter_shapes(config.hidden_size, config.gate_rank)
-    if set(saved) != set(expected):
-        raise ValueError(f"{run_dir / GATE_FILE}: gate tensors {sorted(saved)} do not match the {config.gate} gate's "
-                         f"{sorted(expected)}")
-    for name, shape in expected.items():
-        if saved[name][1] != shape:
-            raise ValueError(f"{run_dir / GATE_FILE}: {name} has shape {saved[name][1]}, the {config.gate} gate of "
-                             f"rank {config.gate_rank} on hidden size {config.hidden_size} needs {shape}")
+    safetensors_header(run_dir / GATE_FILE)
     return config
 
 
@@ -226,39 +228,6 @@ def read_train_stats(run: str | Path) -> dict | None:
 
 
 # ---- writing ------------------------------------------------------------------------------------------------------
-def _gathered(params: list[torch.nn.Parameter]):
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    return contextlib.nullcontext()
-
-
-def save_run_files(model, out_dir: str | Path, config: RunConfig, run_args: dict | None, is_main: bool) -> None:
-    """Write the model's files into ``out_dir``; every rank must call this (ZeRO-3 gathers collectively).
-
-    Under ZeRO-3 only the saved parameters are gathered (the Trainer's own DeepSpeed save would consolidate the whole
-    16-bit backbone on rank 0 to keep a few MB of it). The caller writes ``COMPLETE`` once everything else is in.
-    """
-    out_dir = Path(out_dir)
-    named = model.saved_parameters()
-    with _gathered([p for _, p in named]):
-        if not is_main:
-            return
-        out_dir.mkdir(parents=True, exist_ok=True)
-        full = {n[len("peft_model."):]: p.detach().cpu().clone() for n, p in named if n.startswith("peft_model.")}
-        # save_pretrained picks the adapter's entries out of this (AdaLoRA: cut to the allocated ranks)
-        model.peft_model.save_pretrained(str(out_dir), state_dict=full, safe_serialization=True)
-        if model.lora_initial_state is not None:
-            convert_saved_adapter(out_dir, model.lora_initial_state)
-        gate = {n[len(GATE_PARAM_PREFIX):]: p.detach().cpu().float().contiguous().clone()
-                for n, p in named if n.startswith(GATE_PARAM_PREFIX)}
-        save_file(gate, str(out_dir / GATE_FILE), metadata={"format": "pt", "variant": config.gate})
-    config.write(out_dir)
-    if run_args is not None:
-        atomic_write_json(out_dir / RUN_ARGS, json.loads(json.dumps(run_args, default=str)))
-
-
 def mark_complete(run_dir: str | Path, step: int | None = None) -> None:
     atomic_write_text(Path(run_dir) / COMPLETE, json.dumps({"global_step": step}) + "\n")
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# LoRAMoE on mrpc: its paper's experts (6 of rank 4, alpha 32, on the feed-forward projections, balancing
-# beta = delta = 0.1) and learning rate (2e-4), the IMSM paper's global batch 16 and 3 epochs.
+# LoRAMoE on mrpc: the LoRAMoE authors' public launcher (Ablustrund/LoRAMoE run_loramoe.sh: lora_nums=8, lora_rank=4,
+# lora_alpha=32, lora_dropout=0.05, gate/up/down_proj, lr=0.0002, blc_weight=blc_alpha=0 so the balancing constraint is
+# off), the IMSM paper's global batch 16 and 3 epochs. The constraint on: --loramoe_balance_weight B
+# --loramoe_balance_delta D; world-knowledge data (type 1): --knowledge_file F [--knowledge_share S]
 # Override anything: MODEL=... NNODES=2 GPUS=4 HOSTFILE=h bash run_scripts/loramoe_mrpc.sh --num_train_epochs 1
 set -euo pipefail
 MODEL=${MODEL:-meta-llama/Llama-2-7b-hf}
@@ -18,8 +20,8 @@ deepspeed ${HOSTFILE:+--hostfile "$HOSTFILE"} --num_nodes "$NNODES" --num_gpus "
     --deepspeed "$DS_CONFIG" --model_name_or_path "$MODEL" \
     --train_file "$DATA_DIR/mrpc/train.jsonl" --output_dir "$OUTPUT_DIR" \
     --peft loramoe --gate none \
-    --loramoe_num_experts 6 --loramoe_r 4 --loramoe_alpha 32 --loramoe_dropout 0.05 \
-    --loramoe_balance_weight 0.1 --loramoe_balance_delta 0.1 \
+    --loramoe_num_experts 8 --loramoe_r 4 --loramoe_alpha 32 --loramoe_dropout 0.05 \
+    --loramoe_balance_weight 0 --loramoe_balance_delta 0 \
     --optim adamw_torch --learning_rate 2e-4 --lr_scheduler_type cosine --warmup_steps 0.03 --weight_decay 0.0 \
     --num_train_epochs 3 --per_device_train_batch_size "$PER_DEVICE_BATCH" \
     --gradient_accumulation_steps "$ACCUMULATION" \

@@ -112,7 +112,7 @@ def main() -> None:
     backbone, tokenizer, _ = load_backbone(None)
     template = build_template(args.template, tokenizer)
     load_seconds = time.perf_counter() - t0
-    model = build_imsm_model(backbone, ImsmArguments(peft="lora", gate="query_aware"))
+    model = build_imsm_model(backbone, ImsmArguments.create(peft="lora", gate="query_aware"))
     vanilla = IMSMModel(model.peft_model, build_gate("none", backbone.config.hidden_size))
     dataset = SupervisedDataset(Path(args.data_dir) / args.target / "train.jsonl", template, 256, 8,
                                 max(args.batch, 1))

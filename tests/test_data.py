@@ -1,4 +1,5 @@
-"""Data: errors that name the file and line, the masked prompt, truncation that keeps the answer."""
+"""Data: errors that name the file and line, the masked prompt, truncation that keeps the answer, sample types and
+the knowledge file's mix."""
 
 import json
 import logging
@@ -6,7 +7,16 @@ import logging
 import pytest
 from conftest import make_tokenizer
 
-from imsm.data import IGNORE_INDEX, SupervisedCollator, SupervisedDataset, encode_example, encode_prompt, read_jsonl
+from imsm.args import DataArguments
+from imsm.data import (
+    IGNORE_INDEX,
+    SupervisedCollator,
+    SupervisedDataset,
+    encode_example,
+    encode_prompt,
+    knowledge_count,
+    read_jsonl,
+)
 from imsm.templates import build_template
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -136,3 +146,75 @@ def test_collator_pads_right_and_marks_query():
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
     assert batch["query_mask"].tolist() == [[1, 1, 0, 0], [1, 0, 0, 0]]
     assert batch["labels"].tolist() == [[-100, -100, 6, 7], [-100, 5, -100, -100]]
+
+
+def _rows(tmp_path, name, rows):
+    return _write(tmp_path, "".join(json.dumps(r) + "\n" for r in rows), name)
+
+
+@pytest.mark.parametrize("value", [2, -1, "1", True, None, 1.0])
+def test_a_bad_task_type_names_file_and_line(tmp_path, value):
+    path = _rows(tmp_path, "d.jsonl", [{"input": "cat", "output": "yes"},
+                                       {"input": "dog", "output": "no", "task_type": value}])
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: 'task_type' must be 1 \(world knowledge\) or 0"):
+        read_jsonl(path)
+
+
+def test_types_come_from_the_field_or_default_to_task_and_reach_the_batch(tmp_path):
+    path = _rows(tmp_path, "d.jsonl", [{"input": "cat", "output": "yes", "task_type": 1},
+                                       {"input": "dog", "output": "no"},
+                                       {"input": "red", "output": "no", "task_type": 0}])
+    ds = SupervisedDataset(path, build_template("raw", make_tokenizer()), 64, 8)
+    assert [ds[i]["task_type"] for i in range(3)] == [1, 0, 0]
+    assert ds.mix["examples_by_type"] == {"task": 2, "world_knowledge": 1} and "knowledge_file" not in ds.mix
+    batch = SupervisedCollator(pad_token_id=3)([ds[i] for i in range(3)])
+    assert batch["task_types"].tolist() == [1, 0, 0]
+    untyped = SupervisedCollator(pad_token_id=3)([{"input_ids": [1, 5], "labels": [-100, 5], "query_length": 1}])
+    assert untyped["task_types"].tolist() == [0]
+
+
+@pytest.mark.parametrize("examples,share,taken", [(None, None, 10), (3, None, 3), (None, 0.2, 2), (None, 0.5, 8)])
+def test_a_knowledge_file_adds_its_first_rows_as_type_1(tmp_path, examples, share, taken):
+    tasks = _rows(tmp_path, "task.jsonl", [{"input": f"Is {i} odd ?", "output": "yes"} for i in range(8)])
+    knowledge = _rows(tmp_path, "k.jsonl", [{"input": f"the {w} is", "output": w}
+                                            for w in ("cat", "dog", "red", "blue", "big", "small", "true", "false",
+                                                      "yes", "no")])
+    tok = make_tokenizer()
+    ds = SupervisedDataset(tasks, build_template("raw", tok), 64, 8, knowledge_file=knowledge,
+                           knowledge_examples=examples, knowledge_share=share)
+    # a share s of the whole: round(s * 8 / (1 - s)) rows join the 8 task examples (0.2 -> 2, 0.5 -> 8)
+    assert len(ds) == 8 + taken
+    assert [ds[i]["task_type"] for i in range(len(ds))] == [0] * 8 + [1] * taken
+    assert ds[8]["input_ids"][-2] == tok.convert_tokens_to_ids("cat")  # the file's first rows, in order
+    assert ds.mix == {"train_file": str(tasks), "task_file_examples": 8, "knowledge_file": str(knowledge),
+                      "knowledge_rows_taken": taken, "knowledge_file_examples": taken,
+                      "examples_by_type": {"task": 8, "world_knowledge": taken}}
+
+
+def test_knowledge_file_errors_name_the_file_and_what_to_change(tmp_path):
+    tasks = _rows(tmp_path, "task.jsonl", [{"input": f"Is {i} odd ?", "output": "yes"} for i in range(8)])
+    knowledge = _rows(tmp_path, "k.jsonl", [{"input": "the cat is", "output": "cat"},
+                                            {"input": "the dog is", "output": "dog", "task_type": 0}])
+    template = build_template("raw", make_tokenizer())
+    with pytest.raises(ValueError, match=r"k\.jsonl:2: 'task_type' is 0, but every row of this file is type 1"):
+        SupervisedDataset(tasks, template, 64, 8, knowledge_file=knowledge)
+    knowledge = _rows(tmp_path, "k.jsonl", [{"input": "the cat is", "output": "cat"}] * 3)
+    with pytest.raises(ValueError, match=r"--knowledge_examples 4 needs 4 rows of --knowledge_file .*k\.jsonl, "
+                                         r"which has 3"):
+        SupervisedDataset(tasks, template, 64, 8, knowledge_file=knowledge, knowledge_examples=4)
+    with pytest.raises(ValueError, match=r"--knowledge_share 0\.5 of 8 task examples needs 8 rows"):
+        SupervisedDataset(tasks, template, 64, 8, knowledge_file=knowledge, knowledge_share=0.5)
+    with pytest.raises(ValueError, match=r"--knowledge_share 0\.01 of 8 task examples gives no knowledge row"):
+        knowledge_count(knowledge, 3, 8, share=0.01)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"knowledge_share": 0.1}, "need --knowledge_file"),
+    ({"knowledge_examples": 3}, "need --knowledge_file"),
+    ({"knowledge_file": "k", "knowledge_examples": 3, "knowledge_share": 0.1}, "not both"),
+    ({"knowledge_file": "k", "knowledge_examples": 0}, "--knowledge_examples 0: must be at least 1"),
+    ({"knowledge_file": "k", "knowledge_share": 1.0}, r"--knowledge_share 1\.0: must be in \(0, 1\)"),
+])
+def test_bad_knowledge_options_are_clear_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        DataArguments(**kw)

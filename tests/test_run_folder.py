@@ -2,6 +2,7 @@
 safetensors integrity check, checkpoint completeness and rotation."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,13 +25,28 @@ CONFIG = {"base_model": "/models/llama", "peft": "lora", "gate": "query_aware", 
           "calibration": None}
 
 
-def test_config_round_trips_and_older_folders_read_as_format_1(tmp_path):
-    config = RunConfig.from_dict(CONFIG | {"format_version": FORMAT_VERSION}, "x")
+def test_config_round_trips_and_older_folders_still_read(tmp_path):
+    config = RunConfig.from_dict(CONFIG | {"format_version": 1}, "x")
     config.write(tmp_path)
-    assert json.loads((tmp_path / CONFIG_FILE).read_text())["format_version"] == FORMAT_VERSION
+    assert json.loads((tmp_path / CONFIG_FILE).read_text())["format_version"] == FORMAT_VERSION == 2
     assert RunConfig.read(tmp_path) == config
     legacy = RunConfig.from_dict(dict(CONFIG), "legacy")  # written before the format was versioned
-    assert legacy.format_version == 1 and legacy == RunConfig.from_dict(CONFIG | {"format_version": 1}, "x")
+    assert legacy == RunConfig.from_dict(CONFIG | {"format_version": 1}, "x")
+
+
+@pytest.mark.parametrize("peft,files", [("lora", ["adapter_config.json", "adapter_model.safetensors"]),
+                                        ("loramoe", ["loramoe_config.json", "loramoe_model.safetensors"])])
+def test_format_1_moves_the_method_settings_into_method_options(peft, files):
+    """Format 1 kept LoRA's init and CorDA's calibration rows at the top and implied the adapter files by the
+    method; format 2 stores both as data. A format-1 folder reads as the same run."""
+    calibration = {"file": "/data/calib.jsonl", "rows": [2, 3]}
+    old = CONFIG | {"peft": peft, "format_version": 1, "init_lora_weights": "corda", "calibration": calibration}
+    config = RunConfig.from_dict(old, "old")
+    assert config.method_options == {"init_lora_weights": "corda", "calibration": calibration}
+    assert config.init_lora_weights == "corda" and config.calibration == calibration
+    assert list(config.adapter_files) == files
+    assert config.to_dict()["format_version"] == 2 and "init_lora_weights" not in config.to_dict()
+    assert RunConfig.from_dict(config.to_dict(), "new") == config
 
 
 @pytest.mark.parametrize("change,message", [
@@ -38,13 +54,36 @@ def test_config_round_trips_and_older_folders_read_as_format_1(tmp_path):
     ({"surprise": 1}, r"unknown keys \['surprise'\]"),
     ({"gate_rank": "8"}, "gate_rank has the wrong type"),
     ({"gate_rank": True}, "gate_rank has the wrong type"),
-    ({"gate": "softmax"}, "gate 'softmax' is not one of"),
-    ({"peft": "lokr"}, "peft 'lokr' is not one of"),
+    ({"prompt_template": "alpaca"}, "prompt_template 'alpaca' is not one of"),
+    ({"format_version": 2}, r"unknown keys \['calibration', 'init_lora_weights'\] for format 2"),
+    ({"format_version": 2, "adapter_files": ["a.json"], "init_lora_weights": None, "calibration": None},
+     "adapter_files must be two file names"),
 ])
 def test_bad_configs_name_the_file(tmp_path, change, message):
-    (tmp_path / CONFIG_FILE).write_text(json.dumps(CONFIG | change))
+    stored = {k: v for k, v in (CONFIG | change).items() if v is not None or k not in change}
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(stored))
     with pytest.raises(ValueError, match=message) as info:
         RunConfig.read(tmp_path)
+    assert str(tmp_path / CONFIG_FILE) in str(info.value)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"gate": "softmax"}, "gate 'softmax' is not one of"),
+    ({"peft": "lokr"}, "peft 'lokr': choose one of"),
+    ({"peft": "loramoe"}, "are not the files --peft loramoe writes"),
+])
+def test_unknown_methods_and_gates_name_the_file(tmp_path, change, message):
+    """The run folder stores a method's name as data; ``check_run`` (which knows the methods) refuses one it does not
+    know, or files that are not the method's, naming the config file."""
+    from imsm.loader import check_run
+
+    stored = {k: v for k, v in (CONFIG | change).items() if k not in ("init_lora_weights", "calibration")}
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(stored | {"format_version": 2}))
+    (tmp_path / "adapter_config.json").write_text("{}")
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "adapter_model.safetensors"))
+    save_file({}, str(tmp_path / "gate.safetensors"))
+    with pytest.raises(ValueError, match=message) as info:
+        check_run(tmp_path)
     assert str(tmp_path / CONFIG_FILE) in str(info.value)
 
 
@@ -102,3 +141,26 @@ def test_rotation_counts_complete_checkpoints_and_keeps_the_best(tmp_path):
     rotate_checkpoints(tmp_path, keep=2, protect=tmp_path / "checkpoint-1")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-3", "checkpoint-4",
                                                          "checkpoint-5"]
+
+
+@pytest.mark.parametrize("run", ["lora_query_aware", "lora_none", "loramoe_query_aware"])
+def test_a_run_folder_written_in_format_1_still_loads_to_the_same_model(run, tiny_model_dir, tmp_path):
+    """tests/data/format1/ holds run folders written by imsm before format 2 (commit 29b1bb5: LoRA with the IMSM gate
+    and without, LoRAMoE with its format-1 files) on the tiny Llama the fixtures build, with the logits that
+    version computed. They must load through today's loader (the config read as format 1) and give those logits."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from imsm.loader import check_run, load_run
+
+    folder = shutil.copytree(Path(__file__).parent / "data" / "format1" / run, tmp_path / run)
+    assert json.loads((folder / CONFIG_FILE).read_text())["format_version"] == 1
+    assert check_run(folder).format_version == FORMAT_VERSION
+    model, _, config = load_run(folder, str(tiny_model_dir))
+    assert config.peft == run.split("_")[0] and config.init_lora_weights == "default"
+    expected = load_file(str(folder / "expected_logits.safetensors"))
+    with torch.no_grad():
+        logits = model(input_ids=expected["input_ids"], attention_mask=torch.ones_like(expected["input_ids"]),
+                       query_mask=expected["query_mask"])["logits"]
+    torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=1e-5)

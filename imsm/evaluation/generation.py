@@ -187,7 +187,7 @@ def supports_mixed_batch(model: IMSMModel) -> bool:
     from peft.tuners.lora import LoraLayer
 
     peft_model = model.peft_model
-    if not hasattr(peft_model, "peft_config"):  # LoRAMoE is not a PEFT method
+    if not model.method.mixed_batch:
         return False
     config = peft_model.peft_config[peft_model.active_adapter]
     if config.peft_type != PeftType.LORA or not hasattr(peft_model.base_model, "_enable_peft_forward_hooks"):
@@ -342,15 +342,27 @@ def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
     return text[:cut]
 
 
+@dataclass(frozen=True)
+class DecodedBatch:
+    """What ``decode_batch`` returns, on the CPU; B rows, N decoding steps."""
+
+    tokens: torch.Tensor  # (B, N), padded after a row ends
+    lengths: torch.Tensor  # (B,) tokens generated per row
+    gate_sums: torch.Tensor | None  # (B,) the gate summed over a row's generated tokens; None without a gate
+    hit_eos: torch.Tensor  # (B,) bool
+    hit_stop: torch.Tensor  # (B,) bool: a stop string ended the row
+    logits: torch.Tensor | None  # (B, N, V) with DecodingConfig.output_logits
+    answer_scores: list[list[SequenceScore]] | None  # per row, the teacher-forced scores of its answers
+
+
 @torch.inference_mode()
 def decode_batch(decoder: Decoder, prompts: Sequence[Sequence[int]], pad_id: int, eos_ids: Sequence[int],
                  config: DecodingConfig, generator: torch.Generator | None = None,
                  answers: Sequence[Sequence[Sequence[int]]] | None = None,
-                 stops: Callable[[Sequence[int]], bool] | None = None):
-    """Decode one batch; returns CPU tensors (tokens (B, N), lengths (B,), gate sums (B,) or None, hit EOS (B,),
-    hit a stop string (B,), logits (B, N, V) or None) and, when ``answers`` (per row, a list of answer ids) are given,
-    their teacher-forced scores per row, computed on the prompt's KV cache before decoding (the prefill is shared),
-    else None. ``stops`` says whether a row's generated ids end it (a stop string)."""
+                 stops: Callable[[Sequence[int]], bool] | None = None) -> DecodedBatch:
+    """Decode one batch. When ``answers`` (per row, a list of answer ids) are given, their teacher-forced scores are
+    computed on the prompt's KV cache before decoding (the prefill is shared). ``stops`` says whether a row's
+    generated ids end it (a stop string)."""
     device = next(decoder.lm_head.parameters()).device
     input_ids, mask = left_pad(prompts, pad_id, device)
     n, steps = len(prompts), config.max_new_tokens
@@ -408,7 +420,7 @@ def decode_batch(decoder: Decoder, prompts: Sequence[Sequence[int]], pad_id: int
             next_pos = next_pos + 1
     gates = gate_sums.cpu() if decoder.siamese else None
     all_logits = torch.stack(step_logits, dim=1).cpu() if step_logits else None
-    return tokens.cpu(), lengths.cpu(), gates, hit_eos.cpu(), hit_stop.cpu(), all_logits, answer_scores
+    return DecodedBatch(tokens.cpu(), lengths.cpu(), gates, hit_eos.cpu(), hit_stop.cpu(), all_logits, answer_scores)
 
 
 def generate(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]], config: DecodingConfig | None = None,
@@ -436,20 +448,19 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]], conf
     try:
         for start in range(0, len(order), config.batch_size):
             chunk = order[start : start + config.batch_size]
-            tokens, lengths, gate_sums, hit_eos, hit_stop, logits, scores = decode_batch(
-                decoder, [prompts[i] for i in chunk], pad_id, eos_ids, config, generator,
-                None if answers is None else [answers[i] for i in chunk], stops)
+            out = decode_batch(decoder, [prompts[i] for i in chunk], pad_id, eos_ids, config, generator,
+                               None if answers is None else [answers[i] for i in chunk], stops)
             for row, i in enumerate(chunk):
-                n = int(lengths[row])
-                ids = tokens[row, :n].tolist()
-                text_ids = ids[:-1] if hit_eos[row] else ids
+                n = int(out.lengths[row])
+                ids = out.tokens[row, :n].tolist()
+                text_ids = ids[:-1] if out.hit_eos[row] else ids
                 text = cut_at_stop(tokenizer.decode(text_ids, skip_special_tokens=True), config.stop_strings)
                 results[i] = Generation(
                     text=text.strip(), token_ids=ids, num_tokens=n,
-                    finish_reason="eos" if hit_eos[row] else "stop" if hit_stop[row] else "length",
-                    gate_mean=None if gate_sums is None else float(gate_sums[row]) / max(n, 1),
-                    logits=None if logits is None else logits[row, :n].clone(),
-                    answer_scores=None if scores is None else scores[row],
+                    finish_reason="eos" if out.hit_eos[row] else "stop" if out.hit_stop[row] else "length",
+                    gate_mean=None if out.gate_sums is None else float(out.gate_sums[row]) / max(n, 1),
+                    logits=None if out.logits is None else out.logits[row, :n].clone(),
+                    answer_scores=None if out.answer_scores is None else out.answer_scores[row],
                 )
             logger.debug("decoded %d / %d prompts", min(start + config.batch_size, len(order)), len(order))
     finally:

@@ -61,6 +61,7 @@ from imsm.evaluation.generation import DecodingConfig, generate
 from imsm.evaluation.runner import DTYPES
 from imsm.evaluation.scoring import score_continuations
 from imsm.loader import load_backbone, load_run
+from imsm.run_folder import RunConfig
 from imsm.templates import TEMPLATES, build_template
 
 logger = logging.getLogger(__name__)
@@ -154,27 +155,27 @@ class IMSMLM(TemplateLM):
         self.args = args
         self._rank, self._world_size, self._device = distributed_setup(args.device)
         dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if self._device.type == "cuda" else torch.float32)
+        self.run_config: RunConfig | None = None  # None: the untuned base model
         if args.run is not None:
-            model, tokenizer, config = load_run(args.run, args.model_name_or_path, dtype, args.attn_implementation,
-                                                args.trust_remote_code)
-            self.settings = config.to_dict()
+            model, tokenizer, self.run_config = load_run(args.run, args.model_name_or_path, dtype,
+                                                         args.attn_implementation, args.trust_remote_code)
+            self.base_model = self.run_config.base_model
         else:
-            model, tokenizer, path = load_backbone(args.model_name_or_path, dtype, args.attn_implementation,
-                                                   args.trust_remote_code)
-            self.settings = {"base_model": path, "peft": None, "gate": None, "prompt_template": "raw",
-                             "system_prompt": None}
+            model, tokenizer, self.base_model = load_backbone(args.model_name_or_path, dtype, args.attn_implementation,
+                                                              args.trust_remote_code)
         self.model = model.to(self._device).eval()
         self.tokenizer = tokenizer
-        self.template_name = args.prompt_template or self.settings.get("prompt_template") or "raw"
-        if args.run and args.prompt_template and args.prompt_template != self.settings.get("prompt_template"):
+        recorded_template = self.run_config.prompt_template if self.run_config else "raw"
+        self.template_name = args.prompt_template or recorded_template
+        if self.run_config and args.prompt_template and args.prompt_template != recorded_template:
             logger.warning("prompt_template=%s overrides the run's recorded %s", args.prompt_template,
-                           self.settings.get("prompt_template"))
-        self.system_prompt = args.system_prompt or self.settings.get("system_prompt")
+                           recorded_template)
+        self.system_prompt = args.system_prompt or (self.run_config.system_prompt if self.run_config else None)
         self.template = build_template(self.template_name, tokenizer, self.system_prompt)
         self.harness_renders_chat = False  # set once the harness calls apply_chat_template
         self._max_length = args.max_length or min(getattr(model.config, "max_position_embeddings", 2048), 4096)
         logger.info("imsm lm-eval model: %s (gate %s, template %s) on %s, rank %d of %d",
-                    args.run or self.settings["base_model"], self.settings.get("gate"), self.template_name,
+                    args.run or self.base_model, self.run_config and self.run_config.gate, self.template_name,
                     self._device, self._rank, self._world_size)
 
     @classmethod
@@ -254,7 +255,8 @@ class IMSMLM(TemplateLM):
                                                   continue_final_message=not add_generation_prompt)
 
     def get_model_info(self) -> dict:
-        info = {key: self.settings.get(key) for key in ("base_model", "peft", "gate")}
+        config = self.run_config
+        info = {"base_model": self.base_model, "peft": config and config.peft, "gate": config and config.gate}
         return info | {"run": self.args.run, "prompt_template": self.template_name,
                        "model_dtype": str(next(self.model.parameters()).dtype)}
 

@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from transformers import AutoConfig
@@ -37,19 +38,18 @@ from imsm.evaluation.metrics import (
 )
 from imsm.evaluation.report import RunResult, parse_pairs
 from imsm.evaluation.scoring import answer_nll, best_answer, gold_answers
-from imsm.loader import load_backbone, load_run, load_tokenizer
-from imsm.method.scaling import load_scaled_run, parse_scales
-from imsm.run_folder import RunConfig, check_hidden_size, read_train_stats, resolve, validate
+from imsm.evaluation.scaling import load_scaled_run, parse_scales
+from imsm.loader import check_run, load_backbone, load_run, load_tokenizer
+from imsm.method.adapters import METHODS, get_method
+from imsm.run_folder import RunConfig, check_hidden_size, read_train_stats, resolve
 from imsm.templates import TEMPLATES, build_template
 
 logger = logging.getLogger(__name__)
 
 ALL_TASKS = "gsm8k,mrpc,cola,ropes,webq,freebaseqa,multirc"
-PEFT_DISPLAY = {"lora": "LoRA", "dora": "DoRA", "adalora": "AdaLoRA", "ia3": "IA3"}
 GATE_PREFIX = {"query_aware": "IMSM-", "token": "IMSM-token-", "equal": "IMSM-equal-", "none": ""}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SCORE_MODES = ("both", "decode", "likelihood")
-SCALABLE_PEFT = ("lora", "dora", "adalora", "ia3")  # methods whose run merges into one weight update
 REPORT_FILES = ("summary.md", "summary.csv", "forgetting.md", "forgetting.png", "comparisons.md", "stats.json",
                 "stats.csv", "tradeoff.png", "tradeoff.csv")
 INCOMPLETE = "INCOMPLETE"  # present while an evaluation writes its folder; removed once the report is complete
@@ -147,6 +147,14 @@ class EvalArguments:
                               temperature=self.temperature, top_p=self.top_p, seed=self.seed)
 
 
+class MethodKey(NamedTuple):
+    """What makes two runs seeds of one method."""
+
+    peft: str
+    gate: str
+    gate_rank: int
+
+
 @dataclass
 class ModelPlan:
     """One model to evaluate, fully resolved before any decoding starts."""
@@ -156,13 +164,13 @@ class ModelPlan:
     template: str
     system_prompt: str | None
     run_dir: Path | None = None  # None: the untuned backbone
-    method: tuple = ()  # (peft, gate, gate_rank): what runs sharing a label must have in common
+    method: MethodKey | None = None  # what runs sharing a label must have in common (None: the untuned backbone)
     folder: str = ""  # the output sub-folder: the label, or label/run<k> for a label shared by several runs
     scale: float | None = None  # --adapter_scale: the run's weight update times this (a plain causal LM)
 
 
 def default_label(config: RunConfig) -> str:
-    return GATE_PREFIX.get(config.gate, config.gate + "-") + PEFT_DISPLAY.get(config.peft, config.peft)
+    return GATE_PREFIX.get(config.gate, config.gate + "-") + get_method(config.peft).display_name
 
 
 def task_files(args: EvalArguments) -> dict[str, Path]:
@@ -178,11 +186,21 @@ def task_files(args: EvalArguments) -> dict[str, Path]:
     return {t: overrides.get(t) or Path(args.data_dir) / t / "test.jsonl" for t in args.task_names}
 
 
+def calibration_rows(run_dir: str | Path) -> set[tuple[str, int]]:
+    """(resolved file path, 0-based row index) of every row a run calibrated on (CorDA); empty for other runs.
+
+    Evaluation skips these rows of those files so the model is not scored on its calibration data. A row index
+    counts the file's non-empty lines, as ``imsm.data.read_jsonl`` reads them.
+    """
+    record = RunConfig.read(resolve(run_dir)).calibration
+    if not record:
+        return set()
+    return {(record["file"], int(i)) for i in record["rows"]}
+
+
 def calibration_skips(plans: list[ModelPlan], files: dict[str, Path]) -> dict[str, dict[str, list[int]]]:
     """task -> {run folder: row indices of the task's file that the run calibrated on (CorDA)}: never score a model
     on what it calibrated on, and skip those rows for every model so the comparisons stay paired."""
-    from imsm.method.lora_init import calibration_rows
-
     skips: dict[str, dict[str, list[int]]] = {}
     for plan in plans:
         if plan.run_dir is None:
@@ -239,7 +257,7 @@ def plan_models(args: EvalArguments) -> list[ModelPlan]:
                                args.system_prompt))
     for run in args.run_dir:
         run_dir = resolve(run)
-        config = validate(run_dir)  # every file, before any model loads
+        config = check_run(run_dir)  # every file, before any model loads
         recorded = (config.prompt_template, config.system_prompt)
         template, system = recorded
         if args.prompt_template is not None:
@@ -251,7 +269,7 @@ def plan_models(args: EvalArguments) -> list[ModelPlan]:
         hidden = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code).hidden_size
         check_hidden_size(config, run_dir, hidden, model_path)
         plans.append(ModelPlan(default_label(config), model_path, template, system, run_dir,
-                               (config.peft, config.gate, config.gate_rank)))
+                               MethodKey(config.peft, config.gate, config.gate_rank)))
     if args.labels is not None:
         labels = [label.strip() for label in args.labels.split(",")]
         if len(labels) != len(plans):
@@ -275,12 +293,13 @@ def expand_scales(plans: list[ModelPlan], scales: list[float]) -> list[ModelPlan
     router makes the update depend on the input: no single weight update either) and the untuned model stay."""
     out = []
     for plan in plans:
-        if plan.run_dir is None or plan.method[1] != "none" or plan.method[0] not in SCALABLE_PEFT:
+        if plan.method is None or plan.method.gate != "none" or not get_method(plan.method.peft).scalable:
             out.append(plan)
             continue
         out += [replace(plan, label=f"{plan.label}@{scale:g}", scale=scale) for scale in scales]
     if not any(p.scale is not None for p in out):
-        raise ValueError(f"--adapter_scale scales vanilla PEFT runs ({', '.join(SCALABLE_PEFT)} trained with --gate "
+        scalable = ", ".join(sorted(name for name, spec in METHODS.items() if spec.scalable))
+        raise ValueError(f"--adapter_scale scales vanilla PEFT runs ({scalable} trained with --gate "
                          "none), and none is given: an IMSM run mixes two passes through a gate and a LoRAMoE run "
                          "routes per token, so neither has a single weight update to scale")
     return out

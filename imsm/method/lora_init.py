@@ -16,7 +16,7 @@ weights), so every save converts the trained adapter into a plain LoRA on W, PEF
 scaling). The unconverted adapter is kept beside it (``RESIDUAL_ADAPTER``) for resuming without DeepSpeed.
 
 CorDA calibrates on rows of a user-given file; the run records which ones (``imsm_config.json``, ``calibration``) so
-evaluation can leave exactly those rows out (``calibration_rows``): a model is never scored on what it calibrated on.
+evaluation can leave exactly those rows out: a model is never scored on what it calibrated on.
 """
 
 from __future__ import annotations
@@ -70,8 +70,9 @@ def calibration_indices(args) -> list[int]:
 
 
 def calibration_record(args) -> dict | None:
-    """What ``imsm_config.json`` records about the calibration data (None without CorDA)."""
-    if args.init_lora_weights != "corda":
+    """What ``imsm_config.json`` records about the calibration data (None without CorDA); evaluation leaves exactly
+    these rows out (``imsm.evaluation.runner.calibration_rows``)."""
+    if getattr(args, "init_lora_weights", "default") != "corda":
         return None
     return {"file": str(Path(args.corda_calibration_file).resolve()), "rows": calibration_indices(args)}
 
@@ -113,12 +114,12 @@ def initial_adapter_state(peft_model) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
 
 
-def convert_saved_adapter(out_dir: str | Path, initial: dict[str, torch.Tensor]) -> None:
+def convert_saved_adapter(out_dir: str | Path, initial: dict[str, torch.Tensor],
+                          config_file: str = "adapter_config.json",
+                          weights_file: str = "adapter_model.safetensors") -> None:
     """Turn the adapter PEFT just saved in ``out_dir`` (trained on W_res) into a plain LoRA on the pretrained W."""
-    from imsm.run_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-
     out_dir = Path(out_dir)
-    trained = load_file(str(out_dir / ADAPTER_WEIGHTS))
+    trained = load_file(str(out_dir / weights_file))
     save_file(trained, str(out_dir / RESIDUAL_ADAPTER), metadata={"format": "pt"})
     if set(trained) != set(initial):
         raise ValueError(f"{out_dir}: the trained adapter's tensors differ from the initial adapter's")
@@ -131,24 +132,11 @@ def convert_saved_adapter(out_dir: str | Path, initial: dict[str, torch.Tensor])
             converted[name] = torch.cat([tensor, -init], dim=1).contiguous()
         else:
             raise ValueError(f"{out_dir}: cannot convert {name}: only lora_A / lora_B tensors are expected")
-    save_file(converted, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    config = json.loads((out_dir / ADAPTER_CONFIG).read_text())
+    save_file(converted, str(out_dir / weights_file), metadata={"format": "pt"})
+    config = json.loads((out_dir / config_file).read_text())
     config |= {"r": 2 * config["r"], "lora_alpha": 2 * config["lora_alpha"], "init_lora_weights": True,
                "corda_config": None}
     for key in ("rank_pattern", "alpha_pattern"):
         config[key] = {k: 2 * v for k, v in (config.get(key) or {}).items()}
-    atomic_write_json(out_dir / ADAPTER_CONFIG, config)
+    atomic_write_json(out_dir / config_file, config)
 
-
-def calibration_rows(run_dir: str | Path) -> set[tuple[str, int]]:
-    """(resolved file path, 0-based row index) of every row a run calibrated on; empty for runs without CorDA.
-
-    Evaluation must skip these rows of those files so the model is not scored on its calibration data. A row index
-    counts the file's non-empty lines, as ``imsm.data.read_jsonl`` reads them.
-    """
-    from imsm.run_folder import RunConfig, resolve
-
-    record = RunConfig.read(resolve(run_dir)).calibration
-    if not record:
-        return set()
-    return {(record["file"], int(i)) for i in record["rows"]}

@@ -1,30 +1,42 @@
 """LoRAMoE (Dou et al., 2024, "LoRAMoE: Alleviate World Knowledge Forgetting in Large Language Models via MoE-Style
 Plugin"): several LoRA experts on the feed-forward projections, mixed per token by a softmax router, trained with a
-localized balancing constraint.
+localized balancing constraint. Checked against the authors' public code (github.com/Ablustrund/LoRAMoE,
+``peft/tuners/lora.py``, ``Linear.forward``); ``tests/test_loramoe.py`` restates that forward and compares.
 
 For a frozen linear layer W0 (d_out × d_in) with experts i = 1..E (A_i r × d_in, B_i d_out × r) and a router
 W_g (E × d_in):
 
     w(x) = softmax(W_g x)                                       per token, computed in float32
-    y    = W0 x + (alpha / r) · Σ_i w_i(x) · B_i A_i dropout(x)
+    y    = W0 x + (alpha / r) · Σ_i w_i(x) · B_i A_i dropout_i(x)
 
-The experts are stored stacked: ``loramoe_A`` holds A_1..A_E as one (E·r) × d_in matrix and ``loramoe_B`` holds
-B_1..B_E side by side as one d_out × (E·r) matrix, so Σ_i w_i B_i A_i x = B · (w ⊗ 1_r ∘ A x) is one pair of matmuls
-and the (tokens, E, d_out) expert outputs are never materialised. B starts at zero (the model starts as the base
-model), A and the router with PyTorch's default Linear init (Kaiming-uniform, as the public code).
+with an independent dropout mask per expert (the public code calls its dropout once per expert). The experts are
+stored stacked: ``loramoe_A`` holds A_1..A_E as one (E·r) × d_in matrix and ``loramoe_B`` holds B_1..B_E side by
+side as one d_out × (E·r) matrix, so Σ_i w_i B_i A_i x = B · (w ⊗ 1_r ∘ A x) is one pair of matmuls and the (tokens,
+E, d_out) expert outputs are never materialised. In training with dropout the E dropped copies of x (the memory the
+public code's E dropout calls also keep) go through ``loramoe_A`` and the block diagonal (A_i on copy i) is kept:
+E times the flops of the small A matmul, but every weight stays inside its own module's call, which ZeRO-3 needs to
+gather it. B starts at zero (the model starts as the base model), A and the router with PyTorch's default Linear init
+(Kaiming-uniform, as the public code).
 
-Localized balancing constraint, for one LoRAMoE layer. The experts are split into two groups: the first
-``knowledge_experts`` form the world-knowledge group, the rest the downstream-task group. With Q_{n,m} the importance
-of expert n for samples of type m (the router weight w_n summed over every non-padding token of those samples) and
-I_{n,m} = 1 + δ when expert n's group matches type m, 1 − δ otherwise:
+Localized balancing constraint, for one LoRAMoE layer and a micro-batch of N samples. The experts are split into two
+groups: the first ``knowledge_experts`` (default half) form the world-knowledge group, the rest the task group. Each
+sample has a type m_j (``imsm/data.py``: 1 = world knowledge, 0 = downstream task). As in the public code:
 
-    Z = I ∘ Q,     L_lbc = β · Var(Z) / Mean(Z)²     (the squared coefficient of variation over the entries of Z;
-                                                      Var with Bessel's correction, as the public code's torch.var)
+    Q_{j,n} = Σ_t w_n(x_{j,t})                 importance of expert n for sample j (N × E), over its tokens t
+    I_{j,n} = 1 + δ  if expert n's group matches m_j (knowledge group and type 1, or task group and type 0)
+              1 − δ  otherwise
+    Z = I ∘ Q,     L_lbc = β · Var(Z) / (Mean(Z)² + 1e-10)     over all N·E entries of Z; Var with Bessel's
+                                                                correction, as the public code's torch.var
 
-summed over all LoRAMoE layers and added to the language-model loss. Single-task fine-tuning (one training file of
-one downstream task) has one sample type, "downstream task", so Q is one column (E × 1): the task group's experts are
-weighted 1 + δ and the knowledge group's 1 − δ. Where the public code forms one row of Q per sample and sums the
-router weights over padding too, this follows the paper's per-type Q and leaves padding out.
+summed over all LoRAMoE layers and added to the language-model loss. The constraint favours, for each sample, the
+group matching its type: a type-0 sample's router weight on the task group counts 1 + δ and on the knowledge group
+1 − δ, so a run whose samples are all type 0 pushes the knowledge group's importance up relative to the task
+group's (toward Q_knowledge / Q_task = (1 + δ)/(1 − δ) once balanced), and only type-1 samples reverse that.
+
+One choice is ours: Q sums over the sample's real tokens, leaving padding out. The public code sums every position
+of the padded micro-batch; its launcher trains with one sample per device and step, where there is no padding and
+the two agree; with several samples ours does not depend on how long the other samples of the micro-batch are.
+The public code casts the router weights to the model dtype before summing; here they stay float32.
 """
 
 from __future__ import annotations
@@ -44,20 +56,22 @@ from imsm.atomic import atomic_write_json
 LORAMOE_PREFIX = "loramoe_"
 LORAMOE_CONFIG = "loramoe_config.json"
 LORAMOE_WEIGHTS = "loramoe_model.safetensors"
+WORLD_KNOWLEDGE = 1  # the sample type of world-knowledge data; every other sample is type 0, downstream task
 
 
 @dataclass
 class LoRAMoEConfig:
-    """LoRAMoE hyperparameters; defaults: 6 experts of rank 4, alpha 32, β = δ = 0.1 (README: where they come from)."""
+    """LoRAMoE hyperparameters. The defaults are the authors' public launcher's (Ablustrund/LoRAMoE ``run_loramoe.sh``,
+    whose variable names are given per field); their paper's own values could not be read from here."""
 
     target_modules: list[str]
-    num_experts: int = 6
-    r: int = 4
-    alpha: float = 32.0
-    dropout: float = 0.05
-    knowledge_experts: int | None = None  # experts in the world-knowledge group; None: half (rounded down)
-    balance_weight: float = 0.1  # β
-    balance_delta: float = 0.1  # δ
+    num_experts: int = 8  # run_loramoe.sh: lora_nums=8
+    r: int = 4  # run_loramoe.sh: lora_rank=4
+    alpha: float = 32.0  # run_loramoe.sh: lora_alpha=32
+    dropout: float = 0.05  # run_loramoe.sh: lora_dropout=0.05
+    knowledge_experts: int | None = None  # experts in the world-knowledge group; None: half, as the public code
+    balance_weight: float = 0.0  # β; run_loramoe.sh: blc_weight=0.0 (the constraint off)
+    balance_delta: float = 0.0  # δ; run_loramoe.sh: blc_alpha=0.0
     peft_type: str = field(default="LORAMOE")
 
     def __post_init__(self) -> None:
@@ -83,10 +97,11 @@ class LoRAMoEConfig:
     def scaling(self) -> float:
         return self.alpha / self.r
 
-    def coefficients(self) -> torch.Tensor:
-        """I for a single-task run, (E,): 1 − δ on the knowledge group, 1 + δ on the task group."""
-        k = self.knowledge_experts
-        return torch.tensor([1.0 - self.balance_delta] * k + [1.0 + self.balance_delta] * (self.num_experts - k))
+    def coefficients(self, task_types: torch.Tensor) -> torch.Tensor:
+        """I (N × E) for samples of the given types (N,): 1 + δ where the expert's group matches the type."""
+        knowledge_group = torch.arange(self.num_experts, device=task_types.device) < self.knowledge_experts
+        matches = knowledge_group[None, :] == (task_types[:, None] == WORLD_KNOWLEDGE)
+        return torch.where(matches, 1.0 + self.balance_delta, 1.0 - self.balance_delta)
 
 
 class LoRAMoELinear(nn.Module):
@@ -102,7 +117,7 @@ class LoRAMoELinear(nn.Module):
         self.loramoe_A = nn.Linear(base_layer.in_features, config.num_experts * config.r, **kw)
         self.loramoe_B = nn.Linear(config.num_experts * config.r, base_layer.out_features, **kw)
         nn.init.zeros_(self.loramoe_B.weight)  # the experts add nothing before training
-        self.loramoe_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.loramoe_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
         self.disabled = False
         self.router_weights: torch.Tensor | None = None  # (..., E) of the last training forward, for the loss
 
@@ -111,24 +126,37 @@ class LoRAMoELinear(nn.Module):
         if self.disabled:
             return result
         weights = torch.softmax(self.loramoe_router(x).float(), dim=-1)
-        if self.training and torch.is_grad_enabled():
+        if self.training:
+            # kept even without a graph (reentrant checkpointing), so the loss can refuse it instead of being zero
             self.router_weights = weights
-        a = self.loramoe_A(self.loramoe_dropout(x))
-        gated = a.unflatten(-1, (self.num_experts, self.r)) * weights.to(a.dtype).unsqueeze(-1)
+        a = self.expert_inputs(x)  # (..., E, r): A_i dropout_i(x)
+        gated = a * weights.to(a.dtype).unsqueeze(-1)
         return result + self.loramoe_B(gated.flatten(-2)) * self.scaling
 
+    def expert_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """A_i dropout_i(x) for every expert i, (..., E, r), with one dropout mask per expert."""
+        if self.loramoe_dropout is None or not self.training:
+            return self.loramoe_A(x).unflatten(-1, (self.num_experts, self.r))
+        copies = self.loramoe_dropout(x.unsqueeze(-2).expand(*x.shape[:-1], self.num_experts, x.shape[-1]))
+        every = self.loramoe_A(copies).unflatten(-1, (self.num_experts, self.r))  # (..., copy, expert, r)
+        return every.diagonal(dim1=-3, dim2=-2).transpose(-1, -2)  # expert i on copy i
 
-def balancing_loss(router_weights: list[torch.Tensor], attention_mask: torch.Tensor,
+
+def balancing_loss(router_weights: list[torch.Tensor], attention_mask: torch.Tensor, task_types: torch.Tensor,
                    config: LoRAMoEConfig) -> torch.Tensor:
-    """β · Σ_layers Var(Z)/Mean(Z)² with Z = I ∘ Q (single task: Q_n = Σ over non-padding tokens of w_n)."""
+    """β · Σ_layers Var(Z)/(Mean(Z)² + 1e-10), Z = I ∘ Q with a row per sample (module docstring).
+
+    ``router_weights``: one (N, T, E) tensor per layer; ``attention_mask`` (N, T): 1 on real tokens;
+    ``task_types`` (N,): 1 for world-knowledge samples, 0 for task samples."""
     total = torch.zeros((), device=attention_mask.device)
-    if config.balance_weight == 0 or config.num_experts < 2:
+    if config.balance_weight == 0:
         return total
-    coefficients = config.coefficients().to(attention_mask.device)
+    coefficients = config.coefficients(task_types.to(attention_mask.device))
     mask = attention_mask.to(torch.float32).unsqueeze(-1)
     for weights in router_weights:
-        z = (weights * mask).sum(dim=(0, 1)) * coefficients
-        total = total + z.var() / (z.mean() ** 2 + 1e-10)
+        z = ((weights * mask).sum(dim=1) * coefficients).flatten()
+        if z.numel() > 1:  # one entry has no variance (the public code's cv_squared returns 0 there too)
+            total = total + z.var() / (z.mean() ** 2 + 1e-10)
     return config.balance_weight * total
 
 
@@ -184,14 +212,25 @@ class LoRAMoEModel(nn.Module):
             for layer in layers:
                 layer.disabled = False
 
-    def balancing_loss(self, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The localized balancing constraint of the last training forward (0 when none ran); clears what it used."""
+    def balancing_loss(self, attention_mask: torch.Tensor, task_types: torch.Tensor | None = None) -> torch.Tensor:
+        """The localized balancing constraint of the last training forward (0 when none ran); clears what it used.
+
+        ``task_types`` (N,): each sample's type, 1 world knowledge, 0 task; None: every sample is a task sample.
+        Refuses router weights recorded without a graph while gradients are wanted: reentrant activation
+        checkpointing runs the layers' forward without one, and the constraint would silently train nothing."""
         weights = []
         for layer in self.loramoe_layers():
             if layer.router_weights is not None:
                 weights.append(layer.router_weights)
                 layer.router_weights = None
-        return balancing_loss(weights, attention_mask, self.loramoe_config)
+        if (self.loramoe_config.balance_weight > 0 and torch.is_grad_enabled()
+                and any(not w.requires_grad for w in weights)):
+            raise RuntimeError("LoRAMoE's balancing constraint got router weights without gradients: the layers ran "
+                               "without autograd (reentrant activation checkpointing?), so the constraint would "
+                               "train nothing; use non-reentrant checkpointing (the default, use_reentrant=False)")
+        if task_types is None:
+            task_types = torch.zeros(attention_mask.shape[0], dtype=torch.long, device=attention_mask.device)
+        return balancing_loss(weights, attention_mask, task_types, self.loramoe_config)
 
     # ---- files --------------------------------------------------------------------------------------------------
     def adapter_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

@@ -25,26 +25,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from imsm.data import IGNORE_INDEX
-from imsm.method.adapters import adalora_orth_regularizer
+from imsm.method.adapters import MethodSpec
 from imsm.method.gate import GATE_PARAM_PREFIX, Gate, NoGate, query_mean
-from imsm.method.loramoe import LoRAMoEModel
 
 
 class IMSMModel(nn.Module):
-    """``peft_model`` (a PeftModel around a causal LM) plus a gate, named ``imsm_gate`` so that its parameters are
-    found by the prefix ``imsm_gate.``."""
+    """``peft_model`` (the ``method``'s adapter around a causal LM) plus a gate, named ``imsm_gate`` so that its
+    parameters are found by the prefix ``imsm_gate.``.
+
+    ``initial_adapter_state``: PiSSA/CorDA's adapter as initialised (B0, A0), to save the run as a LoRA on the
+    pretrained weights. ``frozen_cache`` (training): a ``FrozenMemoryCache`` (``imsm/training/frozen_cache.py``)."""
 
     # The loss is normalised by the Trainer's ``num_items_in_batch`` (answer tokens over the accumulated batch).
     accepts_loss_kwargs = True
-    # PiSSA/CorDA: the adapter as initialised (B0, A0), to save the run as a LoRA on the pretrained weights
-    lora_initial_state: dict[str, torch.Tensor] | None = None
-    # FrozenMemoryCache in training, set by imsm.training.frozen_cache.attach_frozen_cache
-    frozen_cache = None
 
-    def __init__(self, peft_model: nn.Module, gate: Gate) -> None:
+    def __init__(self, peft_model: nn.Module, gate: Gate, method: MethodSpec,
+                 initial_adapter_state: dict[str, torch.Tensor] | None = None, frozen_cache=None) -> None:
         super().__init__()
         self.peft_model = peft_model
         self.imsm_gate = gate
+        self.method = method
+        self.initial_adapter_state = initial_adapter_state
+        self.frozen_cache = frozen_cache
         backbone = peft_model.get_base_model()
         self.decoder = getattr(backbone, backbone.base_model_prefix)
         self.lm_head = backbone.get_output_embeddings()
@@ -111,12 +113,13 @@ class IMSMModel(nn.Module):
         return h_frozen, h_tuned, mixed, gate
 
     def forward(self, input_ids, attention_mask, query_mask, labels=None, num_items_in_batch=None,
-                example_index=None, **kwargs):
+                example_index=None, task_types=None, **kwargs):
         """Loss on the answer tokens (labels != -100), next-token shifted; gate, mix and logits only where a label is.
 
         Returns a dict with ``loss`` (summed cross-entropy / ``num_items_in_batch``, or the mean when not given) and
         ``gate_mean``, the mean gate value over the answer tokens (the share of the frozen memory).
-        ``example_index`` (B,) keys the frozen-memory cache in training.
+        ``example_index`` (B,) keys the frozen-memory cache in training; ``task_types`` (B,), the sample types, feed
+        LoRAMoE's balancing constraint.
         """
         out = {}
         if labels is None:
@@ -130,15 +133,11 @@ class IMSMModel(nn.Module):
         loss_sum = F.cross_entropy(logits, targets[selected], reduction="sum")
         denom = num_items_in_batch if num_items_in_batch is not None else selected.sum().clamp_min(1)
         loss = loss_sum / denom
-        reg = adalora_orth_regularizer(self.peft_model)
-        if reg is not None:
-            loss = loss + reg
-        if isinstance(self.peft_model, LoRAMoEModel) and self.training:
-            # weighted like this micro-batch's share of the answer tokens, so that it sums to one mean over the
-            # accumulated batch exactly as the cross-entropy does
-            share = selected.sum() / denom
-            out["balance_loss"] = self.peft_model.balancing_loss(attention_mask)
-            loss = loss + out["balance_loss"] * share
+        extra = self.method.extra_loss(self.peft_model, attention_mask, self.training, task_types)
+        if extra is not None:
+            loss = loss + (extra.value * (selected.sum() / denom) if extra.per_answer_token else extra.value)
+            if extra.log_as is not None:
+                out[extra.log_as] = extra.value
         out["loss"] = loss
         with torch.no_grad():
             out["gate_mean"] = gate.float().mean()  # over the answer tokens (and hidden units)

@@ -269,23 +269,22 @@ def check_disk(directory: Path, need: int) -> None:
         )
 
 
-def attach_frozen_cache(trainer, model, dataset, option: str, fingerprint: dict) -> FrozenMemoryCache | None:
-    """Build the cache for ``option`` (see ``resolve_cache_dir``), hand it to ``model`` and flush it from
-    ``trainer``'s callbacks. Logs the expected size first and refuses one that would not fit on the disk."""
-    directory = resolve_cache_dir(option, trainer.args.output_dir)
+def open_frozen_cache(option: str, output_dir: str, dataset, model_config, fingerprint: dict
+                      ) -> FrozenMemoryCache | None:
+    """The cache for ``option`` (see ``resolve_cache_dir``), or None when it is off; hand it to the model
+    (``build_imsm_model(frozen_cache=...)``) and flush it from the Trainer (``FlushFrozenCache``). Logs the expected
+    size first and refuses one that would not fit on the disk."""
+    directory = resolve_cache_dir(option, output_dir)
     if directory is None:
         return None
     if any(part.startswith("checkpoint-") for part in directory.resolve().parts):
         raise ValueError(f"--frozen_memory_cache {directory}: keep the cache out of checkpoint folders")
-    check_backbone_is_deterministic(model.config)
+    check_backbone_is_deterministic(model_config)
     answer_tokens = sum(len(ex["input_ids"]) - ex["query_length"] for ex in (dataset[i] for i in range(len(dataset))))
-    need = expected_bytes(answer_tokens, len(dataset), model.config.hidden_size,
-                          getattr(torch, fingerprint["dtype"]))
+    need = expected_bytes(answer_tokens, len(dataset), model_config.hidden_size, getattr(torch, fingerprint["dtype"]))
     cache = FrozenMemoryCache(directory, fingerprint)
     logger.info("frozen-memory cache %s: %d of %d examples cached; full size %.3f GB (d=%d x %d answer tokens + %d "
-                "query means x %s)", directory, len(cache), len(dataset), need / 1e9, model.config.hidden_size,
+                "query means x %s)", directory, len(cache), len(dataset), need / 1e9, model_config.hidden_size,
                 answer_tokens, len(dataset), fingerprint["dtype"])
     check_disk(directory, need)
-    model.frozen_cache = cache
-    trainer.add_callback(FlushFrozenCache(cache))
     return cache

@@ -13,8 +13,8 @@ Written by hand, and why:
 - DeepSpeed checkpoints without the frozen backbone (the Trainer only does that for a bare PeftModel) and loading
   a run folder's weights on resume and for ``--load_best_model_at_end`` (the Trainer expects a full model file):
   the only private Trainer methods overridden; ``tests/test_train.py`` pins what they rely on;
-- AdaLoRA's ``update_and_allocate`` after every optimizer step, reading gradients that DeepSpeed keeps partitioned;
-- the mean gate value (and LoRAMoE's balancing constraint) in the logs;
+- the method's own callbacks (``MethodSpec.callbacks``, e.g. AdaLoRA's rank allocation);
+- the mean gate value (and the method's logged loss terms, e.g. LoRAMoE's balancing constraint) in the logs;
 - what the run cost, written as ``train_stats.json`` into every checkpoint and the final folder: training wall time
   (summed over resumed sessions), optimizer steps, non-padding input tokens seen over all ranks (the Trainer's own
   count), trainable parameters.
@@ -35,7 +35,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from imsm import run_folder
 from imsm.atomic import atomic_write_json
-from imsm.loader import load_trained_weights
+from imsm.loader import load_trained_weights, save_run_files
 from imsm.run_folder import TRAIN_STATS, RunConfig
 
 logger = logging.getLogger(__name__)
@@ -46,8 +46,10 @@ class IMSMTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.run_config, self.run_args, self.gate_learning_rate = run_config, run_args, gate_learning_rate
         # this rank's micro-batch values since the last log, averaged into it: the share of the frozen memory in the
-        # mix (training and validation) and LoRAMoE's balancing constraint
-        self._since_log: dict[str, list[float]] = {"gate_mean": [], "eval_gate_mean": [], "balance_loss": []}
+        # mix (training and validation) and the method's logged loss terms (LoRAMoE's balancing constraint)
+        self._logged_losses = self.model.method.logged_losses
+        self._since_log: dict[str, list[float]] = {"gate_mean": [], "eval_gate_mean": [],
+                                                   **{name: [] for name in self._logged_losses}}
         # rotation counts complete checkpoints only, so it runs after COMPLETE is written (CheckpointCompletion)
         self.keep_checkpoints, self.args.save_total_limit = self.args.save_total_limit, None
         self.add_callback(CheckpointCompletion(self))
@@ -58,8 +60,8 @@ class IMSMTrainer(Trainer):
                               self.model.trainable_parameters().values() for _, p in group)
         if self.args.include_num_input_tokens_seen in ("no", False):
             self.args.include_num_input_tokens_seen = "non_padding"
-        if run_config.peft == "adalora":
-            self.add_callback(AdaLoraAllocator(self))
+        for callback in self.model.method.callbacks(self):
+            self.add_callback(callback)
 
     # ---- optimisation -------------------------------------------------------------------------------------------
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
@@ -92,14 +94,15 @@ class IMSMTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         self._since_log["gate_mean" if model.training else "eval_gate_mean"].append(float(outputs["gate_mean"]))
-        if model.training and "balance_loss" in outputs:
-            self._since_log["balance_loss"].append(float(outputs["balance_loss"].detach()))
+        for name in self._logged_losses if model.training else ():
+            if name in outputs:
+                self._since_log[name].append(float(outputs[name].detach()))
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         for key, values in self._since_log.items():
             if values and ("eval_loss" if key.startswith("eval_") else "loss") in logs:
-                logs[key] = round(sum(values) / len(values), 6 if key == "balance_loss" else 4)
+                logs[key] = round(sum(values) / len(values), 6 if key in self._logged_losses else 4)
                 values.clear()
         super().log(logs, *args, **kwargs)
 
@@ -144,7 +147,7 @@ class IMSMTrainer(Trainer):
             if is_main and target.exists():  # an interrupted save's leftover must not lend stale files
                 shutil.rmtree(target)
             self.accelerator.wait_for_everyone()
-        run_folder.save_run_files(unwrapped, target, self.run_config, self.run_args, is_main)
+        save_run_files(unwrapped, target, self.run_config, self.run_args, is_main)
         if self.processing_class is not None and is_main:
             self.processing_class.save_pretrained(str(target))
         if is_main:
@@ -197,52 +200,3 @@ class CheckpointCompletion(TrainerCallback):
             run_folder.rotate_checkpoints(args.output_dir, trainer.keep_checkpoints, state.best_model_checkpoint)
         trainer.accelerator.wait_for_everyone()
 
-
-class AdaLoraAllocator(TrainerCallback):
-    """Runs AdaLoRA's ``update_and_allocate`` after every optimizer step, while the gradients still exist.
-
-    Without DeepSpeed that is the Trainer's ``on_optimizer_step``. Under DeepSpeed the engine steps (and clears the
-    gradients) inside ``backward``, and ZeRO keeps gradients and fp32 weights partitioned, so the engine's ``step``
-    is wrapped: gather the adapter's full gradients, step, allocate on full tensors, write the masked weights back to
-    the fp32 master copy.
-    """
-
-    def __init__(self, trainer: IMSMTrainer) -> None:
-        self.trainer = trainer
-        self.wrapped = False
-
-    def _peft(self):
-        return self.trainer.accelerator.unwrap_model(self.trainer.model).peft_model
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if self.trainer.is_deepspeed_enabled and not self.wrapped:
-            self._wrap_engine(self.trainer.model_wrapped)
-            self.wrapped = True
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        if not self.trainer.is_deepspeed_enabled:
-            self._peft().base_model.update_and_allocate(state.global_step)
-
-    def _wrap_engine(self, engine) -> None:
-        from deepspeed.utils import safe_get_full_grad, safe_set_full_fp32_param
-
-        if engine.zero_optimization_stage() == 3:
-            raise ValueError("AdaLoRA's rank allocation needs full adapter weights each step; use ZeRO-0/1/2")
-        params = [(n, p) for n, p in self._peft().named_parameters() if "lora_" in n and p.requires_grad]
-        real_step = engine.step
-        trainer = self.trainer
-
-        def step(*a, **kw):
-            boundary = engine.is_gradient_accumulation_boundary()
-            grads = [safe_get_full_grad(p) for _, p in params] if boundary else None
-            result = real_step(*a, **kw)
-            if boundary:
-                for (_, p), g in zip(params, grads, strict=True):
-                    p.grad = g.to(p.dtype)  # DeepSpeed hands back fp32 gradients for bf16/fp16 weights
-                self._peft().base_model.update_and_allocate(trainer.state.global_step)
-                for _, p in params:
-                    p.grad = None
-                    safe_set_full_fp32_param(p, p.data.float())
-            return result
-
-        engine.step = step

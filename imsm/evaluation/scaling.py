@@ -20,6 +20,7 @@ import math
 import torch
 
 from imsm.loader import load_backbone, load_run
+from imsm.method.adapters import METHODS, get_method
 from imsm.run_folder import RunConfig
 
 
@@ -40,9 +41,10 @@ def parse_scales(spec: str | None) -> list[float]:
 
 
 def check_scalable(config: RunConfig, run_dir) -> None:
-    if config.peft not in ("lora", "dora", "adalora", "ia3"):
+    if not get_method(config.peft).scalable:
+        scalable = ", ".join(sorted(name for name, spec in METHODS.items() if spec.scalable))
         raise ValueError(f"{run_dir}: --adapter_scale needs a PEFT adapter that merges into one weight update "
-                         f"(lora, dora, adalora, ia3); {config.peft!r} does not")
+                         f"({scalable}); {config.peft!r} does not")
     if config.gate != "none":
         raise ValueError(
             f"{run_dir}: --adapter_scale scales a vanilla PEFT run's weight update (train with --gate none); this is "

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from imsm.args import ImsmArguments
 from imsm.loader import build_imsm_model, load_backbone, load_run
 
-ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.launch
 
 
 def _launch(nproc, config, model_dir, train_file, out, *extra):
@@ -46,7 +46,7 @@ def _engine_state_model(model_dir, checkpoint):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     backbone, tokenizer, _ = load_backbone(str(model_dir))
-    model = build_imsm_model(backbone, ImsmArguments())
+    model = build_imsm_model(backbone, ImsmArguments.create())
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))
     assert state and all(not k.startswith("peft_model.base_model.model.model.embed") for k in state)
     model.load_state_dict(state, strict=True)

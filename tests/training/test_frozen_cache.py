@@ -23,7 +23,7 @@ from imsm.templates import build_template
 from imsm.training import frozen_cache
 from imsm.training.frozen_cache import FrozenMemoryCache, cache_fingerprint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
@@ -65,7 +65,7 @@ def _fingerprint(model_dir, data_file, **changes):
 
 def test_cached_batch_gives_the_uncached_loss_and_skips_the_frozen_pass(tiny_model_dir, tiny_train_file, tmp_path):
     backbone, tokenizer, _ = load_backbone(str(tiny_model_dir), attn_implementation="sdpa")
-    model = build_imsm_model(backbone, ImsmArguments(gate_dropout=0.1, lora_r=4, gate_rank=4)).train()
+    model = build_imsm_model(backbone, ImsmArguments.create(gate_dropout=0.1, lora_r=4, gate_rank=4)).train()
     with torch.no_grad():
         model.imsm_gate.w_b.weight.normal_(0, 0.3)  # a gate that is not 0.5 everywhere
     dataset = SupervisedDataset(tiny_train_file, build_template("raw", tokenizer), 1024, 512)
@@ -160,7 +160,7 @@ def test_killed_mid_first_epoch_resumes_onto_what_it_wrote(tiny_model_dir, tiny_
     _assert_same_state(part / "final", full / "final")
 
 
-@pytest.mark.slow
+@pytest.mark.launch
 @pytest.mark.parametrize("config", ["zero2.json", "zero3.json"])
 def test_deepspeed_two_ranks_cache_their_own_examples_and_match_one_process(tiny_model_dir, tiny_train_file,
                                                                              tmp_path, config):

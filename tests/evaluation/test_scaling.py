@@ -9,9 +9,8 @@ from conftest import imsm_args
 
 import evaluate
 from imsm.args import DataArguments
-from imsm.loader import build_imsm_model, load_backbone, load_run
-from imsm.method.scaling import load_scaled_run, parse_scales
-from imsm.run_folder import RunConfig, save_run_files
+from imsm.evaluation.scaling import load_scaled_run, parse_scales
+from imsm.loader import build_imsm_model, load_backbone, load_run, make_run_config, save_run_files
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -30,7 +29,7 @@ def _save(tiny_model_dir, out, peft="lora", gate="none", seed=0):
         for name, p in model.named_parameters():
             if p.requires_grad:
                 p.copy_((1.0 if "ia3" in name else 0.0) + torch.randn(p.shape, generator=g) * 0.3)
-    config = RunConfig.from_args(args, DataArguments(), path, backbone.config.hidden_size)
+    config = make_run_config(args, DataArguments(), path, backbone.config.hidden_size)
     save_run_files(model, out, config, None, True)
     return out
 
@@ -115,12 +114,12 @@ def test_evaluate_makes_one_row_per_scale(tiny_model_dir, tmp_path):
 
 
 def test_only_mergeable_vanilla_runs_are_expanded(tmp_path):
-    from imsm.evaluation.runner import ModelPlan, expand_scales
+    from imsm.evaluation.runner import MethodKey, ModelPlan, expand_scales
 
     plans = [ModelPlan("untuned", "m", "raw", None),
-             ModelPlan("LoRAMoE", "m", "raw", None, tmp_path / "a", ("loramoe", "none", 8)),
-             ModelPlan("IMSM", "m", "raw", None, tmp_path / "b", ("lora", "query_aware", 8)),
-             ModelPlan("IA3", "m", "raw", None, tmp_path / "c", ("ia3", "none", 8))]
+             ModelPlan("LoRAMoE", "m", "raw", None, tmp_path / "a", MethodKey("loramoe", "none", 8)),
+             ModelPlan("IMSM", "m", "raw", None, tmp_path / "b", MethodKey("lora", "query_aware", 8)),
+             ModelPlan("IA3", "m", "raw", None, tmp_path / "c", MethodKey("ia3", "none", 8))]
     out = expand_scales(plans, [0.5, 1.0])
     assert [(p.label, p.scale) for p in out] == [("untuned", None), ("LoRAMoE", None), ("IMSM", None),
                                                  ("IA3@0.5", 0.5), ("IA3@1", 1.0)]

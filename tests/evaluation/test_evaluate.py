@@ -19,7 +19,7 @@ from imsm.evaluation.scoring import answer_nll
 from imsm.loader import load_run
 from imsm.templates import build_template
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TASK_ROWS = {
     "mrpc": [{"input": f"Question: Is {i} odd ? Output:", "output": "yes" if i % 2 else "no"} for i in range(7)],
     "gsm8k": [{"input": f"Question: what is {i} and {i} ? Output:", "output": f"The answer is {2 * i}."}
@@ -238,7 +238,7 @@ def test_the_published_yes_no_rule_is_an_option_recorded_in_the_report(model_dir
         evaluate.main(_argv(model_dir, data_dir, tmp_path / "o", "--untuned", "--yes_no_rule", "last"))
 
 
-@pytest.mark.slow
+@pytest.mark.launch
 def test_two_processes_give_the_single_process_predictions(model_dir, data_dir, runs, tmp_path):
     # --run_dir, not its alias --run: torchrun's parser would take --run for its own --run-path
     args = _argv(model_dir, data_dir, tmp_path / "multi", "--run_dir", str(runs["imsm"]), "--untuned",

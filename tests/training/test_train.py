@@ -84,9 +84,10 @@ def _fail_on_call(monkeypatch, module, name, call):
 
 
 def test_interrupted_checkpoint_is_never_resumed_from(tiny_model_dir, tiny_train_file, tmp_path, monkeypatch):
+    import imsm.loader
     import imsm.run_folder
 
-    real = _fail_on_call(monkeypatch, imsm.run_folder, "save_file", 2)  # the gate file of checkpoint-4
+    real = _fail_on_call(monkeypatch, imsm.loader, "save_file", 2)  # the gate file of checkpoint-4
     out = tmp_path / "run"
     with pytest.raises(OSError, match="simulated"):
         train.main(_args(tiny_model_dir, tiny_train_file, out, "--max_steps", "4", "--save_steps", "2"))
@@ -97,7 +98,7 @@ def test_interrupted_checkpoint_is_never_resumed_from(tiny_model_dir, tiny_train
         train.main(_args(tiny_model_dir, tiny_train_file, out, "--max_steps", "4", "--save_steps", "2",
                          "--resume_from_checkpoint", str(out / "checkpoint-4")))
     (out / "checkpoint-4" / "stale.txt").write_text("from the crashed save")
-    monkeypatch.setattr(imsm.run_folder, "save_file", real)
+    monkeypatch.setattr(imsm.loader, "save_file", real)
     train.main(_args(tiny_model_dir, tiny_train_file, out, "--max_steps", "4", "--save_steps", "2",
                      "--resume_from_checkpoint", "latest"))
     assert (out / "checkpoint-4" / "COMPLETE").is_file() and (out / "final" / "COMPLETE").is_file()
@@ -108,9 +109,9 @@ def test_interrupted_final_save_keeps_the_old_final(tiny_model_dir, tiny_train_f
     out = tmp_path / "run"
     train.main(_args(tiny_model_dir, tiny_train_file, out, "--max_steps", "2", "--save_strategy", "no"))
     before = _state(out / "final")
-    import imsm.run_folder
+    import imsm.loader
 
-    _fail_on_call(monkeypatch, imsm.run_folder, "save_file", 1)
+    _fail_on_call(monkeypatch, imsm.loader, "save_file", 1)
     with pytest.raises(OSError, match="simulated"):
         train.main(_args(tiny_model_dir, tiny_train_file, out, "--max_steps", "3", "--save_strategy", "no"))
     after = _state(out / "final")

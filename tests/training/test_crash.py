@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 from imsm.run_folder import checkpoints, is_complete
 
-ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.launch
 
 
 def _cmd(model_dir, train_file, out, *extra):

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 import train
 from imsm.args import ImsmArguments
 from imsm.loader import load_run
-from imsm.method.lora_init import calibration_rows
+from imsm.evaluation.runner import calibration_rows
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -92,7 +92,7 @@ def test_pissa_resume_reaches_the_uninterrupted_adapter(tiny_model_dir, tiny_tra
 def test_imsm_gate_is_refused_saying_why(init, calibration_file):
     extra = {"corda_calibration_file": str(calibration_file)} if init == "corda" else {}
     with pytest.raises(ValueError, match="no longer the pretrained model"):
-        ImsmArguments(peft="lora", gate="query_aware", init_lora_weights=init, **extra)
+        ImsmArguments.create(peft="lora", gate="query_aware", init_lora_weights=init, **extra)
 
 
 def test_corda_is_refused_under_zero3(calibration_file):
@@ -102,7 +102,7 @@ def test_corda_is_refused_under_zero3(calibration_file):
 
     from imsm.method.lora_init import calibrate_corda
 
-    args = ImsmArguments(gate="none", init_lora_weights="corda", corda_calibration_file=str(calibration_file))
+    args = ImsmArguments.create(gate="none", init_lora_weights="corda", corda_calibration_file=str(calibration_file))
     ds_config = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}})
     try:
         with pytest.raises(ValueError, match="ZeRO-3"):
@@ -114,7 +114,7 @@ def test_corda_is_refused_under_zero3(calibration_file):
 
 @pytest.mark.parametrize("kw,match", [
     ({"init_lora_weights": "olora"}, "choose one of"),
-    ({"peft": "ia3", "init_lora_weights": "pissa"}, "only applies to --peft lora"),
+    ({"peft": "ia3", "init_lora_weights": "pissa"}, "--init_lora_weights is an option of --peft lora"),
     ({"init_lora_weights": "corda"}, "needs --corda_calibration_file"),
     ({"corda_calibration_file": "x.jsonl"}, "needs --corda_calibration_file"),
     ({"init_lora_weights": "pissa", "pissa_niter": 0}, "pissa_niter"),
@@ -122,10 +122,10 @@ def test_corda_is_refused_under_zero3(calibration_file):
 ])
 def test_bad_init_options_are_clear_errors(kw, match):
     with pytest.raises(ValueError, match=match):
-        ImsmArguments(gate="none", **kw)
+        ImsmArguments.create(gate="none", **kw)
 
 
-@pytest.mark.slow
+@pytest.mark.launch
 @pytest.mark.parametrize("nproc,config", [(1, "zero2.json"), (2, "zero3.json")])
 def test_deepspeed_pissa_run_reloads_to_the_engines_model(tiny_model_dir, tiny_train_file, tmp_path, nproc, config):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -137,7 +137,7 @@ def test_deepspeed_pissa_run_reloads_to_the_engines_model(tiny_model_dir, tiny_t
     _launch(nproc, config, tiny_model_dir, tiny_train_file, out, "--gate", "none", "--init_lora_weights", "pissa")
     # the engine's model: the PiSSA residual base plus the unconverted adapter from DeepSpeed's fp32 checkpoint
     backbone, tokenizer, _ = load_backbone(str(tiny_model_dir))
-    engine_model = build_imsm_model(backbone, ImsmArguments(gate="none", init_lora_weights="pissa"))
+    engine_model = build_imsm_model(backbone, ImsmArguments.create(gate="none", init_lora_weights="pissa"))
     engine_model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoint-4")), strict=True)
     reloaded, _, _ = load_run(out / "final")  # the pretrained weights plus the converted adapter
     torch.testing.assert_close(_probe_logits(reloaded, tokenizer), _probe_logits(engine_model, tokenizer))

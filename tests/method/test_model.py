@@ -134,10 +134,10 @@ def test_default_target_modules_and_override():
 
 
 def test_unknown_model_type_asks_for_target_modules():
-    from imsm.method.adapters import build_peft_config
+    from imsm.method.adapters import get_method
 
     with pytest.raises(ValueError, match="pass --target_modules"):
-        build_peft_config(ImsmArguments(), "gpt_neox")
+        get_method("lora").adapter_config(ImsmArguments.create().options, None, "gpt_neox", None)
 
 
 def test_activation_checkpointing_keeps_the_gradients():

@@ -1,0 +1,131 @@
+"""Reproduce one experiment of the IMSM paper with one command: train its runs through run_scripts/, evaluate them,
+and write the paper's table with our numbers beside the paper's.
+
+    python reproduce.py table2 --dry_run          # the plan, its GPU-hours (when measured) and disk
+    python reproduce.py table2                    # in sequence here: finished runs skipped, interrupted resumed
+    python reproduce.py table2 --slurm slurm/table2 --sbatch_option=--partition=gpu && bash slurm/table2/submit.sh
+
+Plans: table1, table2, table3, table4 (with the ablation's forgetting, Figure 4), table6, figure3, all. The paper's
+backbones are the defaults; ``--model ID`` points every backbone of the plan at ID, ``--model ChatGLM3-6B=ID`` one.
+``--seeds 1,2,3`` trains each run once per seed (default 42, the launchers' own). ``GPUS``, ``NNODES``,
+``PER_DEVICE_BATCH``, ``DS_CONFIG``, ``HOSTFILE`` reach the launchers from the environment. The report is
+``EVAL_DIR/<plan>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from imsm.paper.compare import write_report
+from imsm.paper.cost import describe, estimate
+from imsm.paper.execute import eval_launcher, evaluate, evaluation_state, run_state, train, write_slurm
+from imsm.paper.plans import PLAN_NAMES, PlanOptions, build_plan, parse_model_overrides
+
+logger = logging.getLogger("reproduce")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("plan", choices=[*PLAN_NAMES, "all"])
+    p.add_argument("--dry_run", action="store_true", help="Print the plan, its cost and its commands; run nothing.")
+    p.add_argument("--slurm", metavar="DIR", help="Write train.sbatch (job array), evaluate.sbatch and submit.sh.")
+    p.add_argument("--sbatch_option", action="append", default=[], metavar="OPT",
+                   help="An #SBATCH line for both scripts, e.g. --sbatch_option=--partition=gpu (repeatable).")
+    p.add_argument("--train_index", type=int, help="Train only the plan's run with this index (a SLURM array task).")
+    p.add_argument("--evaluate", action="store_true", help="Only the evaluations and the report.")
+    p.add_argument("--report", action="store_true", help="Only the report, from the evaluations written so far.")
+    p.add_argument("--model", action="append", default=[], metavar="ID|NAME=ID",
+                   help="Backbone override: ID for every backbone of the plan, NAME=ID for one (repeatable).")
+    p.add_argument("--seeds", default="42", help="Comma-separated training seeds (default: 42, the launchers').")
+    p.add_argument("--methods", default="", help="Only these labels, e.g. LoRA,IMSM-LoRA (default: all).")
+    p.add_argument("--data_dir", default="data", help="Task files DATA_DIR/<task>/{train,test}.jsonl.")
+    p.add_argument("--runs_dir", default="runs/paper", help="Training runs go to RUNS_DIR/<model>/<launcher>/seedN.")
+    p.add_argument("--eval_dir", default="eval/paper", help="Evaluations and the reports go here.")
+    p.add_argument("--gpus", type=int, default=int(os.environ.get("GPUS", "8")),
+                   help="GPUs per node (the launchers' GPUS; evaluation runs one process per GPU).")
+    p.add_argument("--train_args", default="", help="Arguments appended to every training run (one string).")
+    p.add_argument("--eval_args", default="", help="Arguments appended to every evaluate.py call (one string).")
+    p.add_argument("--python", default=sys.executable, help="Interpreter for evaluate.py and the SLURM jobs.")
+    args = p.parse_args(argv)
+    try:
+        args.seed_list = tuple(int(s) for s in args.seeds.split(",") if s.strip())
+    except ValueError:
+        p.error(f"--seeds {args.seeds!r}: expected comma-separated integers")
+    if args.gpus < 1:
+        p.error(f"--gpus {args.gpus}: must be a positive integer")
+    if sum(bool(x) for x in (args.dry_run, args.slurm, args.train_index is not None, args.evaluate, args.report)) > 1:
+        p.error("choose at most one of --dry_run, --slurm, --train_index, --evaluate, --report")
+    return args
+
+
+def _same_plan_args(args: argparse.Namespace) -> list[str]:
+    """The arguments that rebuild this plan in another process (a SLURM job), with absolute folders."""
+    out = [args.plan, "--seeds", args.seeds, "--data_dir", str(Path(args.data_dir).resolve()),
+           "--runs_dir", str(Path(args.runs_dir).resolve()), "--eval_dir", str(Path(args.eval_dir).resolve())]
+    out += [a for m in args.model for a in ("--model", m)]
+    for name in ("methods", "train_args", "eval_args"):
+        if getattr(args, name):
+            out += [f"--{name}", getattr(args, name)]
+    return out
+
+
+def dry_run(plan, args: argparse.Namespace) -> None:
+    train_args = shlex.split(args.train_args)
+    print(f"{plan.title}\n")
+    print(f"Training runs ({len(plan.runs)}; GPUS={args.gpus} per node, the launchers' global batch):")
+    for i, run in enumerate(plan.runs):
+        print(f"  [{i}] {run_state(run):7s} {run.shell(args.data_dir, train_args)}")
+    print(f"\nEvaluations ({len(plan.evaluations)}):")
+    launcher = eval_launcher(args.gpus, "python")
+    for ev in plan.evaluations:
+        cmd = ev.command(args.data_dir, shlex.split(args.eval_args), launcher)
+        print(f"  {evaluation_state(ev):7s} {shlex.join(cmd)}")
+    print("\nCost:")
+    for line in describe(estimate(plan, Path(args.data_dir), Path(args.runs_dir)), len(plan.runs)):
+        print(f"  {line}")
+    print(f"\nReport: {Path(args.eval_dir) / plan.name}.md (the paper's table, paper / ours [95% interval] / "
+          "difference per cell)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
+                        stream=sys.stdout)
+    options = PlanOptions(runs_dir=Path(args.runs_dir), eval_dir=Path(args.eval_dir), seeds=args.seed_list,
+                          models=parse_model_overrides(args.model),
+                          methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()))
+    plan = build_plan(args.plan, options)
+    os.environ["GPUS"] = str(args.gpus)  # what the launchers read
+    train_args, eval_args = shlex.split(args.train_args), shlex.split(args.eval_args)
+    if args.dry_run:
+        dry_run(plan, args)
+        return
+    if args.slurm:
+        paths = write_slurm(plan, Path(args.slurm), _same_plan_args(args), args.python, args.gpus, args.sbatch_option)
+        print(f"Wrote {paths['train']} ({len(plan.runs)} array tasks), {paths['evaluate']}; submit with: "
+              f"bash {paths['submit']}")
+        return
+    if args.train_index is not None:
+        if not 0 <= args.train_index < len(plan.runs):
+            raise SystemExit(f"--train_index {args.train_index}: the plan has runs 0..{len(plan.runs) - 1}")
+        train(plan.runs[args.train_index], args.data_dir, train_args)
+        return
+    if not (args.evaluate or args.report):
+        for i, run in enumerate(plan.runs):
+            logger.info("run %d/%d: %s", i + 1, len(plan.runs), run.output_dir)
+            train(run, args.data_dir, train_args)
+    if not args.report:
+        for ev in plan.evaluations:
+            evaluate(ev, args.data_dir, eval_args, eval_launcher(args.gpus, args.python))
+    path = write_report(plan, Path(args.eval_dir))
+    print(path.read_text())
+    print(f"Report: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -14,9 +14,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from transformers import HfArgumentParser, TrainingArguments
 
-from imsm.args import DataArguments, ImsmArguments, ModelArguments
+from imsm.args import parse_train_args
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p for p in (ROOT / "run_scripts").glob("*.sh") if not p.name.startswith(("cpu_", "common")))
@@ -96,8 +95,8 @@ def _defaults(script: Path) -> dict[str, str]:
 
 
 def _parse(args: list[str], tmp_path: Path):
-    parser = HfArgumentParser((ModelArguments, DataArguments, ImsmArguments, TrainingArguments))
-    return parser.parse_args_into_dataclasses(args=[*args, "--output_dir", str(tmp_path / "out"), "--bf16", "false"])
+    """train.py's own parsing: (model, data, imsm with its method's ``options``, training) arguments."""
+    return parse_train_args([*args, "--output_dir", str(tmp_path / "out"), "--bf16", "false"])
 
 
 def _method(script: Path) -> str:
@@ -127,7 +126,7 @@ def test_launcher_arguments_parse_with_paper_settings(script, tmp_path):
     for name in ("lora_r", "lora_alpha", "loramoe_num_experts", "loramoe_r", "loramoe_alpha", "loramoe_dropout",
                  "loramoe_balance_weight", "loramoe_balance_delta"):
         if name in paper:
-            assert getattr(imsm, name) == paper[name], name
+            assert getattr(imsm.options, name) == paper[name], name
     # the accumulation the launcher computed, at its own default device count, makes the paper's global batch
     defaults = _defaults(script)
     devices = int(defaults["NNODES"]) * int(defaults["GPUS"])

@@ -11,9 +11,7 @@ OUTPUT_DIR=${OUTPUT_DIR:-runs/imsm_adalora_mrpc}
 DS_CONFIG=${DS_CONFIG:-ds_configs/zero2.json}
 HOSTFILE=${HOSTFILE:-}
 GLOBAL_BATCH=16
-PER_PASS=$(( NNODES * GPUS * PER_DEVICE_BATCH ))  # examples per forward pass, all nodes together
-(( GLOBAL_BATCH % PER_PASS == 0 )) || { echo "global batch $GLOBAL_BATCH is not a multiple of" \
-    "NNODES x GPUS x PER_DEVICE_BATCH = $PER_PASS: change NNODES, GPUS or PER_DEVICE_BATCH" >&2; exit 1; }
+source "$(dirname "$0")/common.sh"  # checks the numbers above; ACCUMULATION = GLOBAL_BATCH / all devices' batch
 
 # Schedule: the IMSM authors' recommended AdaLoRA settings (github.com/ECNU-Text-Computing/IMSM,
 # "Recommended parameters/llama3_adalora_GSM8K.json": cosine, num_warmup_ratio 0.1, weight_decay 0.01).
@@ -25,7 +23,7 @@ deepspeed ${HOSTFILE:+--hostfile "$HOSTFILE"} --num_nodes "$NNODES" --num_gpus "
     --adalora_init_r 12 --adalora_target_r 8 --lora_alpha 16 \
     --optim adamw_torch --learning_rate 2e-3 --lr_scheduler_type cosine --warmup_steps 0.1 --weight_decay 0.01 \
     --num_train_epochs 3 --per_device_train_batch_size "$PER_DEVICE_BATCH" \
-    --gradient_accumulation_steps $(( GLOBAL_BATCH / PER_PASS )) \
+    --gradient_accumulation_steps "$ACCUMULATION" \
     --max_input_length 512 --max_output_length 8 --bf16 --gradient_checkpointing \
     --save_strategy epoch --logging_steps 10 --report_to tensorboard --seed 42 \
     "$@"

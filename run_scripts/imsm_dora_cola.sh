@@ -11,9 +11,7 @@ OUTPUT_DIR=${OUTPUT_DIR:-runs/imsm_dora_cola}
 DS_CONFIG=${DS_CONFIG:-ds_configs/zero2.json}
 HOSTFILE=${HOSTFILE:-}
 GLOBAL_BATCH=16
-PER_PASS=$(( NNODES * GPUS * PER_DEVICE_BATCH ))  # examples per forward pass, all nodes together
-(( GLOBAL_BATCH % PER_PASS == 0 )) || { echo "global batch $GLOBAL_BATCH is not a multiple of" \
-    "NNODES x GPUS x PER_DEVICE_BATCH = $PER_PASS: change NNODES, GPUS or PER_DEVICE_BATCH" >&2; exit 1; }
+source "$(dirname "$0")/common.sh"  # checks the numbers above; ACCUMULATION = GLOBAL_BATCH / all devices' batch
 
 # Schedule: the IMSM authors publish no recommended DoRA file; DoRA is LoRA with a learned magnitude, so it takes
 # their LoRA settings (github.com/ECNU-Text-Computing/IMSM, "Recommended parameters/llama3_lora_GSM8K.json":
@@ -26,7 +24,7 @@ deepspeed ${HOSTFILE:+--hostfile "$HOSTFILE"} --num_nodes "$NNODES" --num_gpus "
     --lora_r 16 --lora_alpha 32 \
     --optim adamw_torch --learning_rate 1e-4 --lr_scheduler_type cosine --warmup_steps 0.1 --weight_decay 0.01 \
     --num_train_epochs 3 --per_device_train_batch_size "$PER_DEVICE_BATCH" \
-    --gradient_accumulation_steps $(( GLOBAL_BATCH / PER_PASS )) \
+    --gradient_accumulation_steps "$ACCUMULATION" \
     --max_input_length 256 --max_output_length 8 --bf16 --gradient_checkpointing \
     --save_strategy epoch --logging_steps 10 --report_to tensorboard --seed 42 \
     "$@"

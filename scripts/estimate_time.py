@@ -113,7 +113,7 @@ def main() -> None:
     template = build_template(args.template, tokenizer)
     load_seconds = time.perf_counter() - t0
     model = build_imsm_model(backbone, ImsmArguments.create(peft="lora", gate="query_aware"))
-    vanilla = IMSMModel(model.peft_model, build_gate("none", backbone.config.hidden_size))
+    vanilla = IMSMModel(model.peft_model, build_gate("none", backbone.config.hidden_size), model.method)
     dataset = SupervisedDataset(Path(args.data_dir) / args.target / "train.jsonl", template, 256, 8,
                                 max(args.batch, 1))
     batch = SupervisedCollator(tokenizer.pad_token_id)([dataset[i] for i in range(min(args.batch, len(dataset)))])

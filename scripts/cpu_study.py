@@ -1,0 +1,306 @@
+"""Schedule the CPU forgetting study on the embedded SmolLM2-135M-Instruct; `bash run_scripts/cpu_study.sh` runs it.
+
+SEEDS seeds of vanilla LoRA and of IMSM-LoRA (--ablations 1 adds the `equal` and `token` gates; --baselines 1 adds
+LoRAMoE, CorDA-LoRA and PiSSA-LoRA and evaluates every vanilla LoRA-family run at the adapter scales --scales) are
+tuned on --target, --jobs at a time, each on --threads threads; then ONE evaluation of the untuned model and every run
+on the target and the general benchmarks (WebQ, FreebaseQA, MultiRC, MRPC) with decoded metrics and answer
+likelihood, seeds grouped by label, paired bootstrap intervals and the learning-forgetting chart.
+
+It prints its expected duration first (measured on this machine by scripts/estimate_time.py), each run as it starts
+and ends, and once a minute the step of every running training. A finished run (its final/imsm_config.json) is kept
+and skipped when the study is started again, so an interrupted study resumes with the next run. Arguments after `--`
+go to every train.py run:
+
+    .venv/bin/python scripts/cpu_study.py --seeds 2 --jobs 2 -- --lora_dropout 0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger("cpu_study")
+
+ROOT = Path(__file__).resolve().parents[1]
+GENERAL_TASKS = ("webq", "freebaseqa", "multirc", "mrpc")
+LORA = ["--peft", "lora", "--lora_r", "16", "--lora_alpha", "16"]
+SCALED_METHODS = ("LoRA", "CorDA-LoRA", "PiSSA-LoRA")  # vanilla LoRA-family runs: one row per --adapter_scale
+# tqdm's progress bar as train.py leaves it in its log: "12/60 [00:10<00:40"
+PROGRESS = re.compile(r"[0-9]*/[0-9]* \[[0-9:]*<[0-9:?]*")
+POLL_SECONDS = 1.0
+PROGRESS_EVERY_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    method: str
+    seed: int
+    out: Path
+
+    @property
+    def done(self) -> bool:
+        return (self.out / "final" / "imsm_config.json").is_file()
+
+
+def _count(least: int):
+    """An argparse type: a whole number of at least ``least``."""
+
+    def parse(text: str) -> int:
+        if not re.fullmatch(r"[0-9]+", text) or int(text) < least:
+            raise argparse.ArgumentTypeError(f"must be a whole number of at least {least}, got {text!r}")
+        return int(text)
+
+    return parse
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The study's sizes; run_scripts/cpu_study.sh passes each environment variable as the option of its name."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", default="../shared/data", help="task folders, each with train.jsonl and test.jsonl")
+    p.add_argument("--output_dir", default="runs/cpu_study", help="METHOD/seedN/ per run and eval/")
+    p.add_argument("--target", default="mrpc", help="the task every run is tuned on")
+    p.add_argument("--template", default="chat", help="--prompt_template of training and evaluation")
+    p.add_argument("--seeds", type=_count(1), default=3, help="seeds 1..SEEDS of each method")
+    p.add_argument("--ablations", type=int, choices=(0, 1), default=0, help="1 adds the `equal` and `token` gates")
+    p.add_argument("--baselines", type=int, choices=(0, 1), default=0,
+                   help="1 adds LoRAMoE, CorDA-LoRA and PiSSA-LoRA, and evaluates the LoRA family at --scales")
+    p.add_argument("--scales", default="0.5,1",
+                   help="adapter scales of the vanilla LoRA-family runs with --baselines 1; IMSM is compared with "
+                        "each baseline at the last one")
+    p.add_argument("--corda_skip", type=_count(0), default=1000,
+                   help="CorDA calibrates on WebQ test prompts from this row on (evaluate.py skips them for every "
+                        "model)")
+    p.add_argument("--corda_examples", type=_count(1), default=64, help="CorDA's calibration prompts")
+    p.add_argument("--train_examples", type=_count(1), default=800)
+    p.add_argument("--steps", type=_count(1), default=60)
+    p.add_argument("--batch", type=_count(1), default=8)
+    p.add_argument("--lr", default="3e-4")
+    p.add_argument("--eval_examples", type=_count(1), default=200, help="first test examples of every task")
+    p.add_argument("--score", default="both", choices=("both", "decode", "likelihood"))
+    p.add_argument("--resamples", type=_count(1), default=2000, help="paired bootstrap resamples")
+    p.add_argument("--jobs", type=_count(1), default=2, help="training runs side by side")
+    p.add_argument("--threads", type=_count(1), default=None,
+                   help="OpenMP threads of each training run (default: cores / jobs, at least 1)")
+    p.add_argument("--eval_procs", type=_count(1), default=None,
+                   help="one-thread evaluation processes sharing every task (default: the cores)")
+    p.add_argument("train_args", nargs="*", help="after `--`: extra arguments for every train.py run")
+    return p.parse_args(argv)
+
+
+def study_methods(ablations: bool, baselines: bool) -> list[str]:
+    methods = ["LoRA", "IMSM-LoRA"]
+    if ablations:
+        methods += ["IMSM-equal-LoRA", "IMSM-token-LoRA"]
+    if baselines:
+        methods += ["LoRAMoE", "CorDA-LoRA", "PiSSA-LoRA"]
+    return methods
+
+
+def method_arguments(method: str, args: argparse.Namespace) -> list[str]:
+    """The train.py arguments that make ``method``."""
+    table = {
+        "LoRA": [*LORA, "--gate", "none"],
+        "IMSM-LoRA": [*LORA, "--gate", "query_aware", "--gate_rank", "8", "--gate_dropout", "0.1"],
+        "IMSM-equal-LoRA": [*LORA, "--gate", "equal"],
+        "IMSM-token-LoRA": [*LORA, "--gate", "token", "--gate_rank", "8", "--gate_dropout", "0.1"],
+        "LoRAMoE": ["--peft", "loramoe", "--gate", "none"],
+        # CorDA's calibration prompts lie past the evaluated WebQ rows by default; evaluate.py skips them anyway
+        "CorDA-LoRA": [*LORA, "--gate", "none", "--init_lora_weights", "corda",
+                       "--corda_calibration_file", f"{args.data_dir}/webq/test.jsonl",
+                       "--corda_calibration_skip", str(args.corda_skip),
+                       "--corda_calibration_examples", str(args.corda_examples)],
+        "PiSSA-LoRA": [*LORA, "--gate", "none", "--init_lora_weights", "pissa"],
+    }
+    return table[method]
+
+
+def comparisons(ablations: bool, baselines: bool, scales: str) -> str:
+    """evaluate.py's --compare: IMSM-LoRA against each other method, the scaled ones at the last scale."""
+    reference = f"@{float(scales.split(',')[-1]):g}" if baselines else ""  # normally @1
+    pairs = [f"IMSM-LoRA:LoRA{reference}"]
+    if ablations:
+        pairs += ["IMSM-LoRA:IMSM-equal-LoRA", "IMSM-LoRA:IMSM-token-LoRA"]
+    if baselines:
+        pairs += ["IMSM-LoRA:LoRAMoE", f"IMSM-LoRA:CorDA-LoRA{reference}", f"IMSM-LoRA:PiSSA-LoRA{reference}"]
+    return ",".join(pairs)
+
+
+def train_command(run: TrainingRun, args: argparse.Namespace) -> list[str]:
+    return [
+        sys.executable, "train.py", "--train_file", f"{args.data_dir}/{args.target}/train.jsonl",
+        "--max_train_examples", str(args.train_examples), "--output_dir", str(run.out),
+        *method_arguments(run.method, args),
+        "--prompt_template", args.template, "--learning_rate", args.lr, "--lr_scheduler_type", "cosine",
+        "--warmup_steps", "0.03", "--max_steps", str(args.steps), "--per_device_train_batch_size", str(args.batch),
+        "--max_input_length", "256", "--max_output_length", "8", "--save_strategy", "no", "--logging_steps", "10",
+        "--report_to", "none", "--seed", str(run.seed), "--data_seed", str(run.seed), "--disable_tqdm", "false",
+        *args.train_args,
+    ]
+
+
+def _clock() -> str:
+    return datetime.datetime.now().strftime("%H:%M:%S")
+
+
+def _cores() -> int:
+    """The cores this process may use (what `nproc` counts)."""
+    return len(os.sched_getaffinity(0))
+
+
+def _report_progress(output_dir: Path) -> None:
+    """The last progress-bar state of every unfinished run's log."""
+    for log in sorted(output_dir.glob("*/seed*.log")):
+        if (log.with_suffix("") / "final" / "imsm_config.json").is_file():
+            continue
+        with log.open("rb") as f:
+            f.seek(max(log.stat().st_size - 400, 0))
+            steps = PROGRESS.findall(f.read().decode(errors="replace"))
+        if steps:
+            logger.info("    %s: step %s left]", log.relative_to(output_dir), steps[-1])
+
+
+class TrainingFailed(RuntimeError):
+    pass
+
+
+class Trainer:
+    """Runs the training jobs, ``jobs`` at a time, each on ``threads`` OpenMP threads with its output in RUN.log.
+
+    Several one-thread jobs side by side, not one job on every core: a process of 2 OpenMP threads slows down
+    several-fold as soon as anything else wants a core, one of 1 thread does not.
+    """
+
+    def __init__(self, jobs: int, threads: int, output_dir: Path):
+        self.jobs, self.output_dir = jobs, output_dir
+        self.env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        self.running: list[tuple[subprocess.Popen, TrainingRun, float]] = []
+        self.last_report = time.monotonic()
+
+    def wait_for_a_free_slot(self) -> None:
+        while len(self.running) >= self.jobs:
+            self.wait_for_one()
+
+    def start(self, run: TrainingRun, command: list[str]) -> None:
+        with open(f"{run.out}.log", "w") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        self.running.append((process, run, time.monotonic()))
+
+    def wait_for_one(self) -> None:
+        """Wait until a job ends, printing every minute how far each running one is. A failed job raises
+        TrainingFailed (the caller stops the others: a started study resumes from the finished runs)."""
+        while True:
+            for entry in self.running:
+                process, run, started = entry
+                if process.poll() is None:
+                    continue
+                self.running.remove(entry)
+                if process.returncode != 0:
+                    raise TrainingFailed(f"training failed, see {run.out}.log")
+                logger.info("    %s seed %d finished in %d s (%s)", run.method, run.seed,
+                            time.monotonic() - started, _clock())
+                return
+            time.sleep(POLL_SECONDS)
+            if time.monotonic() - self.last_report >= PROGRESS_EVERY_SECONDS:
+                self.last_report = time.monotonic()
+                _report_progress(self.output_dir)
+
+    def wait_all(self) -> None:
+        while self.running:
+            self.wait_for_one()
+
+    def stop(self) -> None:
+        for process, run, _ in self.running:
+            logger.warning("cpu_study: stopping %s seed %d", run.method, run.seed)
+            process.terminate()
+        for process, _, _ in self.running:
+            process.wait()
+        self.running.clear()
+
+
+def _setup_logging() -> None:
+    """Progress to stdout, warnings and errors to stderr, as plain lines (the user reads them as they come)."""
+    to_stdout = logging.StreamHandler(sys.stdout)
+    to_stdout.addFilter(lambda record: record.levelno < logging.WARNING)
+    to_stderr = logging.StreamHandler(sys.stderr)
+    to_stderr.setLevel(logging.WARNING)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[to_stdout, to_stderr])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    _setup_logging()
+    os.chdir(ROOT)  # train.py, evaluate.py and the default paths are relative to the repository
+    train_file = Path(args.data_dir) / args.target / "train.jsonl"
+    if not train_file.is_file():
+        logger.error("cpu_study: %s not found; build the task files with '.venv/bin/python scripts/prepare_data.py "
+                     "--out_dir data' and run with DATA_DIR=data", train_file)
+        return 1
+    output_dir = Path(args.output_dir)
+    tasks = ",".join([args.target, *GENERAL_TASKS])
+    runs = [TrainingRun(method, seed, output_dir / method / f"seed{seed}")
+            for method in study_methods(args.ablations, args.baselines) for seed in range(1, args.seeds + 1)]
+
+    estimate = [
+        sys.executable, "scripts/estimate_time.py", "--label", "cpu_study", "--data_dir", args.data_dir,
+        "--target", args.target, "--tasks", tasks, "--template", args.template,
+        "--train_examples", str(args.train_examples), "--batch", str(args.batch), "--steps", str(args.steps),
+        "--eval_examples", str(args.eval_examples), "--score", args.score,
+        "--runs", *(f"{run.method}:{run.seed}" for run in runs), "--jobs", str(args.jobs),
+        "--skip_done_in", str(output_dir), "--scales", args.scales if args.baselines else "",
+    ]
+    if done := subprocess.run(estimate, check=False).returncode:
+        return done
+
+    cores = _cores()
+    trainer = Trainer(args.jobs, args.threads or max(cores // args.jobs, 1), output_dir)
+    try:
+        for i, run in enumerate(runs, 1):
+            if run.done:
+                logger.info("[%d/%d] %s seed %d: done before, kept (%s)", i, len(runs), run.method, run.seed, run.out)
+                continue
+            run.out.parent.mkdir(parents=True, exist_ok=True)
+            trainer.wait_for_a_free_slot()
+            logger.info("[%d/%d] training %s seed %d -> %s (%s; progress in %s.log)", i, len(runs), run.method,
+                        run.seed, run.out, _clock(), run.out)
+            trainer.start(run, train_command(run, args))
+        trainer.wait_all()
+    except TrainingFailed as failed:
+        trainer.stop()
+        logger.error("cpu_study: %s", failed)
+        return 1
+    except BaseException:  # Ctrl-C: no training is left running behind the user's back
+        trainer.stop()
+        raise
+    for run in runs:
+        if not run.done:
+            logger.error("cpu_study: %s did not finish", run.out)
+            return 1
+
+    eval_procs = args.eval_procs or cores
+    labels = ["untuned", *(run.method for run in runs)]  # one label per run: evaluate.py groups the seeds
+    logger.info("evaluating %d models on %s, %d examples per task, %d processes (%s)", len(labels), tasks,
+                args.eval_examples, eval_procs, _clock())
+    scale_args = ["--adapter_scale", args.scales] if args.baselines else []  # LoRA@0.5, LoRA@1, ...: one row each
+    evaluate = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(eval_procs),
+        "evaluate.py", "--untuned", "--run_dir", *(str(run.out) for run in runs), "--labels", ",".join(labels),
+        "--prompt_template", args.template, "--target", args.target, "--tasks", tasks, "--data_dir", args.data_dir,
+        "--max_examples", str(args.eval_examples), "--score", args.score,
+        "--compare", comparisons(args.ablations, args.baselines, args.scales), *scale_args,
+        "--bootstrap_resamples", str(args.resamples), "--output_dir", str(output_dir / "eval"), "--overwrite",
+    ]
+    # evaluate.py shards every task over one-thread processes and gathers in input order
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(cores // eval_procs, 1))}
+    return subprocess.run(evaluate, env=env, check=False).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

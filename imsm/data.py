@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,13 +28,10 @@ TYPE_FIELD = "task_type"  # the field name of the LoRAMoE authors' build_dataset
 TASK, WORLD_KNOWLEDGE = 0, 1
 
 
-def read_jsonl(path: str | Path, require_output: bool = True, only_type: int | None = None) -> list[dict]:
-    """Read task rows; any line that is not UTF-8 or not valid JSON, a missing field or an empty file raises
-    ValueError naming file and line, as does a ``task_type`` other than ``only_type`` when that is given."""
+def jsonl_lines(path: str | Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of every non-empty line of a JSONL file; a line that is not UTF-8 or not valid
+    JSON raises ValueError naming the file and line."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such data file")
-    rows = []
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
@@ -44,32 +42,42 @@ def read_jsonl(path: str | Path, require_output: bool = True, only_type: int | N
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with 'input' and 'output'")  # noqa: TRY004
-            fields = ("input", "output") if require_output else ("input",)
-            for key in fields:
-                if key not in row:
-                    raise ValueError(f"{path}:{lineno}: missing field {key!r}")
-            if not isinstance(row["input"], str):
-                raise ValueError(f"{path}:{lineno}: 'input' must be a string")  # noqa: TRY004
-            if require_output:
-                out = row["output"]
-                if isinstance(out, list):
-                    if not out or not all(isinstance(o, str) for o in out):
-                        raise ValueError(f"{path}:{lineno}: 'output' list must hold at least one string")
-                elif not isinstance(out, str):
-                    raise ValueError(f"{path}:{lineno}: 'output' must be a string or a list of strings")
-            kind = row.get(TYPE_FIELD)
-            if TYPE_FIELD in row and (type(kind) is not int or kind not in (TASK, WORLD_KNOWLEDGE)):
-                raise ValueError(f"{path}:{lineno}: {TYPE_FIELD!r} must be {WORLD_KNOWLEDGE} (world knowledge) or "
-                                 f"{TASK} (downstream task), got {kind!r}")
-            if kind is not None and only_type is not None and kind != only_type:
-                raise ValueError(f"{path}:{lineno}: {TYPE_FIELD!r} is {kind}, but every row of this file is type "
-                                 f"{only_type}; remove the field or the row")
-            rows.append(row)
+
+
+def read_jsonl(path: str | Path, require_output: bool = True, only_type: int | None = None) -> list[dict]:
+    """Read task rows; any line that is not UTF-8 or not valid JSON, a missing field or an empty file raises
+    ValueError naming file and line, as does a ``task_type`` other than ``only_type`` when that is given."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such data file")
+    rows = []
+    for lineno, row in jsonl_lines(path):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object with 'input' and 'output'")  # noqa: TRY004
+        fields = ("input", "output") if require_output else ("input",)
+        for key in fields:
+            if key not in row:
+                raise ValueError(f"{path}:{lineno}: missing field {key!r}")
+        if not isinstance(row["input"], str):
+            raise ValueError(f"{path}:{lineno}: 'input' must be a string")  # noqa: TRY004
+        if require_output:
+            out = row["output"]
+            if isinstance(out, list):
+                if not out or not all(isinstance(o, str) for o in out):
+                    raise ValueError(f"{path}:{lineno}: 'output' list must hold at least one string")
+            elif not isinstance(out, str):
+                raise ValueError(f"{path}:{lineno}: 'output' must be a string or a list of strings")
+        kind = row.get(TYPE_FIELD)
+        if TYPE_FIELD in row and (type(kind) is not int or kind not in (TASK, WORLD_KNOWLEDGE)):
+            raise ValueError(f"{path}:{lineno}: {TYPE_FIELD!r} must be {WORLD_KNOWLEDGE} (world knowledge) or "
+                             f"{TASK} (downstream task), got {kind!r}")
+        if kind is not None and only_type is not None and kind != only_type:
+            raise ValueError(f"{path}:{lineno}: {TYPE_FIELD!r} is {kind}, but every row of this file is type "
+                             f"{only_type}; remove the field or the row")
+        rows.append(row)
     if not rows:
         raise ValueError(f"{path}: empty file, no examples")
     return rows

@@ -34,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from imsm.atomic import atomic_write_jsonl
+from imsm.data import jsonl_lines
 
 logger = logging.getLogger("build_general_text")
 
@@ -84,17 +85,11 @@ def shingles(text: str, n: int) -> Iterator[int]:
 def training_shingles(files: Iterable[Path], n: int) -> set[int]:
     seen: set[int] = set()
     for path in files:
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                outputs = row.get("output", [])
-                for text in [row.get("input", ""), *(outputs if isinstance(outputs, list) else [outputs])]:
-                    seen.update(shingles(str(text), n))
+        for _, row in jsonl_lines(path):
+            outputs = row.get("output", []) if isinstance(row, dict) else []
+            inputs = row.get("input", "") if isinstance(row, dict) else ""
+            for text in [inputs, *(outputs if isinstance(outputs, list) else [outputs])]:
+                seen.update(shingles(str(text), n))
     return seen
 
 

@@ -30,7 +30,6 @@ untuned model's template.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from imsm.data import Truncation, encode_prompt
+from imsm.data import Truncation, encode_prompt, jsonl_lines
 from imsm.evaluation.generation import DecodingConfig, generate
 from imsm.evaluation.metrics import NO, YES, read_yes_no
 from imsm.evaluation.scoring import ScoredPositions, scored_positions
@@ -232,17 +231,10 @@ def read_general_text(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"--general_text {path}: no such file (build it with scripts/build_general_text.py)")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with a non-empty string 'text'")
-            rows.append(row)
+    for lineno, row in jsonl_lines(path):
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
+            raise ValueError(f"{path}:{lineno}: expected a JSON object with a non-empty string 'text'")
+        rows.append(row)
     if not rows:
         raise ValueError(f"{path}: empty file, no passages")
     return rows

@@ -1,5 +1,5 @@
-"""Run in a fresh interpreter by tests/export/test_export.py: load an exported folder with only torch + transformers (any
-``import imsm`` fails here), run the requested checks, write the results as safetensors + JSON.
+"""Run in a fresh interpreter by tests/export/test_export.py: load an exported folder with only torch + transformers
+(any ``import imsm`` fails here), run the requested checks, write the results as safetensors + JSON.
 
     python tests/export/export_child.py SPEC.json
 

@@ -1,5 +1,6 @@
 """export.py: a run as a standalone Hugging Face folder. Every check of an exported folder runs in a fresh interpreter
-that cannot import imsm (tests/export/export_child.py, HF_HUB_OFFLINE=1), against the project's own model and decoder."""
+that cannot import imsm (tests/export/export_child.py, HF_HUB_OFFLINE=1), against the project's own model and
+decoder."""
 
 from __future__ import annotations
 

@@ -49,8 +49,21 @@ def load_model(plan: ModelPlan, args: EvalArguments, dtype: torch.dtype, device:
     return model.to(device).eval(), tokenizer
 
 
+def _decoded_fields(g) -> dict:
+    """What a prediction record holds of one decoded answer."""
+    fields = {"prediction": g.text, "num_tokens": g.num_tokens, "finish_reason": g.finish_reason}
+    return fields if g.gate_mean is None else fields | {"gate_mean": g.gate_mean}
+
+
+def _scored_fields(nll_mean: float, nll_sum: float, num_tokens: int, gate_mean: float | None) -> dict:
+    """What a prediction record holds of one gold answer's likelihood."""
+    fields = {"answer_nll": nll_mean, "answer_nll_sum": nll_sum, "answer_tokens": num_tokens}
+    return fields if gate_mean is None else fields | {"answer_gate_mean": gate_mean}
+
+
 def _decode(model, tokenizer, template, rows, args, task, rank, world_size, likelihood: bool):
-    """Decode this rank's shard; with ``likelihood`` also score its golds on the same prefill (one KV cache)."""
+    """Decode this rank's shard; with ``likelihood`` also score its golds on the same prefill (one KV cache).
+    Returns, on rank 0, the decoded and the scored record fields of every row (None on other ranks)."""
     mine = shard(rows, rank, world_size)
     truncation = _truncation(task, rank, world_size)
     prompts = [encode_prompt(template, r["input"], args.max_input_length, truncation) for r in mine]
@@ -63,8 +76,8 @@ def _decode(model, tokenizer, template, rows, args, task, rank, world_size, like
         score = None
         if golds is not None:
             best = best_answer(mine[i], [(j, s) for (j, _), s in zip(golds[i], g.answer_scores, strict=True)])
-            score = (best.nll_mean, best.nll_sum, best.num_tokens, best.gate_mean)
-        out.append(((g.text, g.num_tokens, g.finish_reason, g.gate_mean), score))
+            score = _scored_fields(best.nll_mean, best.nll_sum, best.num_tokens, best.gate_mean)
+        out.append((_decoded_fields(g), score))
     gathered = gather_shards(out, len(rows), rank, world_size)
     if gathered is None:
         return None, None
@@ -81,7 +94,7 @@ def _likelihood(model, template, rows, args, task, rank, world_size):
     local = answer_nll(model, template, shard(rows, rank, world_size), args.max_input_length, args.batch_size,
                        truncation)
     truncation.warn()
-    local = [(s.nll_mean, s.nll_sum, s.num_tokens, s.gate_mean) for s in local]
+    local = [_scored_fields(s.nll_mean, s.nll_sum, s.num_tokens, s.gate_mean) for s in local]
     return gather_shards(local, len(rows), rank, world_size)
 
 
@@ -108,17 +121,12 @@ def evaluate_model(plan, args, tasks, dtype, device, rank, world_size, measures=
         if rank != 0:
             continue
         predictions = [{"input": row["input"], "gold": row["output"]} for row in rows]
-        if decoded is not None:
-            for record, (text, n, reason, gate) in zip(predictions, decoded, strict=True):
-                record |= {"prediction": text, "num_tokens": n, "finish_reason": reason}
-                record |= {} if gate is None else {"gate_mean": gate}
-        if scored is not None:
-            for record, (nll, nll_sum, n_tokens, gate) in zip(predictions, scored, strict=True):
-                record |= {"answer_nll": nll, "answer_nll_sum": nll_sum, "answer_tokens": n_tokens}
-                record |= {} if gate is None else {"answer_gate_mean": gate}
+        for fields in (decoded, scored):
+            for record, extra in zip(predictions, fields or [{}] * len(predictions), strict=True):
+                record |= extra
         atomic_write_jsonl(out_dir / task / "predictions.jsonl", predictions)  # saved before anything can fail
         scores, task_metrics = score_records(task, predictions, args.yes_no_rule)  # as a rebuilt report reads them
-        gates = [g for *_, g in decoded if g is not None] if decoded is not None else []
+        gates = [d["gate_mean"] for d in decoded or () if "gate_mean" in d]
         atomic_write_json(out_dir / task / "metrics.json", {
             "label": plan.label, "task": task, "template": plan.template, "system_prompt": plan.system_prompt,
             "run": None if plan.run_dir is None else str(plan.run_dir), "model": plan.model_path,

@@ -99,3 +99,13 @@ def test_help_lists_the_chosen_methods_options(capsys):
 def test_max_output_length_must_leave_room_for_an_answer_token_and_its_eos():
     with pytest.raises(ValueError, match="--max_output_length 1: .*at least 2"):
         DataArguments(max_output_length=1)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"peft": "lora", "lora_r": 0}, "--lora_r 0: the rank must be at least 1"),
+    ({"peft": "dora", "lora_dropout": 1.0}, "--lora_dropout 1.0: must be in"),
+    ({"peft": "adalora", "adalora_init_r": 0}, "--adalora_init_r and --adalora_target_r must be at least 1"),
+])
+def test_bad_method_option_values_fail_before_any_model_loads(kw, match):
+    with pytest.raises(ValueError, match=match):
+        ImsmArguments.create(**kw)

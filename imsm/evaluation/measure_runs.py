@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,6 +196,13 @@ class MeasureSession:
         def gathered(values: np.ndarray, total: int) -> list | None:
             return gather_shards(np.asarray(values).tolist(), total, rank, world_size)
 
+        started = time.perf_counter()
+
+        def progress(what: str, n: int) -> None:  # a line per measure: the long part of a study shows it is moving
+            if rank == 0:
+                logger.info("%s: %s on %d rows done (%.0f s for this model so far)", plan.folder, what, n,
+                            time.perf_counter() - started)
+
         if self.rows:
             out["yes_no"] = {}
             for task, rows in self.rows.items():
@@ -209,10 +217,12 @@ class MeasureSession:
                         model, template, shard(held, rank, world_size), args.max_input_length, batch), len(held))
                     entry["train_gold_yes"] = gold_yes(held).tolist()
                 out["yes_no"][task] = entry
+                progress(f"{task} yes/no log-odds", len(rows) + len(self.threshold_rows.get(task, ())))
         if self.passages is not None:
             pairs = general_text_pairs(tokenizer, shard(self.passages, rank, world_size),
                                        self.margs.general_prefix_tokens, args.max_input_length)
             out["general_nll"] = gathered(continuation_nll(model, pairs, batch, pad_id), len(self.passages))
+            progress("general-text NLL", len(self.passages))
         if self.kl_rows:
             reference, kl_pairs = self._untuned(rank, world_size)
             if plan.run_dir is None:  # the untuned model against itself: 0 at every position
@@ -221,6 +231,7 @@ class MeasureSession:
             else:
                 out["kl"] = {t: gathered(kl_to_reference(reference, model, p, batch, pad_id), len(self.kl_rows[t]))
                              for t, p in kl_pairs.items()}
+            progress("KL to the untuned model", sum(len(rows) for rows in self.kl_rows.values()))
         if rank == 0:
             atomic_write_json(Path(args.output_dir) / plan.folder / MEASURES_FILE, out)
             self.results.setdefault(plan.label, []).append(out)

@@ -71,7 +71,7 @@ def build(args):
             if "lora_B" in n or "w_b" in n:
                 p.normal_(0.0, 0.02)
     model.to(device).eval()
-    vanilla = IMSMModel(model.peft_model, NoGate(backbone.config.hidden_size)).eval()
+    vanilla = IMSMModel(model.peft_model, NoGate(backbone.config.hidden_size), model.method).eval()
     return model, vanilla, tokenizer, f"{name} ({device.type}, {dtype})"
 
 

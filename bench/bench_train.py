@@ -105,13 +105,13 @@ def measure_run(args) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     backbone, _, _ = load_backbone(args.model_name_or_path, dtype=dtype)
     gate = "none" if args.variant == "lora" else "query_aware"
-    model = build_imsm_model(backbone, ImsmArguments.create(peft="lora", gate=gate, lora_r=16, lora_alpha=16))
+    tmp = tempfile.TemporaryDirectory()
+    cache = FrozenMemoryCache(tmp.name, {"bench": True}) if args.variant in ("imsm_cache", "imsm_prefill") else None
+    model = build_imsm_model(backbone, ImsmArguments.create(peft="lora", gate=gate, lora_r=16, lora_alpha=16),
+                             frozen_cache=cache)
     model.to(device).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     examples = _examples(args, model.config.vocab_size)
-    tmp = tempfile.TemporaryDirectory()
-    if args.variant in ("imsm_cache", "imsm_prefill"):
-        model.frozen_cache = FrozenMemoryCache(tmp.name, {"bench": True})
     timings = {}
     if device.type == "cuda":
         torch.cuda.synchronize()

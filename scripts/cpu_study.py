@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import logging
 import os
 import re
@@ -91,8 +92,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="OpenMP threads of each training run (default: cores / jobs, at least 1)")
     p.add_argument("--eval_procs", type=_count(1), default=None,
                    help="one-thread evaluation processes sharing every task (default: the cores)")
+    p.add_argument("--evaluate", default="decoded,measures", type=_evaluations,
+                   help="the evaluations, in this order: 'decoded' (eval/: the task metrics on --eval_examples rows) "
+                        "and 'measures' (eval_measures/: evaluate.py --measures and the LoRA frontier)")
+    p.add_argument("--measure_tasks", default="webq,freebaseqa",
+                   help="general tasks whose prompts KL is read on (the target's rows give AUROC)")
+    p.add_argument("--measure_scales", default="0.5,1",
+                   help="adapter scales of the LoRA runs on the frontier curve (the untuned model is scale 0)")
+    p.add_argument("--checkpoint_steps", default="",
+                   help="comma-separated steps: LoRA runs also save checkpoint-N, evaluated as LoRA@stepN on the "
+                        "curve (at every --measure_scales scale)")
+    p.add_argument("--target_rows", type=_count(1), default=None,
+                   help="the target's test rows scored for AUROC (default: all)")
+    p.add_argument("--threshold_examples", type=_count(1), default=500,
+                   help="held-out training rows of the target that choose the MCC threshold")
+    p.add_argument("--general_examples", type=_count(1), default=500, help="passages of the general-text NLL")
+    p.add_argument("--kl_examples", type=_count(1), default=250, help="prompts per --measure_tasks task for KL")
+    p.add_argument("--general_text", default="data/general_text.jsonl",
+                   help="built from --data_dir by scripts/build_general_text.py when missing")
     p.add_argument("train_args", nargs="*", help="after `--`: extra arguments for every train.py run")
     return p.parse_args(argv)
+
+
+def _evaluations(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = sorted(set(names) - {"decoded", "measures"})
+    if unknown or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected decoded and/or measures, each once, got {text!r}")
+    return names
+
+
+def checkpoint_steps(args: argparse.Namespace) -> list[int]:
+    steps = [int(s) for s in args.checkpoint_steps.split(",") if s.strip()]
+    bad = [s for s in steps if not 0 < s < args.steps]
+    if bad:
+        raise SystemExit(f"cpu_study: --checkpoint_steps {bad}: each must lie between 0 and --steps {args.steps}")
+    steps = sorted(set(steps))
+    if any(s % steps[0] for s in steps):
+        raise SystemExit(f"cpu_study: --checkpoint_steps {args.checkpoint_steps}: the Trainer saves every N steps, "
+                         f"so every step must be a multiple of the first ({steps[0]})")
+    return steps
 
 
 def study_methods(ablations: bool, baselines: bool) -> list[str]:
@@ -134,13 +173,17 @@ def comparisons(ablations: bool, baselines: bool, scales: str) -> str:
 
 
 def train_command(run: TrainingRun, args: argparse.Namespace) -> list[str]:
+    steps = checkpoint_steps(args)
+    saving = ["--save_strategy", "no"]
+    if steps and run.method == "LoRA":  # checkpoint-N at the first step asked; the others are its multiples
+        saving = ["--save_strategy", "steps", "--save_steps", str(steps[0])]
     return [
         sys.executable, "train.py", "--train_file", f"{args.data_dir}/{args.target}/train.jsonl",
         "--max_train_examples", str(args.train_examples), "--output_dir", str(run.out),
         *method_arguments(run.method, args),
         "--prompt_template", args.template, "--learning_rate", args.lr, "--lr_scheduler_type", "cosine",
         "--warmup_steps", "0.03", "--max_steps", str(args.steps), "--per_device_train_batch_size", str(args.batch),
-        "--max_input_length", "256", "--max_output_length", "8", "--save_strategy", "no", "--logging_steps", "10",
+        "--max_input_length", "256", "--max_output_length", "8", *saving, "--logging_steps", "10",
         "--report_to", "none", "--seed", str(run.seed), "--data_seed", str(run.seed), "--disable_tqdm", "false",
         *args.train_args,
     ]
@@ -243,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("cpu_study: %s not found; build the task files with '.venv/bin/python scripts/prepare_data.py "
                      "--out_dir data' and run with DATA_DIR=data", train_file)
         return 1
+    checkpoint_steps(args)  # a bad list fails before anything runs
     output_dir = Path(args.output_dir)
     tasks = ",".join([args.target, *GENERAL_TASKS])
     runs = [TrainingRun(method, seed, output_dir / method / f"seed{seed}")
@@ -255,7 +299,21 @@ def main(argv: list[str] | None = None) -> int:
         "--eval_examples", str(args.eval_examples), "--score", args.score,
         "--runs", *(f"{run.method}:{run.seed}" for run in runs), "--jobs", str(args.jobs),
         "--skip_done_in", str(output_dir), "--scales", args.scales if args.baselines else "",
+        "--decoded", str(int("decoded" in args.evaluate)),
     ]
+    if "measures" in args.evaluate:
+        build_general_text(args)
+        n_scales = len([s for s in args.measure_scales.split(",") if s.strip()])
+        lora = sum(run.method == "LoRA" for run in runs) * n_scales * (1 + len(checkpoint_steps(args)))
+        imsm = sum(run.method == "IMSM-LoRA" for run in runs)
+        with (Path(args.data_dir) / args.target / "test.jsonl").open() as f:
+            target_rows = sum(1 for line in f if line.strip())
+        target_rows = min(args.target_rows or target_rows, target_rows)
+        estimate += ["--measure_models", f"{lora},{imsm}", "--general_text", args.general_text,
+                     "--measure_rows", f"{args.target}={target_rows + args.threshold_examples}",
+                     "--measure_likelihood_tasks", measure_tasks(args), "--general_examples",
+                     str(args.general_examples), "--kl_tasks", args.measure_tasks, "--kl_examples",
+                     str(args.kl_examples)]
     if done := subprocess.run(estimate, check=False).returncode:
         return done
 
@@ -285,22 +343,83 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
     eval_procs = args.eval_procs or cores
+    for name in args.evaluate:
+        out, command = (decoded_evaluation if name == "decoded" else measures_evaluation)(runs, args, output_dir)
+        if evaluation_done(out, command):
+            logger.info("%s evaluation: done before with the same command, kept (%s)", name, out)
+            continue
+        logger.info("%s evaluation -> %s, %d processes (%s)", name, out, eval_procs, _clock())
+        # evaluate.py shards every task over one-thread processes and gathers in input order
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(eval_procs)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(cores // eval_procs, 1))}
+        if code := subprocess.run([*launch, *command], env=env, check=False).returncode:
+            return code
+    return 0
+
+
+def evaluation_done(out: Path, command: list[str]) -> bool:
+    """A finished report (its marker, no INCOMPLETE) of this very evaluate.py command."""
+    marker = out / "imsm_evaluation.json"
+    if not marker.is_file() or (out / "INCOMPLETE").exists():
+        return False
+    return json.loads(marker.read_text()).get("command", [])[1:] == command[1:]
+
+
+def decoded_evaluation(runs: list[TrainingRun], args: argparse.Namespace, output_dir: Path) -> tuple[Path, list]:
+    """The untuned model and every run on the target and the general tasks: decoded metrics and answer likelihood on
+    the first --eval_examples rows, seeds grouped by label."""
+    tasks = ",".join([args.target, *GENERAL_TASKS])
     labels = ["untuned", *(run.method for run in runs)]  # one label per run: evaluate.py groups the seeds
-    logger.info("evaluating %d models on %s, %d examples per task, %d processes (%s)", len(labels), tasks,
-                args.eval_examples, eval_procs, _clock())
     scale_args = ["--adapter_scale", args.scales] if args.baselines else []  # LoRA@0.5, LoRA@1, ...: one row each
-    evaluate = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(eval_procs),
+    out = output_dir / "eval"
+    return out, [
         "evaluate.py", "--untuned", "--run_dir", *(str(run.out) for run in runs), "--labels", ",".join(labels),
         "--prompt_template", args.template, "--target", args.target, "--tasks", tasks, "--data_dir", args.data_dir,
         "--max_examples", str(args.eval_examples), "--score", args.score,
         "--compare", comparisons(args.ablations, args.baselines, args.scales), *scale_args,
-        "--bootstrap_resamples", str(args.resamples), "--output_dir", str(output_dir / "eval"), "--overwrite",
+        "--bootstrap_resamples", str(args.resamples), "--output_dir", str(out), "--overwrite",
     ]
-    # evaluate.py shards every task over one-thread processes and gathers in input order
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(cores // eval_procs, 1))}
-    return subprocess.run(evaluate, env=env, check=False).returncode
 
+
+def build_general_text(args: argparse.Namespace) -> Path:
+    """--general_text, built from --data_dir by scripts/build_general_text.py when it is missing."""
+    general_text = Path(args.general_text)
+    if not general_text.is_file():
+        logger.info("building %s from %s (scripts/build_general_text.py)", general_text, args.data_dir)
+        subprocess.run([sys.executable, "scripts/build_general_text.py", "--data_dir", args.data_dir, "--out",
+                        str(general_text)], check=True)
+    return general_text
+
+
+def measure_tasks(args: argparse.Namespace) -> str:
+    return ",".join(dict.fromkeys([args.target, *(t for t in args.measure_tasks.split(",") if t)]))
+
+
+def measures_evaluation(runs: list[TrainingRun], args: argparse.Namespace, output_dir: Path) -> tuple[Path, list]:
+    """evaluate.py --measures on the untuned model, LoRA at --measure_scales (and its checkpoints) and IMSM-LoRA:
+    the target's AUROC (all test rows unless --target_rows) with an MCC threshold from held-out training rows, the
+    general-text NLL and KL on --measure_tasks, and IMSM against the LoRA frontier (docs/evaluation.md#measures)."""
+    general_text = build_general_text(args)
+    lora = [run for run in runs if run.method == "LoRA"]
+    imsm = [run for run in runs if run.method == "IMSM-LoRA"]
+    models = [(f"LoRA@step{step}", run.out / f"checkpoint-{step}") for step in checkpoint_steps(args) for run in lora]
+    models += [("LoRA", run.out) for run in lora] + [("IMSM-LoRA", run.out) for run in imsm]
+    tasks = measure_tasks(args)
+    train_file = Path(args.data_dir) / args.target / "train.jsonl"
+    target_rows = ["--measure_max_examples", str(args.target_rows)] if args.target_rows else []
+    out = output_dir / "eval_measures"
+    return out, [
+        "evaluate.py", "--untuned", "--run_dir", *(str(path) for _, path in models),
+        "--labels", ",".join(["untuned", *(label for label, _ in models)]), "--adapter_scale", args.measure_scales,
+        "--prompt_template", args.template, "--target", args.target, "--tasks", tasks, "--data_dir", args.data_dir,
+        "--max_examples", str(args.eval_examples), "--score", "likelihood",
+        "--compare", f"IMSM-LoRA:LoRA@{float(args.measure_scales.split(',')[-1]):g}",
+        "--measures", "auroc,general_nll,kl", "--general_text", str(general_text), *target_rows,
+        "--threshold_file", f"{args.target}={train_file}", "--threshold_examples", str(args.threshold_examples),
+        "--general_examples", str(args.general_examples), "--kl_examples", str(args.kl_examples),
+        "--frontier", "IMSM-LoRA:LoRA", "--bootstrap_resamples", str(args.resamples), "--output_dir", str(out),
+        "--overwrite",
+    ]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,6 +7,10 @@ differ 2-3x (the CPU demo took 16 min on one 2-core machine and 49 on another), 
 
     python scripts/estimate_time.py --data_dir ../shared/data --target mrpc --tasks mrpc,webq,freebaseqa,multirc \
         --runs LoRA:1 IMSM-LoRA:1 --steps 60 --batch 8 --eval_examples 200 --score both
+
+With ``--measure_models PLAIN,IMSM`` it also times ``evaluate.py --measures`` (the target's yes/no log-odds, the
+general-text NLL, KL on ``--kl_tasks`` with the untuned model's greedy answers), the IMSM models reading their frozen
+memory from the untuned model's passes as evaluate.py does (``scoring.FrozenMemo``).
 """
 
 from __future__ import annotations
@@ -61,6 +65,16 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--untuned", type=int, default=1, help="1 when the untuned model is evaluated too")
     p.add_argument("--skip_done_in", default=None, help="runs already finished under this folder are not counted")
     p.add_argument("--label", default="cpu run", help="name printed with the estimate")
+    p.add_argument("--decoded", type=int, default=1, help="0: no decoded/likelihood evaluation (measures only)")
+    p.add_argument("--measure_models", default="",
+                   help="PLAIN,IMSM: models of an evaluate.py --measures run besides the untuned one (none: not run)")
+    p.add_argument("--measure_rows", default="",
+                   help="TASK=N,...: rows of each yes/no task scored by log-odds (test and threshold rows)")
+    p.add_argument("--measure_likelihood_tasks", default="", help="tasks of that run, likelihood-scored")
+    p.add_argument("--general_text", default=None, help="the passages of the general-text NLL")
+    p.add_argument("--general_examples", type=int, default=500)
+    p.add_argument("--kl_tasks", default="", help="comma-separated tasks KL is read on")
+    p.add_argument("--kl_examples", type=int, default=200, help="prompts per KL task")
     return p.parse_args()
 
 
@@ -85,6 +99,50 @@ def _time_eval(model, tokenizer, template, rows, task: str, score: str) -> float
     if score in ("both", "likelihood"):
         answer_nll(model, template, rows, 1024, 16)
     return time.perf_counter() - start
+
+
+def _time_measures(untuned, vanilla, model, tokenizer, template, args) -> dict[str, float]:
+    """Seconds of one --measures run per model kind: {"untuned", "plain", "imsm"} (module docstring)."""
+    from imsm.evaluation.measures import (
+        continuation_nll,
+        general_text_pairs,
+        greedy_pairs,
+        kl_to_reference,
+        read_general_text,
+        yes_no_log_odds,
+    )
+    from imsm.evaluation.metrics import get_task
+    from imsm.evaluation.scoring import FrozenMemo
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    passages = general_text_pairs(tokenizer, read_general_text(args.general_text)[:SAMPLE], 32, 1024)
+    yes_no = {task: int(n) for task, _, n in (item.partition("=") for item in args.measure_rows.split(",") if item)}
+    kl_rows = {t: read_jsonl(Path(args.data_dir) / t / "test.jsonl")[:SAMPLE] for t in args.kl_tasks.split(",") if t}
+    memo = FrozenMemo()
+    cost = {"untuned": 0.0, "plain": 0.0, "imsm": 0.0}
+    pairs = {}
+    start = time.perf_counter()
+    for task, task_rows in kl_rows.items():  # the untuned model's greedy answers, once per evaluation
+        length = min(get_task(task).max_new_tokens, 32)
+        pairs[task] = greedy_pairs(untuned, tokenizer, template, task_rows, 1024, length, 16)
+    cost["untuned"] += (time.perf_counter() - start) * args.kl_examples / SAMPLE
+    for kind, m in (("untuned", untuned), ("plain", vanilla), ("imsm", model)):
+        record = kind == "untuned"
+        memo.start_model()
+        for task, n in yes_no.items():
+            rows = read_jsonl(Path(args.data_dir) / task / "test.jsonl")[:SAMPLE]
+            start = time.perf_counter()
+            yes_no_log_odds(m, template, rows, 1024, 16, None, memo, record)
+            cost[kind] += (time.perf_counter() - start) * n / len(rows)
+        start = time.perf_counter()
+        continuation_nll(m, passages, 16, pad, memo, record)
+        cost[kind] += (time.perf_counter() - start) * args.general_examples / len(passages)
+        if kind != "untuned":
+            start = time.perf_counter()
+            for task_pairs in pairs.values():
+                kl_to_reference(untuned, m, task_pairs, 16, pad, memo)
+            cost[kind] += (time.perf_counter() - start) * args.kl_examples / SAMPLE
+    return cost
 
 
 def _fmt(seconds: float) -> str:
@@ -139,16 +197,38 @@ def main() -> None:
     n_siamese = sum(gate != "none" for gate in evaluated)
     eval_total = n_plain * (eval_per_model["plain"] + load_seconds) + n_siamese * (eval_per_model["siamese"]
                                                                                    + load_seconds)
-    total = train_total + eval_total
+    eval_total *= args.decoded
+    measure_total, measure_line = 0.0, None
+    if args.measure_models:
+        plain, imsm = (int(x) for x in args.measure_models.split(","))
+        untuned = load_backbone(None)[0]
+        cost = _time_measures(untuned, vanilla, model, tokenizer, template, args)
+        likelihood = {"plain": 0.0, "imsm": 0.0}  # the measures run also scores --eval_examples rows' answers
+        for task in [t for t in args.measure_likelihood_tasks.split(",") if t]:
+            rows = read_jsonl(Path(args.data_dir) / task / "test.jsonl")
+            share = min(args.eval_examples, len(rows)) / SAMPLE
+            for kind, m in (("plain", vanilla), ("imsm", model)):
+                likelihood[kind] += _time_eval(m, tokenizer, template, rows[:SAMPLE], task, "likelihood") * share
+        per = {"untuned": cost["untuned"] + likelihood["plain"], "plain": cost["plain"] + likelihood["plain"],
+               "imsm": cost["imsm"] + likelihood["imsm"]}
+        measure_total = per["untuned"] + plain * per["plain"] + imsm * per["imsm"] + (1 + plain + imsm) * load_seconds
+        measure_line = (f"  measures: the untuned model, {plain} vanilla and {imsm} IMSM models: "
+                        f"~{_fmt(per['untuned'])} untuned (its greedy KL answers included), ~{_fmt(per['plain'])} "
+                        "per vanilla model, "
+                        f"~{_fmt(per['imsm'])} per IMSM model -> ~{_fmt(measure_total)}")
+    total = train_total + eval_total + measure_total
     finish = datetime.datetime.now() + datetime.timedelta(seconds=total)
     done = sum(d for _, d in runs)
     print(f"{args.label}: expected duration on this machine ({cores} cores), measured just now:")
     print(f"  training: {len(todo)} run(s) of {args.steps} steps to go ({done} done before), {args.jobs} side by "
           f"side on {train_threads} thread(s) each: LoRA ~{_fmt(per_run['none'])}, IMSM-LoRA "
           f"~{_fmt(per_run['query_aware'])} per run -> ~{_fmt(train_total)}")
-    print(f"  evaluation ({args.score}): {n_plain + n_siamese} models x {len(tasks)} tasks x up to "
-          f"{args.eval_examples} examples: ~{_fmt(eval_per_model['plain'])} per single-pass model, "
-          f"~{_fmt(eval_per_model['siamese'])} per IMSM model -> ~{_fmt(eval_total)}")
+    if args.decoded:
+        print(f"  evaluation ({args.score}): {n_plain + n_siamese} models x {len(tasks)} tasks x up to "
+              f"{args.eval_examples} examples: ~{_fmt(eval_per_model['plain'])} per single-pass model, "
+              f"~{_fmt(eval_per_model['siamese'])} per IMSM model -> ~{_fmt(eval_total)}")
+    if measure_line:
+        print(measure_line)
     print(f"  total: ~{_fmt(total)}, done around {finish:%H:%M} if nothing else loads the machine "
           f"(this estimate took {time.perf_counter() - t0:.0f} s)", flush=True)
     if not math.isfinite(total):

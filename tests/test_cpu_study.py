@@ -47,15 +47,24 @@ def _load_scheduler():
 cpu_study = _load_scheduler()
 
 
-def _toy_data(base: Path, rows: int = 6) -> Path:
+def _toy_data(base: Path, rows: int = 6, train_rows: int | None = None) -> Path:
     data = base / "data"
     for task in ("mrpc", "webq", "freebaseqa", "multirc"):
         (data / task).mkdir(parents=True)
         for split in ("train", "test"):
             if (SHARED / task / f"{split}.jsonl").is_file():
-                lines = (SHARED / task / f"{split}.jsonl").read_text().splitlines()[:rows]
+                n = train_rows if split == "train" and train_rows else rows
+                lines = (SHARED / task / f"{split}.jsonl").read_text().splitlines()[:n]
                 (data / task / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     return data
+
+
+def _toy_general_text(base: Path) -> Path:
+    path = base / "general_text.jsonl"
+    texts = ["The river carries sand from the hills to the sea, and the delta grows a little every year.",
+             "A plant that gets more light makes more sugar, so it grows taller than one kept in the shade."]
+    path.write_text("".join(json.dumps({"text": t, "source": "test"}) + "\n" for t in texts))
+    return path
 
 
 def _env(data: Path, out: Path, **sizes) -> dict:
@@ -66,14 +75,25 @@ def _env(data: Path, out: Path, **sizes) -> dict:
 
 @_needs_the_model_and_data
 def test_cpu_study_at_toy_sizes(tmp_path):
-    data = _toy_data(tmp_path)
+    data = _toy_data(tmp_path, train_rows=10)
     out = tmp_path / "study"
-    env = _env(data, out, SEEDS="2")
+    env = _env(data, out, SEEDS="2", THRESHOLD_EXAMPLES="4", KL_EXAMPLES="2", MEASURE_SCALES="0.5,1",
+               GENERAL_TEXT=str(_toy_general_text(tmp_path)))
     proc = subprocess.run(["bash", "run_scripts/cpu_study.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=1200, check=False)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
-    assert "expected duration on this machine" in log and "total: ~" in log
+    assert "expected duration on this machine" in log and "total: ~" in log and "measures: the untuned model" in log
+    # the measures: AUROC on the target, general-text NLL and KL, IMSM against the LoRA frontier of two scales
+    measures = json.loads((out / "eval_measures" / "stats.json").read_text())["measures"]
+    assert list(measures["auroc"]["mrpc"]) == ["LoRA@0.5", "LoRA@1", "IMSM-LoRA"]
+    assert len(measures["auroc"]["mrpc"]["IMSM-LoRA"]["per_run"]) == 2
+    assert set(measures["kl"]) == {"webq", "freebaseqa"} and "general text" in measures["general_nll"]
+    assert set(measures["frontier"]) == {"general_nll", "kl"}
+    assert (out / "eval_measures" / "frontier.png").stat().st_size > 0
+    untuned = json.loads((out / "eval_measures" / "untuned" / "measures.json").read_text())
+    assert len(untuned["yes_no"]["mrpc"]["train_log_odds"]) == 4  # training rows 7-10: the runs trained on 1-6
+    assert "Forgetting without the answer format" in log  # the printed report
     stats = json.loads((out / "eval" / "stats.json").read_text())
     assert list(stats["labels"]) == ["untuned", "LoRA", "IMSM-LoRA"]
     for label in ("LoRA", "IMSM-LoRA"):
@@ -88,6 +108,7 @@ def test_cpu_study_at_toy_sizes(tmp_path):
                           capture_output=True, text=True, timeout=1200, check=False)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert proc.stdout.count("done before, kept") == 4 and "training LoRA" not in proc.stdout
+    assert "measures evaluation: done before with the same command, kept" in proc.stdout
     summary = (out / "eval" / "summary.md").read_text()
     assert "NLL" in summary and "(accuracy)" not in summary
 
@@ -119,11 +140,17 @@ def test_cpu_study_baselines_share_the_harness(tmp_path):
 BASH_DEFAULTS = {"DATA_DIR": "../shared/data", "OUTPUT_DIR": "runs/cpu_study", "TARGET": "mrpc", "TEMPLATE": "chat",
                  "SEEDS": 3, "ABLATIONS": 0, "BASELINES": 0, "SCALES": "0.5,1", "CORDA_SKIP": 1000,
                  "CORDA_EXAMPLES": 64, "TRAIN_EXAMPLES": 800, "STEPS": 60, "BATCH": 8, "LR": "3e-4",
-                 "EVAL_EXAMPLES": 200, "SCORE": "both", "RESAMPLES": 2000, "JOBS": 2}
+                 "EVAL_EXAMPLES": 200, "SCORE": "both", "RESAMPLES": 2000, "JOBS": 2,
+                 "EVALUATE": ["decoded", "measures"], "MEASURE_TASKS": "webq,freebaseqa", "MEASURE_SCALES": "0.5,1",
+                 "CHECKPOINT_STEPS": "", "TARGET_ROWS": None, "THRESHOLD_EXAMPLES": 500, "GENERAL_EXAMPLES": 500,
+                 "KL_EXAMPLES": 250, "GENERAL_TEXT": "data/general_text.jsonl"}
 SET = {"DATA_DIR": "/d", "OUTPUT_DIR": "/o", "TARGET": "cola", "TEMPLATE": "raw", "SEEDS": 5, "ABLATIONS": 1,
        "BASELINES": 1, "SCALES": "1", "CORDA_SKIP": 7, "CORDA_EXAMPLES": 3, "TRAIN_EXAMPLES": 9, "STEPS": 4,
        "BATCH": 2, "LR": "1e-3", "EVAL_EXAMPLES": 11, "SCORE": "likelihood", "RESAMPLES": 100, "JOBS": 3,
-       "THREADS": 1, "EVAL_PROCS": 4}
+       "THREADS": 1, "EVAL_PROCS": 4, "EVALUATE": "measures", "MEASURE_TASKS": "webq", "MEASURE_SCALES": "0.25,1",
+       "CHECKPOINT_STEPS": "2", "TARGET_ROWS": 30, "THRESHOLD_EXAMPLES": 40, "GENERAL_EXAMPLES": 50,
+       "KL_EXAMPLES": 60, "GENERAL_TEXT": "/g.jsonl"}
+PARSED = {"EVALUATE": ["measures"]}  # the value the scheduler reads where it is not the string given
 
 
 def _wrapper_options(tmp_path: Path, env: dict, *extra: str) -> Namespace:
@@ -149,7 +176,7 @@ def test_the_wrapper_hands_every_environment_variable_to_the_scheduler(tmp_path)
     options = _wrapper_options(tmp_path, {name: str(value) for name, value in SET.items()},
                                "--lora_dropout", "0.1", "--seed", "9")
     for name, value in SET.items():
-        assert getattr(options, name.lower()) == value, name
+        assert getattr(options, name.lower()) == PARSED.get(name, value), name
     assert options.train_args == ["--lora_dropout", "0.1", "--seed", "9"]
     assert _wrapper_options(tmp_path, {"SEEDS": "", "SCALES": ""}).seeds == 3  # empty means the default, as ${X:-3}
 
@@ -158,6 +185,9 @@ def test_the_wrapper_hands_every_environment_variable_to_the_scheduler(tmp_path)
     ({"SEEDS": "0"}, "--seeds: must be a whole number of at least 1, got '0'"),
     ({"JOBS": "abc"}, "--jobs: must be a whole number of at least 1, got 'abc'"),
     ({"BASELINES": "yes"}, "--baselines"),
+    ({"EVALUATE": "decoded,plots"}, "--evaluate: expected decoded and/or measures"),
+    ({"CHECKPOINT_STEPS": "20,30"}, "every step must be a multiple of the first (20)"),
+    ({"CHECKPOINT_STEPS": "60"}, "each must lie between 0 and --steps 60"),
     ({"DATA_DIR": "/nowhere"}, "cpu_study: /nowhere/mrpc/train.jsonl not found"),
 ])
 def test_a_bad_setting_stops_the_study_before_anything_runs(env, message, tmp_path):
@@ -193,6 +223,51 @@ def test_the_training_command_of_a_run():
     assert (options["--init_lora_weights"], options["--corda_calibration_file"]) == ("corda", "/d/webq/test.jsonl")
     assert (options["--corda_calibration_skip"], options["--corda_calibration_examples"]) == ("7", "3")
     assert command[-2:] == ["--lora_dropout", "0.1"]  # the user's arguments come last, so they win
+
+
+def test_the_measures_evaluation_command(tmp_path):
+    """LoRA's checkpoints and final runs on the curve (every scale), IMSM-LoRA beside them, the threshold on training
+    rows, KL on the general tasks; the command parses with evaluate.py's own parser, and a finished report of the
+    same command is kept while a changed command runs again."""
+    from transformers import HfArgumentParser
+
+    from imsm.evaluation.arguments import EvalArguments
+    from imsm.evaluation.measure_runs import MeasureArguments
+
+    general = tmp_path / "general.jsonl"
+    general.write_text('{"text": "a passage"}\n')
+    args = cpu_study.parse_args(["--data_dir", "/d", "--seeds", "2", "--checkpoint_steps", "20,40",
+                                 "--general_text", str(general), "--target_rows", "100"])
+    runs = [cpu_study.TrainingRun(m, s, tmp_path / m / f"seed{s}") for m in ("LoRA", "IMSM-LoRA") for s in (1, 2)]
+    out, command = cpu_study.measures_evaluation(runs, args, tmp_path)
+    assert out == tmp_path / "eval_measures" and command[0] == "evaluate.py"
+    lora = [str(tmp_path / "LoRA" / f"seed{s}") for s in (1, 2)]
+    lora_command, imsm_command = cpu_study.train_command(runs[0], args), cpu_study.train_command(runs[2], args)
+    at = lora_command.index("--save_strategy")
+    assert lora_command[at : at + 4] == ["--save_strategy", "steps", "--save_steps", "20"]  # 40 is its multiple
+    assert imsm_command[imsm_command.index("--save_strategy") + 1] == "no"  # IMSM saves no checkpoint
+    eval_args, measure_args = HfArgumentParser((EvalArguments, MeasureArguments)).parse_args_into_dataclasses(
+        args=command[1:])
+    assert eval_args.run_dir == [f"{r}/checkpoint-20" for r in lora] + [f"{r}/checkpoint-40" for r in lora] + lora + \
+        [str(tmp_path / "IMSM-LoRA" / f"seed{s}") for s in (1, 2)]
+    assert eval_args.labels.split(",") == ["untuned", *["LoRA@step20"] * 2, *["LoRA@step40"] * 2, "LoRA", "LoRA",
+                                           "IMSM-LoRA", "IMSM-LoRA"]
+    assert (eval_args.adapter_scale, eval_args.tasks, eval_args.score) == ("0.5,1", "mrpc,webq,freebaseqa",
+                                                                           "likelihood")
+    assert measure_args.names == ["auroc", "general_nll", "kl"] and measure_args.frontier_labels == ("IMSM-LoRA",
+                                                                                                      "LoRA")
+    assert measure_args.thresholds == {"mrpc": Path("/d/mrpc/train.jsonl")} and measure_args.threshold_examples == 500
+    assert (measure_args.measure_max_examples, measure_args.general_examples, measure_args.kl_examples) == \
+        (100, 500, 250)
+
+    assert not cpu_study.evaluation_done(out, command)
+    out.mkdir()
+    (out / "imsm_evaluation.json").write_text(json.dumps({"command": command}))
+    (out / "INCOMPLETE").write_text("")
+    assert not cpu_study.evaluation_done(out, command)  # interrupted
+    (out / "INCOMPLETE").unlink()
+    assert cpu_study.evaluation_done(out, command)
+    assert not cpu_study.evaluation_done(out, [*command[:-1], "--kl_examples", "9", command[-1]])
 
 
 def _job(tmp_path: Path, name: str, seconds: float, exit_code: int = 0) -> tuple:

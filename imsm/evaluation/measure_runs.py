@@ -54,6 +54,7 @@ from imsm.evaluation.measures import (
 )
 from imsm.evaluation.metrics import get_task
 from imsm.evaluation.planning import read_task
+from imsm.evaluation.scoring import FrozenMemo
 from imsm.evaluation.stats import method_interval, resample_counts
 from imsm.loader import load_backbone
 from imsm.run_folder import RUN_ARGS, resolve
@@ -171,6 +172,8 @@ class MeasureSession:
         self._reference = None
         self._kl_pairs: dict[str, list] | None = None
         self.results: dict[str, list[dict]] = {}  # label -> each run's measures (rank 0)
+        # the untuned backbone's hidden states: IMSM models read their frozen memory from it (scoring.FrozenMemo)
+        self.memo = FrozenMemo()
 
     def _untuned(self, rank: int, world_size: int):
         """The untuned model and this rank's greedy pairs of every KL task, built once."""
@@ -197,6 +200,8 @@ class MeasureSession:
             return gather_shards(np.asarray(values).tolist(), total, rank, world_size)
 
         started = time.perf_counter()
+        memo, record = self.memo, plan.run_dir is None  # the untuned model fills the memo, IMSM models read it
+        memo.start_model()
 
         def progress(what: str, n: int) -> None:  # a line per measure: the long part of a study shows it is moving
             if rank == 0:
@@ -208,20 +213,22 @@ class MeasureSession:
             for task, rows in self.rows.items():
                 truncation = Truncation(f"task {task} (measures)")
                 scores = yes_no_log_odds(model, template, shard(rows, rank, world_size), args.max_input_length, batch,
-                                         truncation)
+                                         truncation, memo, record)
                 truncation.warn()
                 entry = {"log_odds": gathered(scores, len(rows)), "gold_yes": gold_yes(rows).tolist()}
                 if task in self.threshold_rows:
                     held = self.threshold_rows[task]
                     entry["train_log_odds"] = gathered(yes_no_log_odds(
-                        model, template, shard(held, rank, world_size), args.max_input_length, batch), len(held))
+                        model, template, shard(held, rank, world_size), args.max_input_length, batch, None, memo,
+                        record), len(held))
                     entry["train_gold_yes"] = gold_yes(held).tolist()
                 out["yes_no"][task] = entry
                 progress(f"{task} yes/no log-odds", len(rows) + len(self.threshold_rows.get(task, ())))
         if self.passages is not None:
             pairs = general_text_pairs(tokenizer, shard(self.passages, rank, world_size),
                                        self.margs.general_prefix_tokens, args.max_input_length)
-            out["general_nll"] = gathered(continuation_nll(model, pairs, batch, pad_id), len(self.passages))
+            out["general_nll"] = gathered(continuation_nll(model, pairs, batch, pad_id, memo, record),
+                                          len(self.passages))
             progress("general-text NLL", len(self.passages))
         if self.kl_rows:
             reference, kl_pairs = self._untuned(rank, world_size)
@@ -229,9 +236,12 @@ class MeasureSession:
                 out["kl"] = {t: gathered(np.c_[np.zeros(len(p)), [len(y) for _, y in p]], len(self.kl_rows[t]))
                              for t, p in kl_pairs.items()}
             else:
-                out["kl"] = {t: gathered(kl_to_reference(reference, model, p, batch, pad_id), len(self.kl_rows[t]))
-                             for t, p in kl_pairs.items()}
+                out["kl"] = {t: gathered(kl_to_reference(reference, model, p, batch, pad_id, memo),
+                                         len(self.kl_rows[t])) for t, p in kl_pairs.items()}
             progress("KL to the untuned model", sum(len(rows) for rows in self.kl_rows.values()))
+        if memo.reads:
+            logger.info("%s: %d batches read their frozen memory from the untuned model's pass (rank %d)", plan.folder,
+                        memo.reads, rank)
         if rank == 0:
             atomic_write_json(Path(args.output_dir) / plan.folder / MEASURES_FILE, out)
             self.results.setdefault(plan.label, []).append(out)

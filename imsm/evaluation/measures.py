@@ -41,7 +41,7 @@ from torch import nn
 from imsm.data import Truncation, encode_prompt, jsonl_lines
 from imsm.evaluation.generation import DecodingConfig, generate
 from imsm.evaluation.metrics import NO, YES, read_yes_no
-from imsm.evaluation.scoring import ScoredPositions, scored_positions
+from imsm.evaluation.scoring import FrozenMemo, ScoredPositions, scored_positions
 from imsm.templates import PromptTemplate
 
 logger = logging.getLogger(__name__)
@@ -50,9 +50,12 @@ Pair = tuple[list[int], list[int]]  # (context ids, continuation ids)
 
 
 def _map_batches(models: Sequence[nn.Module], pairs: Sequence[Pair], batch_size: int, pad_id: int,
-                 fn: Callable[[list[ScoredPositions], list[int]], np.ndarray]) -> np.ndarray:
+                 fn: Callable[[list[ScoredPositions], list[int]], np.ndarray], memo: FrozenMemo | None = None,
+                 record: Sequence[bool] = ()) -> np.ndarray:
     """``fn(each model's scored positions, the pairs' indices)`` on every batch of pairs (longest first, so padding
-    stays small); ``fn`` returns one row per pair of the batch, and the rows come back in input order."""
+    stays small); ``fn`` returns one row per pair of the batch, and the rows come back in input order. The batches
+    depend on the pairs alone, so every model sees the same ones: an IMSM model reads its frozen memory from
+    ``memo``, which the models flagged in ``record`` (the untuned backbone) fill (``scoring.FrozenMemo``)."""
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     for i, (context, continuation) in enumerate(pairs):
@@ -67,7 +70,8 @@ def _map_batches(models: Sequence[nn.Module], pairs: Sequence[Pair], batch_size:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             batch = [pairs[i] for i in chunk]
-            outs = [scored_positions(m, batch, pad_id, next(m.parameters()).device) for m in models]
+            outs = [scored_positions(m, batch, pad_id, next(m.parameters()).device, memo,
+                                     k < len(record) and record[k]) for k, m in enumerate(models)]
             rows = fn(outs, chunk)
             if results is None:
                 results = np.zeros((len(pairs), *rows.shape[1:]), dtype=np.float64)
@@ -125,8 +129,10 @@ def yes_no_pair(template: PromptTemplate, prompt: str, prompt_ids: list[int]) ->
 
 
 def yes_no_log_odds(model: nn.Module, template: PromptTemplate, rows: Sequence[dict], max_input_length: int,
-                    batch_size: int = 16, truncation: Truncation | None = None) -> np.ndarray:
-    """(n,) log p(yes) − log p(no) at the first answer token of every row's prompt (module docstring)."""
+                    batch_size: int = 16, truncation: Truncation | None = None, memo: FrozenMemo | None = None,
+                    record: bool = False) -> np.ndarray:
+    """(n,) log p(yes) − log p(no) at the first answer token of every row's prompt (module docstring); ``memo`` and
+    ``record`` as in ``_map_batches``."""
     pairs, tokens = [], []
     for row in rows:
         prompt_ids = encode_prompt(template, row["input"], max_input_length, truncation)
@@ -140,7 +146,7 @@ def yes_no_log_odds(model: nn.Module, template: PromptTemplate, rows: Sequence[d
         picked = logprobs.gather(-1, token_ids[chunk])
         return (picked[:, 0] - picked[:, 1]).double().numpy()
 
-    return _map_batches([model], pairs, batch_size, _pad_id(template.tokenizer), log_odds)
+    return _map_batches([model], pairs, batch_size, _pad_id(template.tokenizer), log_odds, memo, [record])
 
 
 def auroc_resampled(scores: np.ndarray, positive: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -262,15 +268,17 @@ def general_text_pairs(tokenizer, passages: Sequence[dict], prefix_tokens: int =
     return pairs
 
 
-def continuation_nll(model: nn.Module, pairs: Sequence[Pair], batch_size: int = 16, pad_id: int = 0) -> np.ndarray:
-    """(n, 2): per pair, the summed NLL of its continuation tokens (nats) and their number (``pooled`` pools them)."""
+def continuation_nll(model: nn.Module, pairs: Sequence[Pair], batch_size: int = 16, pad_id: int = 0,
+                     memo: FrozenMemo | None = None, record: bool = False) -> np.ndarray:
+    """(n, 2): per pair, the summed NLL of its continuation tokens (nats) and their number (``pooled`` pools them);
+    ``memo`` and ``record`` as in ``_map_batches``."""
     def nll(outs: list[ScoredPositions], chunk: list[int]) -> np.ndarray:
         out = outs[0]
         logprobs = torch.log_softmax(out.logits, dim=-1)
         token_nll = -logprobs.gather(-1, out.targets.unsqueeze(-1)).squeeze(-1)
         return _pooled_rows(token_nll, out.rows, len(chunk))
 
-    return _map_batches([model], pairs, batch_size, pad_id, nll)
+    return _map_batches([model], pairs, batch_size, pad_id, nll, memo, [record])
 
 
 # --------------------------------------------------------------------------------------------------- KL
@@ -287,9 +295,10 @@ def greedy_pairs(reference: nn.Module, tokenizer, template: PromptTemplate, rows
 
 
 def kl_to_reference(reference: nn.Module, model: nn.Module, pairs: Sequence[Pair], batch_size: int = 16,
-                    pad_id: int = 0) -> np.ndarray:
+                    pad_id: int = 0, memo: FrozenMemo | None = None) -> np.ndarray:
     """(n, 2): per pair, Σ over its continuation positions of KL(reference ‖ model) of the next-token distributions
-    (nats), and the number of positions."""
+    (nats), and the number of positions. With ``memo`` the reference's pass over a batch serves as an IMSM model's
+    frozen memory of it (``scoring.FrozenMemo``)."""
     def kl(outs: list[ScoredPositions], chunk: list[int]) -> np.ndarray:
         ref, tuned = outs
         log_p = torch.log_softmax(ref.logits, dim=-1)
@@ -297,7 +306,7 @@ def kl_to_reference(reference: nn.Module, model: nn.Module, pairs: Sequence[Pair
         per_position = (log_p.exp() * (log_p - log_q)).sum(-1)
         return _pooled_rows(per_position, ref.rows, len(chunk))
 
-    return _map_batches([reference, model], pairs, batch_size, pad_id, kl)
+    return _map_batches([reference, model], pairs, batch_size, pad_id, kl, memo, [True, False])
 
 
 def yes_no_measures(scores: np.ndarray, positive: np.ndarray, train_scores: np.ndarray | None = None,

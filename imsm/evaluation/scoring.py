@@ -17,6 +17,8 @@ lands in. ``answer_nll`` scores a task's gold answers the way training encodes t
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +29,8 @@ from torch import nn
 from imsm.data import Truncation, encode_prompt
 from imsm.method.model import IMSMModel
 from imsm.templates import PromptTemplate
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,13 +48,75 @@ class SequenceScore:
         return -self.logprob_sum / self.num_tokens
 
 
-def _hidden_and_head(model: nn.Module, input_ids, attention_mask, query_mask):
-    """(final hidden states (B, T, d) that become logits, LM head, gate or None) of an IMSM model or a causal LM."""
+class FrozenMemo:
+    """The untuned backbone's final hidden states of every batch it scored, so that an IMSM model scoring the very
+    same batch (same token ids and mask: measures batch a fixed list of pairs the same way for every model) reads its
+    frozen memory h_M instead of computing it again. h_M is the backbone with the adapter switched off, so it is the
+    untuned model's own hidden state; with the untuned model measured first, every IMSM model then costs one pass,
+    as vanilla PEFT does.
+
+    Trust is checked, not assumed: the first batch a model would read is also computed, and the model reads the memo
+    only if the two agree (``torch.allclose``, rtol = atol = 1e-5); a model whose frozen pass is not the untuned
+    backbone (another base model, PiSSA's or CorDA's residual weights) computes its own. ``start_model`` resets the
+    check for the next model. States are kept on the CPU, at most ``max_bytes`` of them (later batches are computed).
+    """
+
+    def __init__(self, max_bytes: int = 4 << 30) -> None:
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.states: dict[bytes, torch.Tensor] = {}
+        self.trusted: bool | None = None  # the current model's verdict; None: not checked yet
+        self.reads = 0  # batches read by the current model
+
+    @staticmethod
+    def key(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> bytes:
+        ids, mask = input_ids.cpu().contiguous(), attention_mask.cpu().contiguous()
+        shape = repr(tuple(ids.shape)).encode()
+        return hashlib.sha256(shape + ids.numpy().tobytes() + mask.numpy().tobytes()).digest()
+
+    def start_model(self) -> None:
+        self.trusted, self.reads = None, 0
+
+    def record(self, input_ids, attention_mask, hidden: torch.Tensor) -> None:
+        key = self.key(input_ids, attention_mask)
+        size = hidden.numel() * hidden.element_size()
+        if key not in self.states and self.bytes + size <= self.max_bytes:
+            self.states[key] = hidden.detach().cpu()
+            self.bytes += size
+
+    def frozen_memory(self, model: IMSMModel, input_ids, attention_mask) -> torch.Tensor | None:
+        """This batch's h_M for ``model``, or None (the model computes it)."""
+        state = self.states.get(self.key(input_ids, attention_mask))
+        if state is None or self.trusted is False:
+            return None
+        state = state.to(input_ids.device)
+        if self.trusted is None:
+            computed = model.memory(False, input_ids=input_ids, attention_mask=attention_mask,
+                                    use_cache=False).last_hidden_state
+            self.trusted = computed.shape == state.shape and torch.allclose(computed.float(), state.float(),
+                                                                            rtol=1e-5, atol=1e-5)
+            if not self.trusted:
+                logger.info("frozen memo: this model's frozen memory is not the untuned model's; it computes its own")
+            return computed
+        self.reads += 1
+        return state
+
+
+def _hidden_and_head(model: nn.Module, input_ids, attention_mask, query_mask, memo: FrozenMemo | None = None,
+                     record: bool = False):
+    """(final hidden states (B, T, d) that become logits, LM head, gate or None) of an IMSM model or a causal LM.
+
+    ``memo``: an IMSM model reads its frozen memory from it; with ``record`` a causal LM (the untuned backbone) adds
+    its hidden states to it."""
     if isinstance(model, IMSMModel):
-        _, _, mixed, gate = model.hidden_states(input_ids, attention_mask, query_mask)
+        h_frozen = None
+        if memo is not None and model.uses_frozen_memory:
+            h_frozen = memo.frozen_memory(model, input_ids, attention_mask)
+        _, _, mixed, gate = model.hidden_states(input_ids, attention_mask, query_mask, h_frozen=h_frozen)
         return mixed, model.lm_head, gate if model.uses_frozen_memory else None
     decoder = getattr(model, model.base_model_prefix)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    if memo is not None and record:
+        memo.record(input_ids, attention_mask, hidden)
     return hidden, model.get_output_embeddings(), None
 
 
@@ -68,10 +134,10 @@ class ScoredPositions:
 
 @torch.inference_mode()
 def scored_positions(model: nn.Module, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
-                     device: torch.device) -> ScoredPositions:
+                     device: torch.device, memo: FrozenMemo | None = None, record: bool = False) -> ScoredPositions:
     """One forward pass over the pairs, right-padded, with the context as the query (see the module docstring); the
     LM head runs only where a continuation token is predicted. Other measures (``imsm.evaluation.measures``) read
-    full next-token distributions from here."""
+    full next-token distributions from here. ``memo``/``record``: see ``FrozenMemo``."""
     width = max(len(c) + len(y) for c, y in pairs)
     n = len(pairs)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
@@ -86,7 +152,7 @@ def scored_positions(model: nn.Module, pairs: Sequence[tuple[Sequence[int], Sequ
         scored[i, len(context) - 1 : length - 1] = True
     input_ids, attention_mask, query_mask = (t.to(device) for t in (input_ids, attention_mask, query_mask))
     scored = scored.to(device)
-    hidden, lm_head, gate = _hidden_and_head(model, input_ids, attention_mask, query_mask)
+    hidden, lm_head, gate = _hidden_and_head(model, input_ids, attention_mask, query_mask, memo, record)
     return ScoredPositions(logits=lm_head(hidden[scored]).float(), targets=input_ids[:, 1:][scored[:, :-1]],
                            rows=scored.nonzero()[:, 0], scored=scored, gate=gate)
 

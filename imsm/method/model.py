@@ -100,13 +100,19 @@ class IMSMModel(nn.Module):
             return h_tuned, torch.zeros((), device=h_tuned.device)
         return self.imsm_gate.mix(h_frozen, h_tuned, q_frozen, q_tuned)
 
-    def hidden_states(self, input_ids, attention_mask, query_mask):
-        """(frozen memory or None, tuned memory, mixed memory, gate) for a right- or left-padded batch."""
+    def hidden_states(self, input_ids, attention_mask, query_mask, h_frozen=None):
+        """(frozen memory or None, tuned memory, mixed memory, gate) for a right- or left-padded batch.
+
+        ``h_frozen``: this very batch's frozen memory, computed before (evaluation's ``FrozenMemo``): the frozen pass
+        is then skipped."""
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         h_tuned = self.memory(True, **kwargs).last_hidden_state
-        h_frozen = q_frozen = q_tuned = None
-        if self.uses_frozen_memory:
-            h_frozen = self.memory(False, **kwargs).last_hidden_state
+        q_frozen = q_tuned = None
+        if not self.uses_frozen_memory:
+            h_frozen = None
+        else:
+            if h_frozen is None:
+                h_frozen = self.memory(False, **kwargs).last_hidden_state
             if self.imsm_gate.uses_query:
                 q_frozen, q_tuned = query_mean(h_frozen, query_mask), query_mean(h_tuned, query_mask)
         mixed, gate = self.mix(h_frozen, h_tuned, q_frozen, q_tuned)

@@ -26,6 +26,7 @@ from imsm.evaluation.measures import (
     yes_no_log_odds,
     yes_no_measures,
 )
+from imsm.evaluation.scoring import FrozenMemo
 from imsm.loader import build_imsm_model
 from imsm.templates import build_template
 
@@ -215,3 +216,66 @@ def test_kl_matches_a_direct_softmax_computation(tokenizer, variant):
         assert count == len(answer)
     same = kl_to_reference(reference, _model(tokenizer, "untuned"), pairs, batch_size=2)
     assert np.abs(same[:, 0]).max() < 1e-6  # the untuned model against itself
+
+
+# --------------------------------------------------------------------------------------------------- frozen memo
+
+
+def _count_frozen_passes(model):
+    """Wrap ``model.memory`` so that each frozen pass (adapter off) is counted."""
+    calls = {"frozen": 0}
+    memory = model.memory
+
+    def counted(adapter, **kwargs):
+        calls["frozen"] += not adapter
+        return memory(adapter, **kwargs)
+
+    model.memory = counted
+    return calls
+
+
+def test_frozen_memo_gives_the_same_measures_with_one_frozen_pass(tokenizer):
+    """An IMSM model reading its frozen memory from the untuned model's passes measures exactly what it measures
+    alone, and computes the frozen pass once (the trust check) instead of once per batch."""
+    untuned, model = _model(tokenizer, "untuned"), _model(tokenizer, "query_aware")  # the same base weights
+    template = build_template("raw", tokenizer)
+    rows = _rows(9, seed=3)
+    passages = general_text_pairs(tokenizer, [{"text": " ".join(r["input"] for r in rows[i : i + 3])}
+                                              for i in range(0, 9, 3)], prefix_tokens=4)
+    pairs = greedy_pairs(untuned, tokenizer, template, rows, 64, max_new_tokens=4, batch_size=4)
+    alone = (yes_no_log_odds(model, template, rows, 64, 4), continuation_nll(model, passages, 2),
+             kl_to_reference(untuned, model, pairs, 4))
+
+    memo = FrozenMemo()
+    yes_no_log_odds(untuned, template, rows, 64, 4, memo=memo, record=True)
+    continuation_nll(untuned, passages, 2, memo=memo, record=True)
+    assert len(memo.states) == 3 + 2  # one per batch
+    calls = _count_frozen_passes(model)
+    memo.start_model()
+    read = (yes_no_log_odds(model, template, rows, 64, 4, memo=memo), continuation_nll(model, passages, 2, memo=memo),
+            kl_to_reference(untuned, model, pairs, 4, memo=memo))
+    for a, b in zip(alone, read, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert memo.trusted is True
+    assert calls["frozen"] == 1 and memo.reads == 3 + 2 + 3 - 1  # every batch but the checked one read the memo
+
+
+def test_frozen_memo_is_not_read_by_a_model_on_another_backbone(tokenizer):
+    """States recorded by another backbone fail the trust check: the model computes its own frozen memory."""
+    other, model = _model(tokenizer, "untuned", seed=5), _model(tokenizer, "query_aware")
+    template = build_template("raw", tokenizer)
+    rows = _rows(8, seed=4)
+    memo = FrozenMemo()
+    yes_no_log_odds(other, template, rows, 64, 4, memo=memo, record=True)
+    calls = _count_frozen_passes(model)
+    memo.start_model()
+    got = yes_no_log_odds(model, template, rows, 64, 4, memo=memo)
+    assert memo.trusted is False and memo.reads == 0 and calls["frozen"] == 2
+    np.testing.assert_array_equal(got, yes_no_log_odds(model, template, rows, 64, 4))
+    by_hand = []
+    for row in rows:
+        ids = tokenizer(row["input"])["input_ids"]
+        logits = _logits_by_hand(model, ids + [0], len(ids))[len(ids) - 1]
+        yes, no = (template.encode_answer(row["input"], a)[0] for a in ("yes", "no"))
+        by_hand.append(float(torch.log_softmax(logits, -1)[yes] - torch.log_softmax(logits, -1)[no]))
+    np.testing.assert_allclose(got, by_hand, atol=1e-5)

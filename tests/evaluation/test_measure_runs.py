@@ -111,3 +111,54 @@ def test_bad_measure_inputs_fail_before_anything_is_written(tiny_model_dir, setu
     with pytest.raises(ValueError, match="trained on all of it"):
         evaluate.main(_argv(tiny_model_dir, base, train, [*runs[:3], run], out))
     assert not out.exists()
+
+
+def _merge_script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "merge_measures.py"
+    spec = importlib.util.spec_from_file_location("merge_measures", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_merged_reports_equal_one_evaluation_of_every_model(tiny_model_dir, setup, tmp_path):
+    """LoRA at scale 0.5 evaluated later and merged (scripts/merge_measures.py) gives the measures and the frontier
+    that one evaluation of every model gives; reports measured on other rows are refused."""
+    base, train, _, runs = setup
+    frontier = ["--frontier", "IMSM-LoRA:LoRA"]
+    evaluate.main(_argv(tiny_model_dir, base, train, runs, tmp_path / "all", "--adapter_scale", "0.5,1", *frontier))
+    evaluate.main(_argv(tiny_model_dir, base, train, runs, tmp_path / "first", "--adapter_scale", "1", *frontier))
+    later = _argv(tiny_model_dir, base, train, runs[:2], tmp_path / "later", "--adapter_scale", "0.5")
+    later[later.index("--labels") + 1] = "untuned,LoRA,LoRA"
+    evaluate.main(later)
+    merge = _merge_script()
+    assert merge.main([str(tmp_path / "first"), str(tmp_path / "later"), "--out", str(tmp_path / "merged"),
+                       "--target", "mrpc", "--frontier", "IMSM-LoRA:LoRA", "--bootstrap_resamples", "1000"]) == 0
+    one = json.loads((tmp_path / "all" / "stats.json").read_text())["measures"]
+    merged = json.loads((tmp_path / "merged" / "stats.json").read_text())["measures"]
+    for name in ("auroc", "mcc", "general_nll", "kl"):
+        for task, labels in one[name].items():
+            assert set(merged[name][task]) == set(labels)
+            for label, entry in labels.items():
+                np.testing.assert_allclose(merged[name][task][label]["per_run"], entry["per_run"], atol=1e-9)
+                assert merged[name][task][label]["change"]["delta"] == pytest.approx(entry["change"]["delta"])
+    for measure in ("general_nll", "kl"):
+        a, b = one["frontier"][measure], merged["frontier"][measure]
+        assert (a["gap"] is None) == (b["gap"] is None)
+        if a["gap"] is not None:
+            assert b["gap"] == pytest.approx(a["gap"])
+        np.testing.assert_allclose(b["curve"], a["curve"])
+    assert (tmp_path / "merged" / "frontier.png").stat().st_size > 1000
+
+    other = list(later)
+    other[other.index("--output_dir") + 1] = str(tmp_path / "other")
+    other[other.index("--threshold_examples") + 1] = "15"
+    evaluate.main(other)
+    with pytest.raises(SystemExit, match="measured on different rows"):
+        merge.main([str(tmp_path / "first"), str(tmp_path / "other"), "--out", str(tmp_path / "bad"), "--target",
+                    "mrpc"])
+    with pytest.raises(SystemExit, match="in two reports"):
+        merge.main([str(tmp_path / "first"), str(tmp_path / "all"), "--out", str(tmp_path / "bad"), "--target",
+                    "mrpc"])

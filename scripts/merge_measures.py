@@ -1,0 +1,116 @@
+"""Merge the ``--measures`` of several finished evaluate.py reports into one measures report: e.g. LoRA at one more
+adapter scale, evaluated later, joins the frontier without measuring every other model again.
+
+    python scripts/merge_measures.py --out runs/cpu_study/eval_frontier --target mrpc --frontier IMSM-LoRA:LoRA \
+        runs/cpu_study/eval_measures runs/cpu_study/eval_measures_075
+
+It reads each model's ``measures.json`` (``<label>[/run<k>]/``) from every report and writes ``measures.md``,
+``frontier.md``/``frontier.png`` and ``stats.json`` (key ``measures``) to ``--out``, exactly as evaluate.py would have
+from one evaluation of them all (``measure_runs.write_measures_report``). The untuned model's measures must be the
+same in every report (the same rows, threshold rows, passages and KL prompts; within 1e-9), else the reports measured
+different things and the merge is refused, naming them; so is a label found in two reports, an unfinished report
+(``INCOMPLETE``), and a report without measures. Runs of a label keep their ``run<k>`` order, which must be the same
+seed order for every label on the curve (as evaluate.py's ``--run_dir`` order is).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from imsm.evaluation.measure_runs import MEASURES_FILE, MeasureArguments, write_measures_report
+
+
+def read_report(folder: Path) -> dict[str, list[dict]]:
+    """label -> its runs' measures, in run order, of one finished report."""
+    if not (folder / "imsm_evaluation.json").is_file():
+        raise SystemExit(f"merge_measures: {folder} is not an evaluate.py report (no imsm_evaluation.json)")
+    if (folder / "INCOMPLETE").exists():
+        raise SystemExit(f"merge_measures: {folder} is unfinished (INCOMPLETE); let the evaluation end first")
+    files = sorted(folder.glob(f"*/{MEASURES_FILE}")) + sorted(folder.glob(f"*/run*/{MEASURES_FILE}"))
+    if not files:
+        raise SystemExit(f"merge_measures: {folder} holds no {MEASURES_FILE} (evaluated without --measures)")
+
+    def run_number(path: Path) -> int:
+        found = re.fullmatch(r"run([0-9]+)", path.parent.name)
+        return int(found.group(1)) if found else 0
+
+    out: dict[str, list[dict]] = {}
+    for path in sorted(files, key=lambda p: (p.relative_to(folder).parts[0], run_number(p))):
+        record = json.loads(path.read_text())
+        out.setdefault(record["label"], []).append(record)
+    return out
+
+
+def _same(a, b) -> bool:
+    """Equal measures: the same keys, and numbers equal within 1e-9."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        try:
+            x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+        except (TypeError, ValueError):
+            return a == b
+        return x.shape == y.shape and bool(np.allclose(x, y, rtol=0, atol=1e-9))
+    return a == b
+
+
+def merge(reports: list[Path]) -> dict[str, list[dict]]:
+    merged: dict[str, list[dict]] = {}
+    untuned = None
+    for folder in reports:
+        report = read_report(folder)
+        if "untuned" not in report:
+            raise SystemExit(f"merge_measures: {folder} has no untuned model (evaluate.py --untuned)")
+        measured = {k: v for k, v in report["untuned"][0].items() if k not in ("label", "folder", "untuned")}
+        if untuned is None:
+            untuned = (folder, measured)
+            merged["untuned"] = report["untuned"]
+        elif not _same(untuned[1], measured):
+            raise SystemExit(f"merge_measures: the untuned model's measures differ between {untuned[0]} and {folder}: "
+                             "the reports were measured on different rows, passages or prompts")
+        for label, runs in report.items():
+            if label == "untuned":
+                continue
+            if label in merged:
+                raise SystemExit(f"merge_measures: label {label!r} is in two reports (the second: {folder})")
+            merged[label] = runs
+    return merged
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("reports", nargs="+", type=Path, help="finished evaluate.py --measures output folders")
+    p.add_argument("--out", type=Path, required=True, help="the merged report's folder (created)")
+    p.add_argument("--target", required=True, help="the task the runs were tuned on")
+    p.add_argument("--frontier", default=None, help="IMSM:LORA labels, as evaluate.py's --frontier")
+    p.add_argument("--bootstrap_resamples", type=int, default=2000)
+    p.add_argument("--bootstrap_seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if len(args.reports) < 2:
+        p.error("give at least two reports to merge")
+    if args.out.resolve() in {r.resolve() for r in args.reports}:
+        p.error("--out must be a new folder, not one of the reports")
+    results = merge(args.reports)
+    first = results["untuned"][0]
+    names = [m for m, key in (("auroc", "yes_no"), ("general_nll", "general_nll"), ("kl", "kl")) if key in first]
+    margs = MeasureArguments(measures=",".join(names), general_text="(merged)", frontier=args.frontier)
+    args.out.mkdir(parents=True, exist_ok=True)
+    paths = write_measures_report(results, args.target, margs, args.out, args.bootstrap_resamples,
+                                  args.bootstrap_seed)
+    (args.out / "merged_from.json").write_text(json.dumps([str(r) for r in args.reports], indent=1) + "\n")
+    print(paths["measures_md"].read_text())
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -21,8 +21,11 @@ and where G_IMSM lies outside the curve's gain range the gap is not given (never
 interval adds the seeds through the statistics module's ``method_interval`` (Welch t over the seed terms):
 SE² = V_ex + s²(d_r)/k_IMSM + s²(e_j)/k_LoRA, where d_r is the gap of IMSM's run r against the seed-averaged curve and
 e_j the gap of the seed-averaged IMSM point against LoRA seed j's own curve (run j of every LoRA label is one training
-run at its scales and checkpoints) - each seed's effect on the gap, to first order. A draw or seed whose gain leaves
-the curve's range makes the interval not given, with the count in the note.
+run at its scales and checkpoints) - each seed's effect on the gap, to first order. A draw whose gain leaves the
+curve's range has no gap: while such draws are fewer than a tail holds (2.5% of them), the examples-only interval is
+bounded as if each were −inf (its lower end) and +inf (its upper end), so it holds whatever their gap
+(``bounded_percentiles``), and V_ex is the variance of the draws in range; with more, or a seed out of range, the
+interval is not given, with the count in the note.
 """
 
 from __future__ import annotations
@@ -57,6 +60,22 @@ def interpolate(curve: Sequence[Point], gain: float) -> float | None:
         return None
     gains, forgetting = zip(*curve, strict=True)
     return float(np.interp(gain, gains, forgetting))
+
+
+def bounded_percentiles(values: Sequence[float | None], tail: float) -> tuple[float, float] | None:
+    """The (tail, 1 − tail) percentiles (numpy's linear interpolation) of ``values``, where a None is a draw whose
+    value is unknown: the lower end is taken with every None at −inf, the upper with every None at +inf, so the
+    interval contains the percentile interval whatever the unknown values are. None when the unknown draws are
+    more than a tail holds (an end would be infinite)."""
+    known = np.sort([v for v in values if v is not None])
+    n, missing = len(values), len(values) - len(known)
+    if n == 0 or len(known) == 0:
+        return None
+    low_rank, high_rank = tail * (n - 1) - missing, (1.0 - tail) * (n - 1)  # positions in ``known``
+    if low_rank < 0 or high_rank > len(known) - 1:
+        return None
+    return float(np.interp(low_rank, np.arange(len(known)), known)), float(np.interp(high_rank,
+                                                                                      np.arange(len(known)), known))
 
 
 @dataclass
@@ -156,13 +175,19 @@ def frontier_gap(imsm: LabelRuns, lora: dict[str, LabelRuns], untuned: LabelRuns
     for b in range(resamples):
         value = interpolate(_curve_at(drawn, b), float(dg[:, b].mean()))
         gaps.append(None if value is None else float(df[:, b].mean()) - value)
-    outside = sum(g is None for g in gaps)
-    if outside:
-        result.notes.append(f"no interval: IMSM's gain leaves the LoRA curve's range in {outside} of {resamples} "
-                            "draws of the examples")
-        return result
     tail = (1.0 - confidence) / 2.0
-    result.examples_low, result.examples_high = (float(q) for q in np.quantile(gaps, [tail, 1.0 - tail]))
+    interval = bounded_percentiles(gaps, tail)
+    outside = sum(g is None for g in gaps)
+    if interval is None:
+        result.notes.append(f"no interval: IMSM's gain leaves the LoRA curve's range in {outside} of {resamples} "
+                            "draws of the examples, more than a tail holds")
+        return result
+    if outside:
+        result.notes.append(f"IMSM's gain leaves the LoRA curve's range in {outside} of {resamples} draws of the "
+                            "examples: the examples-only interval holds whatever the gap on those draws (they count "
+                            "as -inf for its lower end, +inf for its upper end)")
+    result.examples_low, result.examples_high = interval
+    gaps = [g for g in gaps if g is not None]
 
     per_imsm_run = [interpolate(curve, float(ig[r, 0])) for r in range(imsm.runs)]
     per_lora_seed = [interpolate(_curve_at(points, 0, run=j), g_imsm) for j in range(seeds.pop())]

@@ -96,3 +96,22 @@ def test_one_seed_gives_no_method_level_interval_and_unaligned_seeds_are_refused
     lora = _lora() | {"LoRA@step100": _runs(1.0, 0.3, seeds=2)}
     with pytest.raises(ValueError, match="same seeds"):
         frontier_gap(_runs(1.1, 0.05), lora, UNTUNED, POSITIVE)
+
+
+def test_bounded_percentiles_hold_whatever_the_unknown_draws_are():
+    """A few draws without a gap (IMSM's gain outside the curve's range on them): the interval contains the
+    percentile interval for any values of those draws, and is refused once they outnumber a tail."""
+    from imsm.evaluation.frontier import bounded_percentiles
+
+    rng = np.random.default_rng(0)
+    known = list(rng.normal(size=1990))
+    values = known + [None] * 10
+    low, high = bounded_percentiles(values, 0.025)
+    for fill in (-1e9, 1e9, 0.0, 5.0, -5.0):
+        filled = np.quantile(known + [fill] * 10, [0.025, 0.975])
+        assert low <= filled[0] + 1e-12 and filled[1] <= high + 1e-12
+    # at the extremes the bounds are attained: every unknown draw lowest gives the lower end exactly
+    assert low == pytest.approx(np.quantile(known + [-1e9] * 10, 0.025))
+    assert high == pytest.approx(np.quantile(known + [1e9] * 10, 0.975))
+    assert bounded_percentiles(known, 0.025) == pytest.approx(tuple(np.quantile(known, [0.025, 0.975])))
+    assert bounded_percentiles(known[:1900] + [None] * 100, 0.025) is None  # 5% unknown: more than a tail

@@ -7,7 +7,8 @@
 # each yes/no task (MCC at a threshold chosen on held-out training rows of a yes/no target), the general-text NLL of
 # GENERAL_EXAMPLES passages (data/general_text.jsonl, built from DATA_DIR on first use) and KL(untuned || model) on
 # KL_EXAMPLES prompts per general task; MEASURES= (empty) leaves them out. It measures and prints its expected
-# duration first (20-60 minutes on 2 cores, by machine). One seed: run_scripts/cpu_study.sh repeats this over seeds,
+# duration first (23 minutes on an idle 2-core machine here, 2-3x that on slower ones). One seed:
+# run_scripts/cpu_study.sh repeats this over seeds,
 # with LoRA at several scales for the frontier. Every size is an environment variable; extra arguments go to both
 # train.py runs.
 set -euo pipefail

@@ -120,7 +120,7 @@ def test_cpu_study_baselines_share_the_harness(tmp_path):
     data = _toy_data(tmp_path, rows=8)
     out = tmp_path / "study"
     env = _env(data, out, SEEDS="1", BASELINES="1", SCALES="0.5,1", CORDA_SKIP="6", CORDA_EXAMPLES="2",
-               EVAL_EXAMPLES="8", SCORE="likelihood")
+               EVAL_EXAMPLES="8", SCORE="likelihood", EVALUATE="decoded")  # the measures are the toy study's
     proc = subprocess.run(["bash", "run_scripts/cpu_study.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=1500, check=False)
     log = proc.stdout + proc.stderr

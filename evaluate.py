@@ -30,6 +30,8 @@ folder holds a file ``INCOMPLETE``. Every model's predictions are saved as soon 
 be written again from the folder alone, without decoding (e.g. after a crash, or with other ``--compare`` pairs):
 
     python evaluate.py --report_only eval/gsm8k [--compare IMSM-LoRA:LoRA] [--target gsm8k] [--bootstrap_seed 1]
+
+(the --measures sections too, from each model's saved measures.json, with ``--frontier`` to change the frontier).
  A run decodes with the prompt template it was
 trained with unless ``--prompt_template`` overrides it (a warning says so); the untuned model uses
 ``--prompt_template`` (default raw). Every input (tasks, data files, run folders, gate shapes, templates) is checked
@@ -73,6 +75,8 @@ class ReportOnlyArguments:
     compare: str | None = field(default=None, metadata={"help": "Pairs of labels to compare: 'A:B,C:D'."})
     bootstrap_resamples: int | None = field(default=None, metadata={"help": "Paired bootstrap resamples."})
     bootstrap_seed: int | None = field(default=None, metadata={"help": "Seed of the bootstrap's resampling."})
+    frontier: str | None = field(default=None, metadata={
+        "help": "IMSM:LORA labels of the --measures frontier (default: the one it was evaluated with, if any)."})
 
 
 def report_only(argv: list[str]) -> dict[str, Path]:
@@ -80,11 +84,12 @@ def report_only(argv: list[str]) -> dict[str, Path]:
                                                                                   return_remaining_strings=True)
     if rest:
         raise ValueError(f"--report_only writes a report from saved predictions without decoding; it takes only "
-                         f"--target, --compare, --bootstrap_resamples and --bootstrap_seed, not {' '.join(rest)}")
+                         f"--target, --compare, --bootstrap_resamples, --bootstrap_seed and --frontier, not "
+                         f"{' '.join(rest)}")
     if args.bootstrap_resamples is not None and args.bootstrap_resamples < 1000:
         raise ValueError(f"--bootstrap_resamples {args.bootstrap_resamples}: use at least 1000")
     paths = rebuild_report(args.report_only, args.target, parse_pairs(args.compare), args.bootstrap_resamples,
-                           args.bootstrap_seed)
+                           args.bootstrap_seed, args.frontier)
     finish_output_dir(Path(args.report_only))
     return paths
 
@@ -124,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path] | None:
     if rank == 0:
         prepare_output_dir(Path(args.output_dir), args.overwrite)
         write_report_inputs(args.output_dir, [plan.folder for plan in plans], args.target, args.pairs,
-                            args.bootstrap_resamples, args.bootstrap_seed, notes)
+                            args.bootstrap_resamples, args.bootstrap_seed, notes, measure_args.frontier)
     runs, start = [], time.perf_counter()
     for i, plan in enumerate(plans):
         runs.append(evaluate_model(plan, args, tasks, dtype, device, rank, world_size, measures))

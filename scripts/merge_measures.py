@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -25,7 +24,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from imsm.evaluation.measure_runs import MEASURES_FILE, MeasureArguments, write_measures_report
+from imsm.evaluation.measure_runs import (
+    MEASURES_FILE,
+    MeasureArguments,
+    measured_names,
+    read_measures,
+    write_measures_report,
+)
 
 
 def read_report(folder: Path) -> dict[str, list[dict]]:
@@ -34,19 +39,10 @@ def read_report(folder: Path) -> dict[str, list[dict]]:
         raise SystemExit(f"merge_measures: {folder} is not an evaluate.py report (no imsm_evaluation.json)")
     if (folder / "INCOMPLETE").exists():
         raise SystemExit(f"merge_measures: {folder} is unfinished (INCOMPLETE); let the evaluation end first")
-    files = sorted(folder.glob(f"*/{MEASURES_FILE}")) + sorted(folder.glob(f"*/run*/{MEASURES_FILE}"))
-    if not files:
+    results = read_measures(folder)
+    if not results:
         raise SystemExit(f"merge_measures: {folder} holds no {MEASURES_FILE} (evaluated without --measures)")
-
-    def run_number(path: Path) -> int:
-        found = re.fullmatch(r"run([0-9]+)", path.parent.name)
-        return int(found.group(1)) if found else 0
-
-    out: dict[str, list[dict]] = {}
-    for path in sorted(files, key=lambda p: (p.relative_to(folder).parts[0], run_number(p))):
-        record = json.loads(path.read_text())
-        out.setdefault(record["label"], []).append(record)
-    return out
+    return results
 
 
 def _same(a, b) -> bool:
@@ -99,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.resolve() in {r.resolve() for r in args.reports}:
         p.error("--out must be a new folder, not one of the reports")
     results = merge(args.reports)
-    first = results["untuned"][0]
-    names = [m for m, key in (("auroc", "yes_no"), ("general_nll", "general_nll"), ("kl", "kl")) if key in first]
+    names = measured_names(results["untuned"][0])
     margs = MeasureArguments(measures=",".join(names), general_text="(merged)", frontier=args.frontier)
     args.out.mkdir(parents=True, exist_ok=True)
     paths = write_measures_report(results, args.target, margs, args.out, args.bootstrap_resamples,

@@ -101,11 +101,12 @@ def write_report(runs: list[RunResult], target: str, out_dir: str | Path, baseli
 
 
 def write_report_inputs(out_dir: str | Path, folders: list[str], target: str, pairs: list[tuple[str, str]],
-                        resamples: int, seed: int, notes: list[str]) -> Path:
+                        resamples: int, seed: int, notes: list[str], frontier: str | None = None) -> Path:
     """Record what the report needs besides the prediction records, before anything is decoded."""
     path = Path(out_dir) / REPORT_INPUTS
     atomic_write_json(path, {"folders": folders, "target": target, "pairs": [list(p) for p in pairs],
-                             "bootstrap_resamples": resamples, "bootstrap_seed": seed, "notes": notes})
+                             "bootstrap_resamples": resamples, "bootstrap_seed": seed, "notes": notes,
+                             "frontier": frontier})
     return path
 
 
@@ -116,9 +117,13 @@ def read_report_inputs(out_dir: str | Path) -> dict[str, Any]:
 
 
 def rebuild_report(out_dir: str | Path, target: str | None = None, pairs: list[tuple[str, str]] | None = None,
-                   resamples: int | None = None, seed: int | None = None) -> dict[str, Path]:
-    """Write the report of an existing output folder from its saved records; arguments given override the saved
-    inputs (``target`` is required for a folder without them)."""
+                   resamples: int | None = None, seed: int | None = None,
+                   frontier: str | None = None) -> dict[str, Path]:
+    """Write the report of an existing output folder from its saved records, the --measures sections included when
+    its models saved measures; arguments given override the saved inputs (``target`` is required for a folder
+    without them)."""
+    from imsm.evaluation.measure_runs import MeasureArguments, measured_names, read_measures, write_measures_report
+
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise FileNotFoundError(f"--report_only {out_dir}: no such folder")
@@ -128,8 +133,21 @@ def rebuild_report(out_dir: str | Path, target: str | None = None, pairs: list[t
         raise ValueError(f"--report_only {out_dir}: the folder records no target task (written before "
                          f"{REPORT_INPUTS} existed); give --target")
     runs = load_output_dir(out_dir)
+    measures = read_measures(out_dir, saved.get("folders"))
+    frontier = frontier or saved.get("frontier")
+    margs = None
+    if measures:  # checked before anything is rewritten
+        margs = MeasureArguments(measures=",".join(measured_names(measures["untuned" if "untuned" in measures
+                                                                             else next(iter(measures))][0])),
+                                 general_text="(saved)", frontier=frontier)
+    elif frontier:
+        raise ValueError(f"--report_only {out_dir}: --frontier needs the models' measures, and the folder has none "
+                         "(evaluated without --measures)")
     pairs = pairs if pairs else [tuple(p) for p in saved.get("pairs", [])]
-    return write_report(runs, target, out_dir, pairs=pairs,
-                        resamples=resamples if resamples is not None else saved.get("bootstrap_resamples", 2000),
-                        seed=seed if seed is not None else saved.get("bootstrap_seed", 0),
-                        notes=saved.get("notes", []))
+    resamples = resamples if resamples is not None else saved.get("bootstrap_resamples", 2000)
+    seed = seed if seed is not None else saved.get("bootstrap_seed", 0)
+    paths = write_report(runs, target, out_dir, pairs=pairs, resamples=resamples, seed=seed,
+                         notes=saved.get("notes", []))
+    if margs is not None:
+        paths |= write_measures_report(measures, target, margs, out_dir, resamples, seed)
+    return paths

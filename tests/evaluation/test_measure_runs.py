@@ -90,6 +90,18 @@ def test_measures_end_to_end_match_the_reloaded_runs(tiny_model_dir, setup, tmp_
     assert "### auroc" not in forgetting
     assert "Frontier (kl)" in (out / "measures.md").read_text()
 
+    # --report_only writes the same report from the folder alone, the measures' sections and the frontier included
+    written = {name: (out / name).read_text() for name in ("summary.md", "forgetting.md", "measures.md", "stats.json")}
+    for name in written:
+        (out / name).unlink()
+    evaluate.main(["--report_only", str(out)])
+    assert {name: (out / name).read_text() for name in written} == written
+    # a model's measures missing: refused, naming it, before anything is rewritten
+    (out / "IMSM-LoRA" / "run2" / "measures.json").unlink()
+    with pytest.raises(FileNotFoundError, match="IMSM-LoRA/run2/measures.json"):
+        evaluate.main(["--report_only", str(out)])
+    assert (out / "measures.md").read_text() == written["measures.md"]
+
 
 def test_bad_measure_inputs_fail_before_anything_is_written(tiny_model_dir, setup, tmp_path):
     base, train, _, runs = setup

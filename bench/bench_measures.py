@@ -8,6 +8,10 @@ and KL(untuned ‖ model) on WebQ prompts (the untuned model's greedy answers, b
 yardstick, greedy decoding of the same MRPC prompts (4 new tokens, what ``--score decode`` does). It prints
 milliseconds per example and each cost as a ratio to decoding, so a study can be sized: a measure's cost on a busy
 machine moves with decoding's.
+
+IMSM-LoRA is timed twice: computing its own frozen pass, and reading it from the frozen memo the untuned model's row
+filled (``scoring.FrozenMemo``, as evaluate.py measures it; its first batch is still computed, to check the memo).
+The last line gives IMSM-LoRA's cost as a ratio to LoRA's, with and without the memo.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", required=True)
     p.add_argument("--general_text", required=True, help="scripts/build_general_text.py's output")
-    p.add_argument("--rows", type=int, default=32, help="Examples per measure.")
+    p.add_argument("--rows", type=int, default=64, help="Examples per measure (batches of 16).")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
 
@@ -42,6 +46,7 @@ def main(argv=None) -> None:
         read_general_text,
         yes_no_log_odds,
     )
+    from imsm.evaluation.scoring import FrozenMemo
     from imsm.loader import build_imsm_model, load_backbone
     from imsm.templates import build_template
 
@@ -69,18 +74,35 @@ def main(argv=None) -> None:
     greedy_ms = (time.perf_counter() - start) / args.rows * 1000.0
     print(f"{args.rows} rows per measure, {args.threads} thread(s); KL's untuned greedy answers (once per "
           f"evaluation): {greedy_ms:.0f} ms/prompt, {sum(len(y) for _, y in kl_pairs) / len(kl_pairs):.1f} tokens")
-    print("| model | decode (ms/row) | log-odds | general NLL | KL |\n|---|---|---|---|---|")
-    for label, model in models.items():
-        prompts = [template.encode_prompt(r["input"]) for r in mrpc]
-        decode = timed(lambda m=model, q=prompts: generate(m, tokenizer, q, DecodingConfig(max_new_tokens=4,
-                                                                                           batch_size=16)))
-        cells = [timed(lambda m=model: yes_no_log_odds(m, template, mrpc, 1024, 16)),
-                 timed(lambda m=model: continuation_nll(m, pairs, 16, pad))]
-        cells.append(timed(lambda m=model: kl_to_reference(untuned, m, kl_pairs, 16, pad)) if label != "untuned"
-                     else None)
-        print(f"| {label} | {decode:.0f} | " + " | ".join("–" if c is None else f"{c:.0f} ({c / decode:.2f}x)"
-                                                         for c in cells) + " |")  # KL of the untuned model: 0
+    def measure_costs(model, memo: FrozenMemo | None, record: bool) -> list[float | None]:
+        """ms/row of the log-odds, the general NLL and KL (None for the untuned model: its KL is 0)."""
+        def fresh(fn):
+            if memo is not None:
+                memo.start_model()  # each measure checks the memo on its first batch again, as evaluate.py's models
+            return timed(fn)
 
+        return [fresh(lambda: yes_no_log_odds(model, template, mrpc, 1024, 16, memo=memo, record=record)),
+                fresh(lambda: continuation_nll(model, pairs, 16, pad, memo=memo, record=record)),
+                None if model is untuned else fresh(lambda: kl_to_reference(untuned, model, kl_pairs, 16, pad,
+                                                                            memo=memo))]
+
+    memo = FrozenMemo()
+    rows = [("untuned", untuned, memo, True),  # its passes fill the memo the last row reads
+            ("LoRA", models["LoRA"], None, False), ("IMSM-LoRA", models["IMSM-LoRA"], None, False),
+            ("IMSM-LoRA, frozen memo", models["IMSM-LoRA"], memo, False)]
+    prompts = [template.encode_prompt(r["input"]) for r in mrpc]
+    print("| model | decode (ms/row) | log-odds | general NLL | KL |\n|---|---|---|---|---|")
+    costs = {}
+    for label, model, row_memo, record in rows:
+        decode = timed(lambda m=model: generate(m, tokenizer, prompts, DecodingConfig(max_new_tokens=4,
+                                                                                       batch_size=16)))
+        costs[label] = measure_costs(model, row_memo, record)
+        print(f"| {label} | {decode:.0f} | " + " | ".join("–" if c is None else f"{c:.0f} ({c / decode:.2f}x)"
+                                                         for c in costs[label]) + " |")
+    ratios = {label: " / ".join(f"{c / lora:.2f}x" for c, lora in zip(costs[label], costs["LoRA"], strict=True))
+              for label in ("IMSM-LoRA", "IMSM-LoRA, frozen memo")}
+    print(f"IMSM-LoRA / LoRA (log-odds / general NLL / KL): {ratios['IMSM-LoRA']} computing its frozen pass, "
+          f"{ratios['IMSM-LoRA, frozen memo']} reading it from the memo")
 
 if __name__ == "__main__":
     main()

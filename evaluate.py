@@ -51,7 +51,7 @@ import torch
 from transformers import HfArgumentParser
 
 from imsm.evaluation.arguments import DTYPES, EvalArguments
-from imsm.evaluation.measure_runs import MeasureArguments, MeasureSession
+from imsm.evaluation.measure_runs import MeasureArguments, MeasureSession, saved_measures, write_measures_report
 from imsm.evaluation.output_dir import finish_output_dir, prepare_output_dir
 from imsm.evaluation.planning import (
     calibration_notes,
@@ -61,7 +61,7 @@ from imsm.evaluation.planning import (
     scoring_notes,
     task_files,
 )
-from imsm.evaluation.report import rebuild_report, write_report, write_report_inputs
+from imsm.evaluation.report import rebuild_report, report_settings, write_report, write_report_inputs
 from imsm.evaluation.runner import evaluate_model
 from imsm.evaluation.tables import parse_pairs
 
@@ -88,8 +88,15 @@ def report_only(argv: list[str]) -> dict[str, Path]:
                          f"{' '.join(rest)}")
     if args.bootstrap_resamples is not None and args.bootstrap_resamples < 1000:
         raise ValueError(f"--bootstrap_resamples {args.bootstrap_resamples}: use at least 1000")
-    paths = rebuild_report(args.report_only, args.target, parse_pairs(args.compare), args.bootstrap_resamples,
-                           args.bootstrap_seed, args.frontier)
+    pairs = parse_pairs(args.compare)
+    settings = report_settings(args.report_only, args.target, pairs, args.bootstrap_resamples, args.bootstrap_seed)
+    # the measures are read (and checked) before anything is rewritten
+    measures = saved_measures(args.report_only, settings["folders"], args.frontier or settings["frontier"])
+    paths = rebuild_report(args.report_only, args.target, pairs, args.bootstrap_resamples, args.bootstrap_seed)
+    if measures is not None:
+        results, margs = measures
+        paths |= write_measures_report(results, settings["target"], margs, args.report_only, settings["resamples"],
+                                       settings["seed"])
     finish_output_dir(Path(args.report_only))
     return paths
 

@@ -334,6 +334,21 @@ def measured_names(record: dict) -> list[str]:
     return [name for name, key in MEASURE_KEYS.items() if key in record]
 
 
+def saved_measures(out_dir: str | Path, folders: list[str] | None,
+                   frontier: str | None) -> tuple[dict[str, list[dict]], MeasureArguments] | None:
+    """The measures an evaluation saved (``read_measures``) and the arguments that report them again with
+    ``write_measures_report`` (``evaluate.py --report_only``); None for a report evaluated without --measures."""
+    results = read_measures(out_dir, folders)
+    if not results:
+        if frontier:
+            raise ValueError(f"--report_only {out_dir}: --frontier needs the models' measures, and the folder has "
+                             "none (evaluated without --measures)")
+        return None
+    first = results["untuned" if "untuned" in results else next(iter(results))][0]
+    return results, MeasureArguments(measures=",".join(measured_names(first)), general_text="(saved)",
+                                     frontier=frontier)
+
+
 def _label_measures(runs: list[dict], target: str) -> dict[str, dict[str, Measure]]:
     """measure name -> task -> Measure of one label's runs."""
     seeded = not runs[0]["untuned"]  # the untuned model is deterministic: no seed variance

@@ -41,7 +41,7 @@ from imsm.evaluation.tables import (
     to_csv,
 )
 
-__all__ = ["RunResult", "parse_pairs", "read_report_inputs", "rebuild_report", "write_report",
+__all__ = ["RunResult", "parse_pairs", "read_report_inputs", "rebuild_report", "report_settings", "write_report",
            "write_report_inputs"]
 
 logger = logging.getLogger(__name__)
@@ -116,14 +116,10 @@ def read_report_inputs(out_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def rebuild_report(out_dir: str | Path, target: str | None = None, pairs: list[tuple[str, str]] | None = None,
-                   resamples: int | None = None, seed: int | None = None,
-                   frontier: str | None = None) -> dict[str, Path]:
-    """Write the report of an existing output folder from its saved records, the --measures sections included when
-    its models saved measures; arguments given override the saved inputs (``target`` is required for a folder
-    without them)."""
-    from imsm.evaluation.measure_runs import MeasureArguments, measured_names, read_measures, write_measures_report
-
+def report_settings(out_dir: str | Path, target: str | None = None, pairs: list[tuple[str, str]] | None = None,
+                    resamples: int | None = None, seed: int | None = None) -> dict[str, Any]:
+    """The settings a report of an existing output folder is written with: those given, else those the evaluation
+    recorded (``target`` is required for a folder without them); also its model folders and --measures frontier."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise FileNotFoundError(f"--report_only {out_dir}: no such folder")
@@ -132,22 +128,16 @@ def rebuild_report(out_dir: str | Path, target: str | None = None, pairs: list[t
     if target is None:
         raise ValueError(f"--report_only {out_dir}: the folder records no target task (written before "
                          f"{REPORT_INPUTS} existed); give --target")
-    runs = load_output_dir(out_dir)
-    measures = read_measures(out_dir, saved.get("folders"))
-    frontier = frontier or saved.get("frontier")
-    margs = None
-    if measures:  # checked before anything is rewritten
-        margs = MeasureArguments(measures=",".join(measured_names(measures["untuned" if "untuned" in measures
-                                                                             else next(iter(measures))][0])),
-                                 general_text="(saved)", frontier=frontier)
-    elif frontier:
-        raise ValueError(f"--report_only {out_dir}: --frontier needs the models' measures, and the folder has none "
-                         "(evaluated without --measures)")
-    pairs = pairs if pairs else [tuple(p) for p in saved.get("pairs", [])]
-    resamples = resamples if resamples is not None else saved.get("bootstrap_resamples", 2000)
-    seed = seed if seed is not None else saved.get("bootstrap_seed", 0)
-    paths = write_report(runs, target, out_dir, pairs=pairs, resamples=resamples, seed=seed,
-                         notes=saved.get("notes", []))
-    if margs is not None:
-        paths |= write_measures_report(measures, target, margs, out_dir, resamples, seed)
-    return paths
+    return {"target": target, "pairs": pairs if pairs else [tuple(p) for p in saved.get("pairs", [])],
+            "resamples": resamples if resamples is not None else saved.get("bootstrap_resamples", 2000),
+            "seed": seed if seed is not None else saved.get("bootstrap_seed", 0), "notes": saved.get("notes", []),
+            "folders": saved.get("folders"), "frontier": saved.get("frontier")}
+
+
+def rebuild_report(out_dir: str | Path, target: str | None = None, pairs: list[tuple[str, str]] | None = None,
+                   resamples: int | None = None, seed: int | None = None) -> dict[str, Path]:
+    """Write the report of an existing output folder from its saved records; arguments given override the saved
+    inputs (``report_settings``)."""
+    settings = report_settings(out_dir, target, pairs, resamples, seed)
+    return write_report(load_output_dir(out_dir), settings["target"], out_dir, pairs=settings["pairs"],
+                        resamples=settings["resamples"], seed=settings["seed"], notes=settings["notes"])

@@ -72,6 +72,7 @@ MEASURE_TITLES = {
     "kl": "KL(untuned ‖ model) per greedy answer token of the untuned model",
 }
 MEASURES_FILE = "measures.json"
+AVERAGE = "average"  # the column of KL's mean over its tasks (each task weighs the same, as in the frontier)
 CONFIDENCE = 0.95
 
 
@@ -368,7 +369,28 @@ def _label_measures(runs: list[dict], target: str) -> dict[str, dict[str, Measur
     for task in runs[0].get("kl", {}):
         comps = np.array([r["kl"][task] for r in runs])
         table.setdefault("kl", {})[task] = Measure(comps.shape[1], _ratio(comps), seeded)
+    if len(table.get("kl", {})) > 1:
+        table["kl"][AVERAGE] = _average(list(table["kl"].values()))
     return table
+
+
+def _average(measures: list[Measure]) -> Measure:
+    """The mean of several tasks' measures. Its examples are the tasks' side by side, and a draw of them is each
+    task's own draw (``task_counts``): the tasks are resampled apart, as each column is."""
+    edges = np.cumsum([0, *(m.n for m in measures)])
+
+    def fn(counts: np.ndarray) -> np.ndarray:
+        return np.mean([m.fn(counts[:, a:b]) for m, a, b in zip(measures, edges[:-1], edges[1:], strict=True)], axis=0)
+
+    return Measure(int(edges[-1]), fn, measures[0].seeded)
+
+
+def task_counts(by_task: dict[str, Measure], resamples: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """task -> (resamples, n) draws of its examples; the average's draws are the tasks' own, side by side."""
+    counts = {task: resample_counts(m.n, resamples, rng) for task, m in by_task.items() if task != AVERAGE}
+    if AVERAGE in by_task:
+        counts[AVERAGE] = np.concatenate(list(counts.values()), axis=1)
+    return counts
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -390,8 +412,8 @@ def write_measures_report(results: dict[str, list[dict]], target: str, margs: Me
     tables = {label: _label_measures(runs, target) for label, runs in results.items()}
     base = tables["untuned"]
     rng = np.random.default_rng(seed)
-    counts = {(name, task): resample_counts(m.n, resamples, rng) for name, by_task in base.items()
-              for task, m in by_task.items()}
+    counts = {(name, task): c for name, by_task in base.items()
+              for task, c in task_counts(by_task, resamples, rng).items()}
     legend = ("Value: mean ± sd over a label's runs. Change against the untuned model: estimate [examples-only 95% "
               "interval] [method-level 95% interval] p (the method-level interval adds the seed variance; see "
               "docs/evaluation.md#measures).")

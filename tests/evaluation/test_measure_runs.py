@@ -174,3 +174,33 @@ def test_merged_reports_equal_one_evaluation_of_every_model(tiny_model_dir, setu
     with pytest.raises(SystemExit, match="in two reports"):
         merge.main([str(tmp_path / "first"), str(tmp_path / "all"), "--out", str(tmp_path / "bad"), "--target",
                     "mrpc"])
+
+
+def test_kl_average_is_the_mean_of_its_tasks_each_resampled_apart(tmp_path):
+    """KL's `average` column: per run the mean of the tasks' pooled per-token KL (hand-computed), its draws each
+    task's own draw of its examples (the frontier's average), and the per-task columns unchanged beside it."""
+    from imsm.evaluation.measure_runs import MeasureArguments, write_measures_report
+    from imsm.evaluation.stats import resample_counts
+
+    untuned = {"label": "untuned", "untuned": True, "kl": {"a": [[0, 2], [0, 4]], "b": [[0, 1], [0, 3], [0, 1]]}}
+    lora = [{"label": "LoRA", "untuned": False, "kl": {"a": [[1, 2], [3, 4]], "b": [[2, 1], [0, 3], [1, 1]]}},
+            {"label": "LoRA", "untuned": False, "kl": {"a": [[0, 2], [1, 4]], "b": [[1, 1], [3, 3], [0, 1]]}}]
+    write_measures_report({"untuned": [untuned], "LoRA": lora}, "mrpc", MeasureArguments(measures="kl"), tmp_path,
+                          1000, 7)
+    stats = json.loads((tmp_path / "stats.json").read_text())["measures"]["kl"]
+    # run 1: a 4/6, b 3/5; run 2: a 1/6, b 4/5
+    per_run = [(4 / 6 + 3 / 5) / 2, (1 / 6 + 4 / 5) / 2]
+    assert stats["average"]["LoRA"]["per_run"] == pytest.approx(per_run)
+    assert stats["a"]["LoRA"]["per_run"] == pytest.approx([4 / 6, 1 / 6])
+    # the examples-only interval: the tasks drawn apart, in column order, from the report's seed
+    rng = np.random.default_rng(7)
+    ca, cb = resample_counts(2, 1000, rng), resample_counts(3, 1000, rng)
+    a = np.array([[1, 2], [3, 4]]), np.array([[0, 2], [1, 4]])
+    b = np.array([[2, 1], [0, 3], [1, 1]]), np.array([[1, 1], [3, 3], [0, 1]])
+    def pooled_on(counts, comps):
+        return (counts @ comps[:, 0]) / (counts @ comps[:, 1])
+
+    draws = np.mean([(pooled_on(ca, x) + pooled_on(cb, y)) / 2 for x, y in zip(a, b, strict=True)], axis=0)
+    change = stats["average"]["LoRA"]["change"]
+    assert [change["examples_low"], change["examples_high"]] == pytest.approx(np.quantile(draws, [0.025, 0.975]))
+    assert "| label | a | change | b | change | average | change |" in (tmp_path / "measures.md").read_text()

@@ -101,7 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="adapter scales of the LoRA runs on the frontier curve (the untuned model is scale 0)")
     p.add_argument("--checkpoint_steps", default="",
                    help="comma-separated steps: LoRA runs also save checkpoint-N, evaluated as LoRA@stepN on the "
-                        "curve (at every --measure_scales scale)")
+                        "curve (at full scale: the other way for LoRA to learn less)")
     p.add_argument("--target_rows", type=_count(1), default=None,
                    help="the target's test rows scored for AUROC (default: all)")
     p.add_argument("--threshold_examples", type=_count(1), default=500,
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     if "measures" in args.evaluate:
         build_general_text(args)
         n_scales = len([s for s in args.measure_scales.split(",") if s.strip()])
-        lora = sum(run.method == "LoRA" for run in runs) * n_scales * (1 + len(checkpoint_steps(args)))
+        lora = sum(run.method == "LoRA" for run in runs) * (n_scales + len(checkpoint_steps(args)))
         imsm = sum(run.method == "IMSM-LoRA" for run in runs)
         with (Path(args.data_dir) / args.target / "test.jsonl").open() as f:
             target_rows = sum(1 for line in f if line.strip())
@@ -402,7 +402,9 @@ def measures_evaluation(runs: list[TrainingRun], args: argparse.Namespace, outpu
     general_text = build_general_text(args)
     lora = [run for run in runs if run.method == "LoRA"]
     imsm = [run for run in runs if run.method == "IMSM-LoRA"]
-    models = [(f"LoRA@step{step}", run.out / f"checkpoint-{step}") for step in checkpoint_steps(args) for run in lora]
+    steps = [f"LoRA@step{step}" for step in checkpoint_steps(args)]
+    models = [(label, run.out / f"checkpoint-{step}") for label, step in zip(steps, checkpoint_steps(args),
+                                                                              strict=True) for run in lora]
     models += [("LoRA", run.out) for run in lora] + [("IMSM-LoRA", run.out) for run in imsm]
     tasks = measure_tasks(args)
     train_file = Path(args.data_dir) / args.target / "train.jsonl"
@@ -411,6 +413,7 @@ def measures_evaluation(runs: list[TrainingRun], args: argparse.Namespace, outpu
     return out, [
         "evaluate.py", "--untuned", "--run_dir", *(str(path) for _, path in models),
         "--labels", ",".join(["untuned", *(label for label, _ in models)]), "--adapter_scale", args.measure_scales,
+        *(["--full_scale_labels", ",".join(steps)] if steps else []),
         "--prompt_template", args.template, "--target", args.target, "--tasks", tasks, "--data_dir", args.data_dir,
         "--max_examples", str(args.eval_examples), "--score", "likelihood",
         "--compare", f"IMSM-LoRA:LoRA@{float(args.measure_scales.split(',')[-1]):g}",

@@ -78,7 +78,7 @@ def test_cpu_study_at_toy_sizes(tmp_path):
     data = _toy_data(tmp_path, train_rows=10)
     out = tmp_path / "study"
     env = _env(data, out, SEEDS="2", THRESHOLD_EXAMPLES="4", KL_EXAMPLES="2", MEASURE_SCALES="0.5,1",
-               GENERAL_TEXT=str(_toy_general_text(tmp_path)))
+               CHECKPOINT_STEPS="1", GENERAL_TEXT=str(_toy_general_text(tmp_path)))
     proc = subprocess.run(["bash", "run_scripts/cpu_study.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=1200, check=False)
     log = proc.stdout + proc.stderr
@@ -86,7 +86,9 @@ def test_cpu_study_at_toy_sizes(tmp_path):
     assert "expected duration on this machine" in log and "total: ~" in log and "measures: the untuned model" in log
     # the measures: AUROC on the target, general-text NLL and KL, IMSM against the LoRA frontier of two scales
     measures = json.loads((out / "eval_measures" / "stats.json").read_text())["measures"]
-    assert list(measures["auroc"]["mrpc"]) == ["LoRA@0.5", "LoRA@1", "IMSM-LoRA"]
+    # LoRA's checkpoint-1 joins the curve at full scale, LoRA at each scale
+    assert list(measures["auroc"]["mrpc"]) == ["LoRA@step1", "LoRA@0.5", "LoRA@1", "IMSM-LoRA"]
+    assert set(measures["frontier"]["kl"]["points"]) == {"LoRA@step1", "LoRA@0.5", "LoRA@1", "untuned (scale 0)"}
     assert len(measures["auroc"]["mrpc"]["IMSM-LoRA"]["per_run"]) == 2
     assert set(measures["kl"]) == {"webq", "freebaseqa", "average"} and "general text" in measures["general_nll"]
     assert set(measures["frontier"]) == {"general_nll", "kl"}
@@ -254,6 +256,7 @@ def test_the_measures_evaluation_command(tmp_path):
                                            "IMSM-LoRA", "IMSM-LoRA"]
     assert (eval_args.adapter_scale, eval_args.tasks, eval_args.score) == ("0.5,1", "mrpc,webq,freebaseqa",
                                                                            "likelihood")
+    assert eval_args.full_scale == {"LoRA@step20", "LoRA@step40"}  # checkpoints at full scale, LoRA at each scale
     assert measure_args.names == ["auroc", "general_nll", "kl"] and measure_args.frontier_labels == ("IMSM-LoRA",
                                                                                                       "LoRA")
     assert measure_args.thresholds == {"mrpc": Path("/d/mrpc/train.jsonl")} and measure_args.threshold_examples == 500

@@ -54,6 +54,9 @@ class EvalArguments:
         "help": "Evaluate every vanilla PEFT run (--gate none) at these scales of its learned update, e.g. "
                 "0.25,0.5,0.75,1: weights W0 + a*(W1 - W0) (LoRA/AdaLoRA/DoRA: the update scaled; (IA)3: l -> "
                 "1 + a(l - 1)); each scale is a row labelled LABEL@a. IMSM runs are evaluated as they are."})
+    full_scale_labels: str | None = field(default=None, metadata={
+        "help": "Comma-separated labels of vanilla PEFT runs that --adapter_scale leaves at their full learned "
+                "update, one row each (e.g. LoRA@step30: a checkpoint on the frontier curve beside the scaled runs)."})
     bootstrap_resamples: int = field(default=2000, metadata={"help": "Paired bootstrap resamples (at least 1000)."})
     bootstrap_seed: int = field(default=0, metadata={"help": "Seed of the bootstrap's resampling."})
     overwrite: bool = field(default=False, metadata={
@@ -103,6 +106,10 @@ class EvalArguments:
             raise ValueError(f"--bootstrap_resamples {self.bootstrap_resamples}: use at least 1000")
         self.pairs = parse_pairs(self.compare)
         self.scales = parse_scales(self.adapter_scale)
+        self.full_scale = {label.strip() for label in (self.full_scale_labels or "").split(",") if label.strip()}
+        if self.full_scale and not self.scales:
+            raise ValueError("--full_scale_labels names runs that --adapter_scale leaves unscaled; without "
+                             "--adapter_scale every run is evaluated at full scale already")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r}: choose auto or one of {sorted(DTYPES)}")
         self.decoding(self.target)  # checks the sampling settings

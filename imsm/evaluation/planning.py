@@ -157,7 +157,11 @@ def plan_models(args: EvalArguments) -> list[ModelPlan]:
         for plan, label in zip(plans, labels, strict=True):
             plan.label = label
     if args.scales:
-        plans = expand_scales(plans, args.scales)
+        unknown = sorted(args.full_scale - {p.label for p in plans})
+        if unknown:
+            raise ValueError(f"--full_scale_labels names {unknown}, not labels of this evaluation "
+                             f"({sorted({p.label for p in plans})})")
+        plans = expand_scales(plans, args.scales, args.full_scale)
     check_label_groups(plans)
     known = {p.label for p in plans}
     for label in (label for pair in args.pairs for label in pair):
@@ -168,12 +172,14 @@ def plan_models(args: EvalArguments) -> list[ModelPlan]:
     return plans
 
 
-def expand_scales(plans: list[ModelPlan], scales: list[float]) -> list[ModelPlan]:
+def expand_scales(plans: list[ModelPlan], scales: list[float], full_scale: set[str] = frozenset()) -> list[ModelPlan]:
     """Every vanilla PEFT run becomes one plan per scale, labelled ``label@scale``; IMSM runs, LoRAMoE runs (their
-    router makes the update depend on the input: no single weight update either) and the untuned model stay."""
+    router makes the update depend on the input: no single weight update either), the untuned model and the runs
+    labelled in ``full_scale`` (--full_scale_labels) stay."""
     out = []
     for plan in plans:
-        if plan.method is None or plan.method.gate != "none" or not get_method(plan.method.peft).scalable:
+        if (plan.method is None or plan.method.gate != "none" or not get_method(plan.method.peft).scalable
+                or plan.label in full_scale):
             out.append(plan)
             continue
         out += [replace(plan, label=f"{plan.label}@{scale:g}", scale=scale) for scale in scales]

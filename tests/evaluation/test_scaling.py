@@ -107,6 +107,15 @@ def test_evaluate_makes_one_row_per_scale(tiny_model_dir, tmp_path):
     nll = {label: v["tasks"]["mrpc"]["answer_nll"]["value"] for label, v in stats["labels"].items()}
     assert nll["LoRA@0"] == pytest.approx(nll["untuned"], abs=1e-6)
     assert nll["LoRA@0.5"] != pytest.approx(nll["LoRA@1"], abs=1e-4)
+    # --full_scale_labels: that run stays one row at its full update, the same as the scale-1 row
+    evaluate.main([*base, "--output_dir", str(tmp_path / "full"), "--untuned", "--run", str(lora), str(lora),
+                   "--labels", "untuned,LoRA,LoRA-full", "--adapter_scale", "0.5", "--full_scale_labels", "LoRA-full"])
+    full = json.loads((tmp_path / "full" / "stats.json").read_text())["labels"]
+    assert list(full) == ["untuned", "LoRA@0.5", "LoRA-full"]
+    assert full["LoRA-full"]["tasks"]["mrpc"]["answer_nll"]["value"] == pytest.approx(nll["LoRA@1"], abs=1e-6)
+    with pytest.raises(ValueError, match="not labels of this evaluation"):
+        evaluate.main([*base, "--output_dir", str(tmp_path / "o4"), "--run", str(lora), "--adapter_scale", "0.5",
+                       "--full_scale_labels", "LoRA@step30"])
     with pytest.raises(ValueError, match="none is given"):
         evaluate.main([*base, "--output_dir", str(tmp_path / "o2"), "--run", str(imsm), "--adapter_scale", "0.5"])
     with pytest.raises(ValueError, match="not a number"):
@@ -125,3 +134,7 @@ def test_only_mergeable_vanilla_runs_are_expanded(tmp_path):
                                                  ("IA3@0.5", 0.5), ("IA3@1", 1.0)]
     with pytest.raises(ValueError, match="LoRAMoE run routes per token"):
         expand_scales(plans[:3], [0.5])
+    # --full_scale_labels: a labelled run (a checkpoint on the frontier) stays one row at its full update
+    checkpoint = ModelPlan("IA3@step30", "m", "raw", None, tmp_path / "d", MethodKey("ia3", "none", 8))
+    out = expand_scales([*plans, checkpoint], [0.5, 1.0], {"IA3@step30"})
+    assert [(p.label, p.scale) for p in out][-3:] == [("IA3@0.5", 0.5), ("IA3@1", 1.0), ("IA3@step30", None)]

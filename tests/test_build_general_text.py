@@ -3,27 +3,15 @@ training file, each with its source; and the file built from the shared benchmar
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 SHARED_DATA = Path("/work/shared/data")
-_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "build_general_text.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("build_general_text", _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["build_general_text"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bgt = _load_script()
+bgt = load_script("build_general_text")
 
 BACKGROUND = "Plants need light to grow. Light gives them energy."
 ARTICLE = BACKGROUND + " A farmer planted corn in two fields. Field A was in the sun all day. Field B was in shade."

@@ -14,6 +14,7 @@ from argparse import Namespace
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 # the benchmarks beside the checkout, as the study reads them by default; SHARED_DATA=... for a checkout elsewhere
@@ -36,15 +37,7 @@ def _needs_the_model_and_data(test):
     return test
 
 
-def _load_scheduler():
-    spec = importlib.util.spec_from_file_location("cpu_study", ROOT / "scripts" / "cpu_study.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["cpu_study"] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-cpu_study = _load_scheduler()
+cpu_study = load_script("cpu_study")
 
 
 def _toy_data(base: Path, rows: int = 6, train_rows: int | None = None) -> Path:

@@ -3,26 +3,14 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 SHARED_DATA = Path("/work/shared/data")
-_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "prepare_data.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("prepare_data", _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["prepare_data"] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-pd = _load_script()
+pd = load_script("prepare_data")
 
 GSM8K_RAW = {
     "question": "Janet’s ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins "

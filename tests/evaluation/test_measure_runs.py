@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import save_random_run
+from conftest import load_script, save_random_run
 
 import evaluate
 from imsm.evaluation.measures import auroc, gold_yes, pooled, yes_no_log_odds
@@ -125,16 +125,6 @@ def test_bad_measure_inputs_fail_before_anything_is_written(tiny_model_dir, setu
     assert not out.exists()
 
 
-def _merge_script():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[2] / "scripts" / "merge_measures.py"
-    spec = importlib.util.spec_from_file_location("merge_measures", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_merged_reports_equal_one_evaluation_of_every_model(tiny_model_dir, setup, tmp_path):
     """LoRA at scale 0.5 evaluated later and merged (scripts/merge_measures.py) gives the measures and the frontier
     that one evaluation of every model gives; reports measured on other rows are refused."""
@@ -145,7 +135,7 @@ def test_merged_reports_equal_one_evaluation_of_every_model(tiny_model_dir, setu
     later = _argv(tiny_model_dir, base, train, runs[:2], tmp_path / "later", "--adapter_scale", "0.5")
     later[later.index("--labels") + 1] = "untuned,LoRA,LoRA"
     evaluate.main(later)
-    merge = _merge_script()
+    merge = load_script("merge_measures")
     assert merge.main([str(tmp_path / "first"), str(tmp_path / "later"), "--out", str(tmp_path / "merged"),
                        "--target", "mrpc", "--frontier", "IMSM-LoRA:LoRA", "--bootstrap_resamples", "1000"]) == 0
     one = json.loads((tmp_path / "all" / "stats.json").read_text())["measures"]

@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import load_script
 from scipy import stats as scipy_stats
 
 from imsm.evaluation.comparisons import headline_interval
@@ -304,17 +305,6 @@ def test_paired_scores_must_cover_the_same_examples(study):
         forgetting_table(study + [short], "mrpc")
 
 
-def _restate_module():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "scripts" / "restate_stats.py"
-    spec = importlib.util.spec_from_file_location("restate_stats", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_restating_an_old_stats_file_gives_the_method_level_interval_of_its_predictions(study, tmp_path):
     """A stats.json in the old form (examples-only interval, McNemar on the vote) restated from its stored numbers
     gives about the method-level interval computed from the per-example scores themselves."""
@@ -328,7 +318,7 @@ def test_restating_an_old_stats_file_gives_the_method_level_interval_of_its_pred
     old["comparisons"] = [{k: rec[k] for k in ("a", "b", "measure", "metric", "column", "delta")}
                           | {"low": rec["examples_low"], "high": rec["examples_high"], "p_mcnemar": 0.5}
                           for rec in new["comparisons"]]
-    restated = _restate_module().restate(json.loads(json.dumps(old)))
+    restated = load_script("restate_stats").restate(json.loads(json.dumps(old)))
     assert restated["labels"]["LoRA"]["tasks"]["webq"]["answer_nll"] == new["labels"]["LoRA"]["tasks"]["webq"][
         "answer_nll"]
     for got, want in zip(restated["comparisons"], new["comparisons"], strict=True):
@@ -337,9 +327,9 @@ def test_restating_an_old_stats_file_gives_the_method_level_interval_of_its_pred
         assert got["method_low"] == pytest.approx(want["method_low"], abs=0.15 * width)
         assert got["method_high"] == pytest.approx(want["method_high"], abs=0.15 * width)
     with pytest.raises(ValueError, match="already restated"):
-        _restate_module().restate(restated)
+        load_script("restate_stats").restate(restated)
     # the redrawn chart's numbers: every run's own change is the report's (decoded metric), label means the same
-    drawn = {(p["label"], p["run"]): p for p in _restate_module().tradeoff_points(restated)
+    drawn = {(p["label"], p["run"]): p for p in load_script("restate_stats").tradeoff_points(restated)
              if p["measure"] == "primary"}
     report = {(p["label"], p["run"]): p for p in csv.DictReader((tmp_path / "tradeoff.csv").open())
               if p["measure"] == "primary"}

@@ -92,7 +92,7 @@ def report_only(argv: list[str]) -> dict[str, Path]:
     settings = report_settings(args.report_only, args.target, pairs, args.bootstrap_resamples, args.bootstrap_seed)
     # the measures are read (and checked) before anything is rewritten
     measures = saved_measures(args.report_only, settings["folders"], args.frontier or settings["frontier"])
-    paths = rebuild_report(args.report_only, args.target, pairs, args.bootstrap_resamples, args.bootstrap_seed)
+    paths = rebuild_report(args.report_only, settings)
     if measures is not None:
         results, margs = measures
         paths |= write_measures_report(results, settings["target"], margs, args.report_only, settings["resamples"],

@@ -7,9 +7,10 @@
   kinds and the test of each comparison (``imsm.evaluation.comparisons``, ``imsm.evaluation.stats``);
 * ``tradeoff.{png,csv}``, ``forgetting.png``: the charts (``imsm.evaluation.charts``).
 
-Evaluation writes ``report_inputs.json`` (the model folders in order, target, pairs, bootstrap settings, notes) before
-it decodes and every model's predictions as soon as they are decoded, so ``rebuild_report`` (``evaluate.py
---report_only OUTPUT_DIR``) can write the report again from the folder alone, without decoding.
+Evaluation writes ``report_inputs.json`` (the model folders in order, target, pairs, bootstrap settings, notes, the
+--measures frontier) before it decodes and every model's predictions as soon as they are decoded, so
+``rebuild_report`` (``evaluate.py --report_only OUTPUT_DIR``) can write the report again from the folder alone,
+without decoding.
 """
 
 from __future__ import annotations
@@ -134,10 +135,7 @@ def report_settings(out_dir: str | Path, target: str | None = None, pairs: list[
             "folders": saved.get("folders"), "frontier": saved.get("frontier")}
 
 
-def rebuild_report(out_dir: str | Path, target: str | None = None, pairs: list[tuple[str, str]] | None = None,
-                   resamples: int | None = None, seed: int | None = None) -> dict[str, Path]:
-    """Write the report of an existing output folder from its saved records; arguments given override the saved
-    inputs (``report_settings``)."""
-    settings = report_settings(out_dir, target, pairs, resamples, seed)
+def rebuild_report(out_dir: str | Path, settings: dict[str, Any]) -> dict[str, Path]:
+    """Write the report of an existing output folder from its saved records, with ``report_settings``'s settings."""
     return write_report(load_output_dir(out_dir), settings["target"], out_dir, pairs=settings["pairs"],
                         resamples=settings["resamples"], seed=settings["seed"], notes=settings["notes"])

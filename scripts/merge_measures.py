@@ -11,12 +11,15 @@ same in every report (the same rows, threshold rows, passages and KL prompts; wi
 different things and the merge is refused, naming them; so is a label found in two reports, an unfinished report
 (``INCOMPLETE``), and a report without measures. Runs of a label keep their ``run<k>`` order, which must be the same
 seed order for every label on the curve (as evaluate.py's ``--run_dir`` order is).
+
+``--out`` is a new folder or an earlier merge (it holds ``merged_from.json``), which is replaced whole once the new
+merge is written; any other folder (an evaluation's report, a run) is refused, so nothing in it is overwritten.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -24,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from imsm.atomic import atomic_write_json
 from imsm.evaluation.measure_runs import (
     MEASURES_FILE,
     MeasureArguments,
@@ -31,6 +35,8 @@ from imsm.evaluation.measure_runs import (
     read_measures,
     write_measures_report,
 )
+
+MERGED_FROM = "merged_from.json"
 
 
 def read_report(folder: Path) -> dict[str, list[dict]]:
@@ -94,13 +100,22 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give at least two reports to merge")
     if args.out.resolve() in {r.resolve() for r in args.reports}:
         p.error("--out must be a new folder, not one of the reports")
+    if args.out.exists() and not (args.out / MERGED_FROM).is_file():
+        p.error(f"--out {args.out} exists and is not an earlier merge (no {MERGED_FROM}); give a new folder")
     results = merge(args.reports)
     names = measured_names(results["untuned"][0])
     margs = MeasureArguments(measures=",".join(names), general_text="(merged)", frontier=args.frontier)
-    args.out.mkdir(parents=True, exist_ok=True)
-    paths = write_measures_report(results, args.target, margs, args.out, args.bootstrap_resamples,
-                                  args.bootstrap_seed)
-    (args.out / "merged_from.json").write_text(json.dumps([str(r) for r in args.reports], indent=1) + "\n")
+    # written beside --out, then put in its place: a failed merge leaves an earlier one as it was
+    staging = args.out.with_name(args.out.name + ".merging")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    written = write_measures_report(results, args.target, margs, staging, args.bootstrap_resamples,
+                                    args.bootstrap_seed)
+    atomic_write_json(staging / MERGED_FROM, [str(r) for r in args.reports])
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    staging.rename(args.out)
+    paths = {name: args.out / path.name for name, path in written.items()}
     print(paths["measures_md"].read_text())
     for name, path in paths.items():
         print(f"{name}: {path}")

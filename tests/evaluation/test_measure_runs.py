@@ -153,6 +153,17 @@ def test_merged_reports_equal_one_evaluation_of_every_model(tiny_model_dir, setu
             assert b["gap"] == pytest.approx(a["gap"])
         np.testing.assert_allclose(b["curve"], a["curve"])
     assert (tmp_path / "merged" / "frontier.png").stat().st_size > 1000
+    # --out: an earlier merge is replaced whole (no frontier asked now: no stale chart kept); an evaluation's report
+    # folder is refused and left as it was
+    assert merge.main([str(tmp_path / "first"), str(tmp_path / "later"), "--out", str(tmp_path / "merged"),
+                       "--target", "mrpc", "--bootstrap_resamples", "1000"]) == 0
+    assert not (tmp_path / "merged" / "frontier.png").exists()
+    assert "frontier" not in json.loads((tmp_path / "merged" / "stats.json").read_text())["measures"]
+    report = {path: path.read_bytes() for path in (tmp_path / "all").rglob("*") if path.is_file()}
+    with pytest.raises(SystemExit):
+        merge.main([str(tmp_path / "first"), str(tmp_path / "later"), "--out", str(tmp_path / "all"), "--target",
+                    "mrpc"])
+    assert {path: path.read_bytes() for path in (tmp_path / "all").rglob("*") if path.is_file()} == report
 
     other = list(later)
     other[other.index("--output_dir") + 1] = str(tmp_path / "other")

@@ -31,11 +31,10 @@ be written again from the folder alone, without decoding (e.g. after a crash, or
 
     python evaluate.py --report_only eval/gsm8k [--compare IMSM-LoRA:LoRA] [--target gsm8k] [--bootstrap_seed 1]
 
-(the --measures sections too, from each model's saved measures.json, with ``--frontier`` to change the frontier).
- A run decodes with the prompt template it was
-trained with unless ``--prompt_template`` overrides it (a warning says so); the untuned model uses
-``--prompt_template`` (default raw). Every input (tasks, data files, run folders, gate shapes, templates) is checked
-before anything is written.
+It writes the --measures sections too, from each model's saved measures.json (``--frontier`` changes the frontier).
+A run decodes with the prompt template it was trained with unless ``--prompt_template`` overrides it (a warning says
+so); the untuned model uses ``--prompt_template`` (default raw). Every input (tasks, data files, run folders, gate
+shapes, templates) is checked before anything is written.
 """
 
 from __future__ import annotations

@@ -402,9 +402,8 @@ def measures_evaluation(runs: list[TrainingRun], args: argparse.Namespace, outpu
     general_text = build_general_text(args)
     lora = [run for run in runs if run.method == "LoRA"]
     imsm = [run for run in runs if run.method == "IMSM-LoRA"]
-    steps = [f"LoRA@step{step}" for step in checkpoint_steps(args)]
-    models = [(label, run.out / f"checkpoint-{step}") for label, step in zip(steps, checkpoint_steps(args),
-                                                                              strict=True) for run in lora]
+    models = [(f"LoRA@step{step}", run.out / f"checkpoint-{step}") for step in checkpoint_steps(args) for run in lora]
+    steps = list(dict.fromkeys(label for label, _ in models))  # evaluated at full scale
     models += [("LoRA", run.out) for run in lora] + [("IMSM-LoRA", run.out) for run in imsm]
     tasks = measure_tasks(args)
     train_file = Path(args.data_dir) / args.target / "train.jsonl"

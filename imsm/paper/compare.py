@@ -11,10 +11,12 @@ from imsm.atomic import atomic_write_text
 from imsm.evaluation.comparisons import headline_interval
 from imsm.evaluation.metrics import get_task
 from imsm.evaluation.report import PRIMARY
+from imsm.paper.execute import run_state
 from imsm.paper.numbers import LAYOUTS, PAPER, PAPER_ROWS, paper_row
 from imsm.paper.plans import PAPER_BACKBONES, Evaluation, Plan
 
 NOT_AVAILABLE = "not available"
+NOT_TRAINED = "not trained"  # ours, for a run of the evaluation that failed or has not finished
 
 # What keeps our numbers from matching the paper's, whatever the GPUs.
 CANNOT_MATCH = (
@@ -37,6 +39,7 @@ class Ours:
     value: float  # percent
     low: float | None = None
     high: float | None = None
+    missing: str | None = None  # why there is no value (NOT_TRAINED), shown in its place
 
 
 def our_value(stats: dict, label: str, task: str, metric: str) -> Ours | None:
@@ -67,6 +70,8 @@ def _read_stats(evaluation: Evaluation) -> dict | None:
 def _fmt_ours(ours: Ours | None) -> str:
     if ours is None:
         return "—"
+    if ours.missing:
+        return ours.missing
     if ours.low is None:
         return f"{ours.value:.2f}"
     return f"{ours.value:.2f} [{ours.low:.1f}, {ours.high:.1f}]"
@@ -74,7 +79,7 @@ def _fmt_ours(ours: Ours | None) -> str:
 
 def _cell(paper: float | None, ours: Ours | None) -> str:
     paper_text = NOT_AVAILABLE if paper is None else f"{paper:.2f}"
-    diff = "—" if paper is None or ours is None else f"{ours.value - paper:+.2f}"
+    diff = "—" if paper is None or ours is None or ours.missing else f"{ours.value - paper:+.2f}"
     return f"{paper_text} / {_fmt_ours(ours)} / {diff}"
 
 
@@ -90,6 +95,7 @@ def _table_rows(plan: Plan, table: str) -> list[tuple[str, str, dict[str, Ours |
         if evaluation.backbone.model_id != PAPER_BACKBONES[evaluation.backbone.name].model_id:
             ran[evaluation.backbone.name] = evaluation.backbone.model_id
         labels = ["untuned"] + [run.label for run in evaluation.runs]
+        unfinished = {run.label for run in evaluation.runs if run_state(run) != "done"}
         for label in dict.fromkeys(labels):
             row = found.setdefault((evaluation.backbone.name, label), {})
             for key in layout:
@@ -100,7 +106,8 @@ def _table_rows(plan: Plan, table: str) -> list[tuple[str, str, dict[str, Ours |
                     continue
                 if metric == "primary":
                     metric = get_task(task).primary
-                row[key] = our_value(stats, label, task, metric) if stats else None
+                row[key] = Ours(float("nan"), missing=NOT_TRAINED) if label in unfinished else \
+                    our_value(stats, label, task, metric) if stats else None
             if stats:
                 notes.setdefault((evaluation.backbone.name, label), []).extend(stats.get("notes", []))
     return [(backbone, label, values, notes.get((backbone, label), []), ran.get(backbone))
@@ -113,7 +120,8 @@ def render(plan: Plan) -> str:
     out = [f"# {plan.title}", "",
            (f"Each cell: paper / ours [95% interval] / ours − paper, in percent. Paper: {PAPER}; the source of each "
            "row is given beside it. Ours: mean over our seeds; the interval is the paired bootstrap interval of the "
-           "change against the untuned model, placed on the value (primary metrics only). '—': not evaluated yet."),
+           "change against the untuned model, placed on the value (primary metrics only). '—': not evaluated yet; "
+           f"'{NOT_TRAINED}': the run failed or has not finished."),
            ""]
     all_notes: list[str] = []
     for table in plan.tables:
@@ -127,7 +135,7 @@ def render(plan: Plan) -> str:
         for backbone, label, values, notes, model_id in rows:
             printed = paper_row(table, backbone, label)
             cells = []
-            ours_values = [v.value for k, v in values.items() if v is not None]
+            ours_values = [v.value for k, v in values.items() if v is not None and not v.missing]
             complete = len(ours_values) == len([k for k, _ in layout if k != "avg"])
             for key, _ in layout:
                 if key == "avg":

@@ -96,7 +96,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _same_plan_args(args: argparse.Namespace) -> list[str]:
     """The arguments that rebuild this plan in another process (a SLURM job), with absolute folders."""
     out = [args.plan, "--seeds", args.seeds, "--data_dir", str(Path(args.data_dir).resolve()),
-           "--runs_dir", str(Path(args.runs_dir).resolve()), "--eval_dir", str(Path(args.eval_dir).resolve())]
+           "--runs_dir", str(Path(args.runs_dir).resolve()), "--eval_dir", str(Path(args.eval_dir).resolve()),
+           "--python", args.python]
     out += [a for m in args.model for a in ("--model", m)]
     if args.keep_frozen_cache:
         out.append("--keep_frozen_cache")

@@ -285,6 +285,7 @@ class SlurmResources:
 
 
 _HOSTFILE = """\
+unset HOSTFILE  # one exported in the submitting shell must not reach a job on other nodes
 if (( NNODES > 1 )); then
     # DeepSpeed's hostfile from the allocation: one "host slots=GPUS" line per node, the first node leading
     export HOSTFILE={logs}/hostfile-"$SLURM_JOB_ID"

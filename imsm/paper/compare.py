@@ -22,9 +22,9 @@ NOT_TRAINED = "not trained"  # ours, for a run of the evaluation that failed or 
 CANNOT_MATCH = (
     ("The paper states no seeds and prints one number per cell (no spread), though it reports t-tests; our rows are "
     "the mean over the seeds run here."),
-    ("The ROPES training split is not in the files published with the paper's code; `scripts/prepare_data.py` builds "
-    "it (and any file it rebuilds, MultiRC included) from the public Hugging Face datasets, which may differ from "
-    "the authors' copies in rows and prompt wording."),
+    ("Data: the authors publish every split they used (data/<task>/data_{train,test}.json in their repository, ROPES "
+    "and GSM8K training splits included); `scripts/prepare_data.py --from_authors` copies them as published. Files "
+    "rebuilt from the Hugging Face datasets instead may differ in rows (ROPES's article join, MultiRC's questions)."),
     ("Hyperparameters the paper does not state (schedule, warmup, weight decay, gate dropout, max lengths) come from "
     "the authors' published code, as each launcher cites; LoRAMoE runs 'the original paper's configuration'."),
     ("Table 1 prints ChatGLM3's untuned ROPES F1 (22.67) below its EM (58.47), which token F1 cannot be for the same "

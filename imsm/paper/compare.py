@@ -106,8 +106,9 @@ def _table_rows(plan: Plan, table: str) -> list[tuple[str, str, dict[str, Ours |
                     continue
                 if metric == "primary":
                     metric = get_task(task).primary
-                row[key] = Ours(float("nan"), missing=NOT_TRAINED) if label in unfinished else \
-                    our_value(stats, label, task, metric) if stats else None
+                row[key] = our_value(stats, label, task, metric) if stats else None
+                if stats and label not in stats["labels"] and label in unfinished:  # evaluated without its run
+                    row[key] = Ours(float("nan"), missing=NOT_TRAINED)
             if stats:
                 notes.setdefault((evaluation.backbone.name, label), []).extend(stats.get("notes", []))
     return [(backbone, label, values, notes.get((backbone, label), []), ran.get(backbone))

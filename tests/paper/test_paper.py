@@ -195,6 +195,7 @@ while [ $# -gt 1 ]; do case "$1" in --dependency=*) dependency=${1#--dependency=
 script=$1
 id=$(( $(cat "$SLURM_LOG.count" 2>/dev/null || echo 100) + 1 )); echo $id > "$SLURM_LOG.count"
 echo "submit $id $script dependency=$dependency" >> "$SLURM_LOG"
+export SLURM_JOB_ID=$id SLURM_JOB_NUM_NODES=1 SLURM_CPUS_PER_TASK=2 SLURM_JOB_NODELIST=node1
 range=$(sed -n 's/^#SBATCH --array=//p' "$script")
 if [ -n "$range" ]; then
     for i in $(seq ${range%-*} ${range#*-}); do
@@ -266,7 +267,7 @@ def test_table2_end_to_end_on_a_tiny_model_killed_resumed_and_finished_by_a_slur
     submitted = log.read_text()
     assert "failed" not in submitted, (log.with_suffix(".log.out")).read_text()[-3000:]
     assert "submit 101 train.sbatch dependency=\n" in submitted
-    assert "submit 102 evaluate.sbatch dependency=afterok:101" in submitted
+    assert "submit 102 evaluate.sbatch dependency=afterany:101" in submitted
     assert submitted.count("--train_index") == 2 and "--evaluate" in submitted
     job_output = Path(f"{log}.out").read_text()
     assert "finished (final/ complete), skipped" in job_output  # the LoRA run

@@ -300,9 +300,11 @@ def _header(res: SlurmResources, nodes: int) -> list[str]:
 
 
 def _environment(res: SlurmResources) -> list[str]:
+    per_device = os.environ.get("PER_DEVICE_BATCH")  # the runs were grouped by nodes with it: the jobs keep it
     return ["set -euo pipefail", f"cd {shlex.quote(str(ROOT))}",
             'export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"  # srun no longer inherits --cpus-per-task',
-            f'export GPUS={res.gpus} NNODES="$SLURM_JOB_NUM_NODES"']
+            f'export GPUS={res.gpus} NNODES="$SLURM_JOB_NUM_NODES"',
+            *([f"export PER_DEVICE_BATCH={shlex.quote(per_device)}"] if per_device else [])]
 
 
 def write_slurm(plan: Plan, folder: Path, reproduce_args: list[str], python: str,

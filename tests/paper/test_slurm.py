@@ -143,6 +143,7 @@ def test_two_node_slurm_plan_with_a_failed_array_task(tmp_path, cluster):
     assert "#SBATCH --nodes=2" in two and "#SBATCH --array=0-1" in two and "RUNS=(0 1)" in two
     assert "#SBATCH --nodes=1" in one and "#SBATCH --array=0-0" in one and "RUNS=(2)" in one
     assert "#SBATCH --partition=gpu" in two and "#SBATCH --cpus-per-task=32" in one
+    assert "export PER_DEVICE_BATCH=1" in two  # the batch the runs were grouped by, whatever the submitting shell
 
     submitted = subprocess.run(["bash", str(slurm / "submit.sh")], env=env, capture_output=True, text=True,
                                check=False)

@@ -269,3 +269,31 @@ def test_all_dry_run_lists_108_runs_and_the_nodes_each_gets(tmp_path, cluster):
     one_node = [line for line in runs if " NNODES=1 " in line]
     assert one_node and all("ia3_" in line for line in one_node)
     assert len(one_node) == sum("ia3_" in line for line in runs)
+
+
+def test_imsm_runs_of_a_backbone_and_task_share_one_cache_that_train_py_accepts(tmp_path):
+    """Every IMSM run of Table 4 (the ablation's token and equal gates included) gets the one cache of its backbone
+    and task after the launcher's own --frozen_memory_cache on, and train.py's parser takes it; vanilla runs get
+    none; the user's --frozen_memory_cache off still wins."""
+    from imsm.args import parse_train_args
+    from imsm.paper.execute import run_arguments
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "deepspeed").write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$CAPTURE"\n')
+    (bin_dir / "deepspeed").chmod(0o755)
+    caches = {}
+    for run in build_plan("table4", PlanOptions(runs_dir=tmp_path / "runs")).runs:
+        env = {**os.environ, **run.environment("DATA"), "PATH": f"{bin_dir}:{os.environ['PATH']}",
+               "CAPTURE": str(tmp_path / "args"), "GPUS": "8"}
+        subprocess.run(run.command(run_arguments(run)), cwd=ROOT, env=env, check=True, capture_output=True)
+        args = (tmp_path / "args").read_text().splitlines()
+        _, _, imsm, _ = parse_train_args([*args[args.index("train.py") + 1:], "--bf16", "false"])
+        if run.label.startswith("IMSM-"):
+            caches.setdefault(run.task, set()).add(imsm.frozen_memory_cache)
+        else:
+            assert "--frozen_memory_cache" not in run_arguments(run)
+    assert caches == {task: {str(tmp_path / "runs" / "THUDM--chatglm3-6b" / "frozen_memory_cache" / task)}
+                      for task in ("mrpc", "cola", "ropes")}
+    run = next(r for r in build_plan("table4").runs if r.label == "IMSM-LoRA")
+    assert run_arguments(run, ["--frozen_memory_cache", "off"])[-2:] == ["--frozen_memory_cache", "off"]

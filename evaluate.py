@@ -50,7 +50,8 @@ import torch
 from transformers import HfArgumentParser
 
 from imsm.evaluation.arguments import DTYPES, EvalArguments
-from imsm.evaluation.measure_runs import MeasureArguments, MeasureSession, saved_measures, write_measures_report
+from imsm.evaluation.decoding.runner import evaluate_model
+from imsm.evaluation.measures.session import MeasureArguments, MeasureSession, saved_measures, write_measures_report
 from imsm.evaluation.output_dir import finish_output_dir, prepare_output_dir
 from imsm.evaluation.planning import (
     calibration_notes,
@@ -60,9 +61,8 @@ from imsm.evaluation.planning import (
     scoring_notes,
     task_files,
 )
-from imsm.evaluation.report import rebuild_report, report_settings, write_report, write_report_inputs
-from imsm.evaluation.runner import evaluate_model
-from imsm.evaluation.tables import parse_pairs
+from imsm.evaluation.report.tables import parse_pairs
+from imsm.evaluation.report.writer import rebuild_report, report_settings, write_report, write_report_inputs
 
 
 @dataclass

@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from imsm.atomic import atomic_write_json
-from imsm.evaluation.measure_runs import (
+from imsm.evaluation.measures.session import (
     MEASURES_FILE,
     MeasureArguments,
     measured_names,

@@ -227,7 +227,7 @@ def test_the_measures_evaluation_command(tmp_path):
     from transformers import HfArgumentParser
 
     from imsm.evaluation.arguments import EvalArguments
-    from imsm.evaluation.measure_runs import MeasureArguments
+    from imsm.evaluation.measures.session import MeasureArguments
 
     general = tmp_path / "general.jsonl"
     general.write_text('{"text": "a passage"}\n')

@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from imsm.evaluation.generation import DecodingConfig
-from imsm.evaluation.metrics import YES_NO_RULES, get_task, get_yes_no_rule
-from imsm.evaluation.report import parse_pairs
-from imsm.evaluation.scaling import parse_scales
+from imsm.evaluation.decoding.generation import DecodingConfig
+from imsm.evaluation.decoding.scaling import parse_scales
+from imsm.evaluation.measures.metrics import YES_NO_RULES, get_task, get_yes_no_rule
+from imsm.evaluation.report.writer import parse_pairs
 from imsm.templates import TEMPLATES
 
 ALL_TASKS = "gsm8k,mrpc,cola,ropes,webq,freebaseqa,multirc"

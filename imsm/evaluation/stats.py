@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats as scipy_stats
 
-from imsm.evaluation.metrics import METRIC_FUNCTIONS
+from imsm.evaluation.measures.metrics import METRIC_FUNCTIONS
 
 CONFIDENCE = 0.95
 NOT_ESTIMABLE = "not estimable from one seed"

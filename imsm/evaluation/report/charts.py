@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from imsm.atomic import atomic_write_bytes
-from imsm.evaluation.comparisons import Comparisons
-from imsm.evaluation.metrics import get_task
-from imsm.evaluation.results import (
+from imsm.evaluation.measures.metrics import get_task
+from imsm.evaluation.report.comparisons import Comparisons
+from imsm.evaluation.report.results import (
     GENERAL,
     MEASURES,
     NLL,

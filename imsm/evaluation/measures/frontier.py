@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from imsm.evaluation.measures import auroc_resampled
+from imsm.evaluation.measures.measures import auroc_resampled
 from imsm.evaluation.stats import method_interval, resample_counts
 
 CONFIDENCE = 0.95

@@ -9,11 +9,11 @@ import json
 import numpy as np
 import pytest
 
-from imsm.evaluation.charts import plot_forgetting
-from imsm.evaluation.metrics import ExampleScores
-from imsm.evaluation.report import write_report
-from imsm.evaluation.results import RunResult, score_records
-from imsm.evaluation.tables import forgetting_table, summary_table
+from imsm.evaluation.measures.metrics import ExampleScores
+from imsm.evaluation.report.charts import plot_forgetting
+from imsm.evaluation.report.results import RunResult, score_records
+from imsm.evaluation.report.tables import forgetting_table, summary_table
+from imsm.evaluation.report.writer import write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

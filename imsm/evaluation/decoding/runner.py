@@ -22,12 +22,12 @@ import torch
 
 from imsm.atomic import atomic_write_json, atomic_write_jsonl
 from imsm.data import Truncation, encode_prompt
-from imsm.evaluation.generation import gather_shards, generate, shard
-from imsm.evaluation.metrics import get_task
-from imsm.evaluation.report import RunResult
-from imsm.evaluation.results import score_records
-from imsm.evaluation.scaling import load_scaled_run
-from imsm.evaluation.scoring import answer_nll, best_answer, gold_answers
+from imsm.evaluation.decoding.generation import gather_shards, generate, shard
+from imsm.evaluation.decoding.scaling import load_scaled_run
+from imsm.evaluation.decoding.scoring import answer_nll, best_answer, gold_answers
+from imsm.evaluation.measures.metrics import get_task
+from imsm.evaluation.report.results import score_records
+from imsm.evaluation.report.writer import RunResult
 from imsm.loader import load_backbone, load_run
 from imsm.run_folder import read_train_stats
 from imsm.templates import build_template

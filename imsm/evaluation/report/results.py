@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from imsm.evaluation.metrics import TASKS, ExampleScores, example_scores, get_task
+from imsm.evaluation.measures.metrics import TASKS, ExampleScores, example_scores, get_task
 from imsm.evaluation.stats import LabelScores
 
 logger = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ import torch
 from conftest import imsm_args, make_llama, make_tokenizer
 
 from imsm.args import ImsmArguments
-from imsm.evaluation.generation import (
+from imsm.evaluation.decoding.generation import (
     DecodingConfig,
     MixedBatchBranches,
     SingleBranch,
@@ -279,7 +279,7 @@ def test_smollm2_imsm_lora_cached_decode_matches_reference():
 def test_answers_scored_on_the_prefill_equal_scoring_from_scratch(tokenizer, variant, peft):
     """Scoring answers on the prompts' KV caches gives the teacher-forced scores of scoring.py and leaves the
     decoded outputs exactly as without them (the caches are rewound)."""
-    from imsm.evaluation.scoring import score_continuations
+    from imsm.evaluation.decoding.scoring import score_continuations
 
     if variant == "untuned" and peft == "dora":
         pytest.skip("the untuned model has no adapter")

@@ -2,10 +2,10 @@
 
 ``write_report`` writes, into the evaluation's output folder,
 
-* ``summary.{md,csv}``, ``forgetting.md``, ``comparisons.md``: the tables (``imsm.evaluation.tables``);
+* ``summary.{md,csv}``, ``forgetting.md``, ``comparisons.md``: the tables (``imsm.evaluation.report.tables``);
 * ``stats.json`` / ``stats.csv``: every value, spread, per-run value and comparison, unrounded, with both interval
-  kinds and the test of each comparison (``imsm.evaluation.comparisons``, ``imsm.evaluation.stats``);
-* ``tradeoff.{png,csv}``, ``forgetting.png``: the charts (``imsm.evaluation.charts``).
+  kinds and the test of each comparison (``imsm.evaluation.report.comparisons``, ``imsm.evaluation.stats``);
+* ``tradeoff.{png,csv}``, ``forgetting.png``: the charts (``imsm.evaluation.report.charts``).
 
 Evaluation writes ``report_inputs.json`` (the model folders in order, target, pairs, bootstrap settings, notes, the
 --measures frontier) before it decodes and every model's predictions as soon as they are decoded, so
@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from imsm.atomic import atomic_write_json, atomic_write_text
-from imsm.evaluation.charts import POINT_KEYS, plot_forgetting, plot_tradeoff, tradeoff_points
-from imsm.evaluation.comparisons import RECORD_KEYS, Comparisons, stats_records
-from imsm.evaluation.metrics import get_task
-from imsm.evaluation.results import (
+from imsm.evaluation.measures.metrics import get_task
+from imsm.evaluation.report.charts import POINT_KEYS, plot_forgetting, plot_tradeoff, tradeoff_points
+from imsm.evaluation.report.comparisons import RECORD_KEYS, Comparisons, stats_records
+from imsm.evaluation.report.results import (
     NLL,
     PRIMARY,
     REPORT_INPUTS,
@@ -32,7 +32,7 @@ from imsm.evaluation.results import (
     group_runs,
     load_output_dir,
 )
-from imsm.evaluation.tables import (
+from imsm.evaluation.report.tables import (
     INTERVAL_LEGEND,
     P_LEGEND,
     comparison_table,

@@ -1,4 +1,5 @@
-"""``evaluate.py --measures``: the measures of ``imsm.evaluation.measures`` on every evaluated model, and their report.
+"""``evaluate.py --measures``: the measures of ``imsm.evaluation.measures.measures`` on every evaluated model, and
+their report.
 
     python evaluate.py --untuned --run lora/s1 lora/s2 imsm/s1 imsm/s2 --labels untuned,LoRA,LoRA,IMSM-LoRA,IMSM-LoRA \
         --adapter_scale 0.25,0.5,0.75,1 --tasks mrpc,webq,freebaseqa,multirc --target mrpc ... \
@@ -18,8 +19,8 @@ a section appended to ``summary.md`` and ``forgetting.md``, the key ``measures``
 value (mean ± sd over its runs) and its change against the untuned model with both intervals of the statistics
 module: examples-only (paired bootstrap, runs fixed) and method-level (plus the seed variance, Welch t). With
 ``--frontier IMSM:LORA`` and a yes/no target, ``frontier.md``/``frontier.png`` give IMSM's forgetting minus the LoRA
-curve at IMSM's target gain (``imsm.evaluation.frontier``); the curve's points are the untuned model (LoRA at scale
-0) and every label LORA or LORA@... (``--adapter_scale`` rows, checkpoints labelled e.g. LoRA@step30).
+curve at IMSM's target gain (``imsm.evaluation.measures.frontier``); the curve's points are the untuned model (LoRA at
+scale 0) and every label LORA or LORA@... (``--adapter_scale`` rows, checkpoints labelled e.g. LoRA@step30).
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ import torch
 
 from imsm.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from imsm.data import Truncation, read_jsonl
-from imsm.evaluation.frontier import LabelRuns, frontier_gap
-from imsm.evaluation.generation import gather_shards, shard
-from imsm.evaluation.measures import (
+from imsm.evaluation.decoding.generation import gather_shards, shard
+from imsm.evaluation.decoding.scoring import FrozenMemo
+from imsm.evaluation.measures.frontier import LabelRuns, frontier_gap
+from imsm.evaluation.measures.measures import (
     auroc_resampled,
     balanced_accuracy_from_counts,
     choose_threshold,
@@ -52,9 +54,8 @@ from imsm.evaluation.measures import (
     read_general_text,
     yes_no_log_odds,
 )
-from imsm.evaluation.metrics import get_task
+from imsm.evaluation.measures.metrics import get_task
 from imsm.evaluation.planning import read_task
-from imsm.evaluation.scoring import FrozenMemo
 from imsm.evaluation.stats import method_interval, resample_counts
 from imsm.loader import load_backbone
 from imsm.run_folder import RUN_ARGS, resolve

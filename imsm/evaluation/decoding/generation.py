@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from imsm.evaluation.scoring import SequenceScore
+from imsm.evaluation.decoding.scoring import SequenceScore
 from imsm.method.gate import query_mean
 from imsm.method.model import IMSMModel
 
@@ -429,7 +429,7 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]], conf
 
     ``answers[i]`` (a list of answer id lists, e.g. the gold answers) are also scored teacher-forced on prompt i's KV
     cache before decoding, into ``Generation.answer_scores``: the prefill is shared, so the likelihood costs only the
-    answer tokens (``imsm.evaluation.scoring.score_continuations`` computes the same from scratch)."""
+    answer tokens (``imsm.evaluation.decoding.scoring.score_continuations`` computes the same from scratch)."""
     if answers is not None and len(answers) != len(prompts):
         raise ValueError(f"{len(answers)} answer lists for {len(prompts)} prompts")
     if answers is not None and any(not a or any(len(x) == 0 for x in a) for a in answers):

@@ -101,7 +101,7 @@ def _likelihood(model, template, rows, args, task, rank, world_size):
 def evaluate_model(plan, args, tasks, dtype, device, rank, world_size, measures=None) -> RunResult | None:
     """Decode and/or likelihood-score every task with one model; rank 0 scores and writes its files and returns its
     result (with the per-example scores the report's paired statistics need). ``measures``: a
-    ``measure_runs.MeasureSession`` that also measures the model while it is loaded (``--measures``)."""
+    ``measures.session.MeasureSession`` that also measures the model while it is loaded (``--measures``)."""
     model, tokenizer = load_model(plan, args, dtype, device)
     template = build_template(plan.template, tokenizer, plan.system_prompt)
     out_dir = Path(args.output_dir) / plan.folder

@@ -22,9 +22,10 @@ import torch
 
 from imsm.atomic import atomic_write_json, atomic_write_jsonl
 from imsm.data import Truncation, encode_prompt
-from imsm.evaluation.decoding.generation import gather_shards, generate, shard
+from imsm.evaluation.decoding.generation import generate
 from imsm.evaluation.decoding.scaling import load_scaled_run
 from imsm.evaluation.decoding.scoring import answer_nll, best_answer, gold_answers
+from imsm.evaluation.decoding.sharding import gather_shards, shard
 from imsm.evaluation.measures.metrics import get_task
 from imsm.evaluation.report.results import score_records
 from imsm.evaluation.report.writer import RunResult

@@ -37,8 +37,8 @@ import torch
 from imsm.atomic import atomic_write_json
 from imsm.data import Truncation, read_jsonl
 from imsm.evaluation.arguments import MeasureArguments
-from imsm.evaluation.decoding.generation import gather_shards, shard
 from imsm.evaluation.decoding.scoring import FrozenMemo
+from imsm.evaluation.decoding.sharding import gather_shards, shard
 from imsm.evaluation.measures.measures import (
     continuation_nll,
     general_text_pairs,

@@ -14,11 +14,10 @@ from imsm.evaluation.decoding.generation import (
     SingleBranch,
     TwoCacheBranches,
     build_decoder,
-    gather_shards,
     generate,
     reference_generate,
-    shard,
 )
+from imsm.evaluation.decoding.sharding import gather_shards, shard
 from imsm.loader import build_imsm_model
 
 PROMPT_LENGTHS = (3, 8, 1, 5, 11)

@@ -25,8 +25,8 @@ Branches (``build_decoder`` picks them from the model):
   0.84 of vanilla PEFT's tokens/s with the mixed batch, 0.57 with two caches). We call the decoder directly (IMSM
   needs the hidden state, not logits), which bypasses ``PeftModel.forward``, so the PEFT hooks that honour
   ``adapter_names`` are entered around the whole batch through ``LoraModel._enable_peft_forward_hooks``;
-  ``tests/evaluation/test_generation.py`` checks that the frozen half equals the ``disable_adapter()`` pass and the
-  tuned half the adapter pass.
+  ``tests/evaluation/decoding/test_generation.py`` checks that the frozen half equals the ``disable_adapter()`` pass
+  and the tuned half the adapter pass.
 * ``TwoCacheBranches``: any other adapter (AdaLoRA, DoRA, (IA)3, LoRAMoE ignore ``adapter_names`` or refuse it): two
   passes per step, the frozen one under ``peft_model.disable_adapter()``, each with its own KV cache.
 

@@ -1,6 +1,6 @@
 """Evaluating one model: loading it, decoding and likelihood-scoring it on every task (rank 0 writes; other ranks
-work on their shard) and writing its records. The arguments are ``arguments.py``, the plans ``planning.py``, the
-output folder's life ``output_dir.py``, the report ``report.py``.
+work on their shard, ``sharding``) and writing its records. The arguments are ``evaluation/arguments.py``, the plans
+``planning.py``, the output folder's life ``output_dir.py``, the report ``report/writer.py``.
 
 Prompts are encoded with ``imsm.data.encode_prompt``, the function training uses, so the query the model sees at test
 time is token for token the one it was trained on; answer likelihoods (``scoring.answer_nll``) score the gold

@@ -117,7 +117,8 @@ def _with_section(text: str, section: list[str]) -> str:
 
 
 def _write_stats(path: Path, records: dict[str, Any], measures: MeasureSections | None) -> None:
-    """stats.json: the report's records, and the measures' under the key ``measures``."""
+    """stats.json: the report's records, and the measures' under the key ``measures``. The two layouts are the ones
+    reports have always had (indent 1 without the measures, ``atomic_write_json``'s with them), so files compare."""
     if measures is None:
         atomic_write_text(path, json.dumps(records, indent=1) + "\n")
     else:

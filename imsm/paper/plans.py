@@ -44,6 +44,19 @@ PAPER_BACKBONES: dict[str, Backbone] = {b.name: b for b in (
 LAUNCHERS = {"LoRA": "lora", "IMSM-LoRA": "imsm_lora", "IA3": "ia3", "IMSM-IA3": "imsm_ia3", "AdaLoRA": "adalora",
              "IMSM-AdaLoRA": "imsm_adalora", "DoRA": "dora", "IMSM-DoRA": "imsm_dora", "LoRAMoE": "loramoe"}
 CLASSIC = ("LoRA", "IMSM-LoRA", "IA3", "IMSM-IA3", "AdaLoRA", "IMSM-AdaLoRA")  # Table 1's methods
+
+# Where the authors' published code (github.com/ECNU-Text-Computing/IMSM) adapts other modules on a backbone than our
+# method tables' defaults for its ``model_type``: (backbone, --peft) -> --target_modules, appended to the run.
+# Table 1's Params column is what these give (tests/paper/test_params.py counts them at full shape).
+PAPER_TARGETS: dict[tuple[str, str], tuple[str, ...]] = {
+    # train.py and baseline/ia3/ia3.py: qwen -> q_proj, v_proj and no feed-forward module (0.205M; ours k,v,down)
+    ("Qwen1.5-4B", "ia3"): ("q_proj", "v_proj"),
+    # baseline/dora/dora.py and train.py's dora leave target_modules None: PEFT's default for qwen2 is q_proj, v_proj
+    ("Qwen1.5-4B", "dora"): ("q_proj", "v_proj"),
+    # train.py: "llama-2" in the path -> gate_proj, down_proj, up_proj for LoRA (LoRAMoE's modules), for both the
+    # vanilla LoRA and IMSM-LoRA of Figure 3
+    ("Llama2-7B", "lora"): ("gate_proj", "up_proj", "down_proj"),
+}
 _GATE_DEFAULTS = {f.name: f.default for f in fields(ImsmArguments) if f.name in ("gate_rank", "gate_dropout",
                                                                                  "gate_learning_rate")}
 
@@ -56,6 +69,11 @@ class Variant:
     launcher_label: str  # the LAUNCHERS key whose script runs it
     suffix: str = ""  # appended to the launcher's name to make the run folder's name
     args: tuple[str, ...] = ()
+
+    @property
+    def peft(self) -> str:
+        """The launcher's --peft (imsm_ia3 -> ia3)."""
+        return LAUNCHERS[self.launcher_label].removeprefix("imsm_")
 
 
 def method(label: str) -> Variant:
@@ -94,10 +112,18 @@ class TrainRun:
     def launcher(self) -> Path:
         return Path("run_scripts") / f"{LAUNCHERS[self.variant.launcher_label]}_{self.task}.sh"
 
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The published code's target modules for this backbone and method, where they differ from our defaults."""
+        return PAPER_TARGETS.get((self.backbone.name, self.variant.peft), ())
+
     def command(self, train_args: list[str] | tuple[str, ...] = ()) -> list[str]:
-        """``bash run_scripts/X.sh ARGS``: the launcher's arguments, then the variant's, the seed and the user's."""
+        """``bash run_scripts/X.sh ARGS``: the launcher's arguments, then the variant's, the backbone's target modules,
+        the seed and the user's."""
         remote = ["--trust_remote_code"] if self.backbone.trust_remote_code else []
-        return ["bash", str(self.launcher), *self.variant.args, *remote, "--seed", str(self.seed), *train_args]
+        targets = ["--target_modules", *self.targets] if self.targets else []
+        return ["bash", str(self.launcher), *self.variant.args, *targets, *remote, "--seed", str(self.seed),
+                *train_args]
 
     def environment(self, data_dir: str | Path) -> dict[str, str]:
         """What the launcher reads from the environment (GPUS, NNODES, ... come from the caller's)."""

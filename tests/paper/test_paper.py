@@ -20,11 +20,11 @@ from imsm.paper.compare import our_value, render
 from imsm.paper.cost import describe, estimate
 from imsm.paper.numbers import LAYOUTS, PAPER_ROWS, paper_row
 from imsm.paper.plans import PAPER_BACKBONES, PLAN_NAMES, PlanOptions, build_plan, parse_model_overrides
+from tests.paper.launchers import launch_args
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA = ROOT.parent.parent / "shared" / "data" if (ROOT.parent.parent / "shared").is_dir() else \
     Path("/work/shared/data")
-CAPTURE_DEEPSPEED = '#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$CAPTURE"\n'
 
 
 # ---- the paper's numbers ------------------------------------------------------------------------------------------
@@ -76,26 +76,11 @@ def test_every_paper_row_names_a_layout_column_and_a_source():
 # ---- plans ----------------------------------------------------------------------------------------------------------
 
 
-def _launch_args(run, tmp_path: Path) -> list[str]:
-    """The arguments the run's launcher hands train.py, through a stand-in deepspeed that records them."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    (bin_dir / "deepspeed").write_text(CAPTURE_DEEPSPEED)
-    (bin_dir / "deepspeed").chmod(0o755)
-    capture = tmp_path / "args"
-    env = {**os.environ, **run.environment("DATA"), "PATH": f"{bin_dir}:{os.environ['PATH']}",
-           "CAPTURE": str(capture), "GPUS": "8"}
-    done = subprocess.run(run.command(), cwd=ROOT, env=env, capture_output=True, text=True, check=False)
-    assert done.returncode == 0, done.stderr
-    args = capture.read_text().splitlines()
-    return args[args.index("train.py") + 1:]
-
-
 @pytest.mark.parametrize("name", PLAN_NAMES)
 def test_every_plan_expands_to_commands_that_train_py_and_evaluate_py_accept(name, tmp_path):
     plan = build_plan(name)
     for run in plan.runs:
-        args = _launch_args(run, tmp_path)
+        args = launch_args(run, tmp_path)
         model, data, imsm, training = parse_train_args([*args, "--bf16", "false"])  # train.py's own parsing
         assert model.model_name_or_path == run.backbone.model_id
         assert model.trust_remote_code == (run.backbone.name == "ChatGLM3-6B")

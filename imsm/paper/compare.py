@@ -45,9 +45,9 @@ CANNOT_MATCH = (
      "AdaLoRA does (the orthogonality penalty as well)."),
     ("Settings the paper does not state follow the published code, appended to the launchers' arguments by the "
      "plans (imsm/paper/plans.py PUBLISHED_TRAIN_ARGS): LoRA and AdaLoRA dropout 0.1, no weight decay and the "
-     "baselines' schedules for vanilla runs, and the published target modules (PAPER_TARGETS). Kept ours: DoRA "
-     "dropout 0.05 for IMSM-DoRA too (the published IMSM config would give 0.1), Adafactor for (IA)3 as the "
-     "baselines; LoRAMoE runs its authors' launcher ('the original paper's configuration')."),
+     "baselines' schedules for vanilla runs, AdamW for IMSM-(IA)3 (Adafactor for vanilla (IA)3, as published), and "
+     "the published target modules (PAPER_TARGETS). Kept ours: DoRA dropout 0.05 for IMSM-DoRA too (the published "
+     "IMSM config would give 0.1); LoRAMoE runs its authors' launcher ('the original paper's configuration')."),
     ("Table 1 prints ChatGLM3's untuned ROPES F1 (22.67) below its EM (58.47), which token F1 cannot be for the same "
      "predictions: at least one of the two printed cells is not what its header says."),
     ("Table 3 uses Llama3.1-8B-Instruct (the paper: DoRA crashed on Llama3); Figure 3, Figure 4 and Table 5 were "

@@ -163,6 +163,8 @@ def test_runs_take_the_published_codes_settings_where_the_paper_is_silent(tmp_pa
             assert training.lr_scheduler_type == "linear"  # baseline/dora/dora.json
         if (run.variant.peft, run.label.startswith("IMSM-")) == ("ia3", False):
             assert training.warmup_steps == 0.06  # baseline/ia3/ia3.json
+        if run.variant.peft == "ia3":  # baseline/ia3/ia3.json: adafactor; the IMSM (IA)3 config: adamw
+            assert training.optim == ("adamw_torch" if run.label.startswith("IMSM-") else "adafactor")
     assert len(seen) == 9  # 4 PEFT x vanilla/IMSM + LoRAMoE
 
 

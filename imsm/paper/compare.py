@@ -37,6 +37,9 @@ CANNOT_MATCH = (
     ("Decoding: greedy, up to the runs' training --max_output_length on every task of an evaluation, as the "
      "published model_inference.py decodes (512 for GSM8K runs); the published code decodes one prompt at a time "
      "without a KV cache, ours batched with one (identical greedy tokens up to floating-point ties)."),
+    ("Lengths: the published configs state GSM8K's only (512 input, 512 answer tokens, as our launchers); for MRPC, "
+     "CoLA and ROPES the launchers' own (512/8, 256/8, 1024/32; a comment in the published baseline/lora/lora.py "
+     "runs ROPES at 1024/128), so their training truncation and decoding budget may differ from the authors'."),
     ("Precision: the published code loads both models in fp16 (`.half()`); ours trains and evaluates in bf16."),
     ("Gate initialisation: the published gate's W_A and W_B are PyTorch's default Linear initialisation, so the gate "
      "starts at a random mix; ours starts W_B at zero (g = 0.5 at step 0; imsm/method/gate.py)."),

@@ -171,7 +171,7 @@ def test_runs_take_the_published_codes_settings_where_the_paper_is_silent(tmp_pa
 def test_what_cannot_match_names_every_kept_difference():
     text = " ".join(CANNOT_MATCH)
     for words in ("Yes/no Acc.", "GSM8K", "'####'", "fp16", "update_and_allocate", "Gate initialisation",
-                  "Seeds", "not k/n", "DoRA dropout", "Decoding"):
+                  "Seeds", "not k/n", "DoRA dropout", "Decoding", "Lengths"):
         assert words in text, words
 
 

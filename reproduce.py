@@ -5,12 +5,13 @@ and write the paper's table with our numbers beside the paper's.
     python reproduce.py table2                    # in sequence here: finished runs skipped, interrupted resumed
     python reproduce.py table2 --slurm slurm/table2 --sbatch_option=--partition=gpu && bash slurm/table2/submit.sh
 
-Plans: table1, table2, table3, table4 (with the ablation's forgetting, Figure 4), table6, figure3, all. The paper's
-backbones are the defaults; ``--model ID`` points every backbone of the plan at ID, ``--model ChatGLM3-6B=ID`` one.
-``--seeds 1,2,3`` trains each run once per seed (default 42, the launchers' own). ``GPUS``, ``NNODES``,
-``PER_DEVICE_BATCH``, ``DS_CONFIG``, ``HOSTFILE`` reach the launchers from the environment. The report is
-``EVAL_DIR/<plan>.md``. A run that fails does not stop the plan: the rest go on, the report marks its cells, and the
-command ends listing it (exit 1).
+Plans: table1, table2, table3, table4 (with the ablation's forgetting, Figure 4), table5 (inference speed), table6,
+figure3, all. The paper's backbones are the defaults; ``--model ID`` points every backbone of the plan at ID,
+``--model ChatGLM3-6B=ID`` one. ``--seeds 42,43,44`` (the default) trains each run once per seed: the report's rows are
+means over seeds with a spread, as a comparison with the paper's numbers needs; ``--seeds 42`` for one run each.
+``GPUS``, ``NNODES``, ``PER_DEVICE_BATCH``, ``DS_CONFIG``, ``HOSTFILE`` reach the launchers from the environment. The
+report is ``EVAL_DIR/<plan>.md``. A run that fails does not stop the plan: the rest go on, the report marks its cells,
+and the command ends listing it (exit 1).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from imsm.paper.compare import write_report
 from imsm.paper.cost import describe, estimate
 from imsm.paper.execute import (
     SlurmResources,
+    bench_state,
     check_resources,
     eval_launcher,
     evaluate,
@@ -33,12 +35,13 @@ from imsm.paper.execute import (
     keep_backbones,
     remove_shared_caches,
     run_arguments,
+    run_bench,
     run_state,
     train,
     train_all,
     write_slurm,
 )
-from imsm.paper.plans import PLAN_NAMES, PlanOptions, build_plan, parse_model_overrides
+from imsm.paper.plans import DEFAULT_SEEDS, PLAN_NAMES, PlanOptions, build_plan, parse_model_overrides
 
 logger = logging.getLogger("reproduce")
 
@@ -55,7 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--report", action="store_true", help="Only the report, from the evaluations written so far.")
     p.add_argument("--model", action="append", default=[], metavar="ID|NAME=ID",
                    help="Backbone override: ID for every backbone of the plan, NAME=ID for one (repeatable).")
-    p.add_argument("--seeds", default="42", help="Comma-separated training seeds (default: 42, the launchers').")
+    p.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)),
+                   help="Comma-separated training seeds (default: three, for a mean and spread over runs).")
     p.add_argument("--methods", default="", help="Only these labels, e.g. LoRA,IMSM-LoRA (default: all).")
     p.add_argument("--data_dir", default="data", help="Task files DATA_DIR/<task>/{train,test}.jsonl.")
     p.add_argument("--runs_dir", default="runs/paper", help="Training runs go to RUNS_DIR/<model>/<launcher>/seedN.")
@@ -110,7 +114,8 @@ def _same_plan_args(args: argparse.Namespace) -> list[str]:
 def dry_run(plan, args: argparse.Namespace) -> None:
     train_args = shlex.split(args.train_args)
     print(f"{plan.title}\n")
-    print(f"Training runs ({len(plan.runs)}; NNODES={args.nodes} x GPUS={args.gpus}, the launchers' global batch):")
+    print(f"Training runs ({len(plan.runs)}: {len(plan.runs) // len(plan.seeds)} per seed x {len(plan.seeds)} "
+          f"seed(s); NNODES={args.nodes} x GPUS={args.gpus}, the launchers' global batch):")
     try:
         nodes = {i: n for n, indices in check_resources(plan, args.nodes, args.gpus).items() for i in indices}
     except ValueError as err:
@@ -124,6 +129,10 @@ def dry_run(plan, args: argparse.Namespace) -> None:
     for ev in plan.evaluations:
         cmd = ev.command(args.data_dir, shlex.split(args.eval_args), launcher)
         print(f"  {evaluation_state(ev):7s} {shlex.join(cmd)}")
+    if plan.benches:
+        print(f"\nSpeed benches ({len(plan.benches)}, one GPU each):")
+        for bench in plan.benches:
+            print(f"  {bench_state(bench):7s} {shlex.join(bench.command(args.data_dir, 'python'))}")
     print("\nCost:")
     est = estimate(plan, Path(args.data_dir), Path(args.runs_dir), train_args, args.peak_tflops, args.utilisation)
     for line in describe(est, len(plan.runs)):
@@ -148,6 +157,9 @@ def main(argv: list[str] | None = None) -> None:
         dry_run(plan, args)
         return
     if args.slurm:
+        if not plan.runs:
+            raise SystemExit(f"{args.plan} trains nothing (it only measures speed): run `python reproduce.py "
+                             f"{args.plan}` on a GPU node instead of --slurm")
         resources = SlurmResources(args.nodes, args.gpus, args.cpus_per_task, args.mem, tuple(args.sbatch_option))
         try:
             paths = write_slurm(plan, Path(args.slurm), _same_plan_args(args), args.python, resources)
@@ -174,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.report:
         for ev in plan.evaluations:
             evaluate(ev, args.data_dir, eval_args, eval_launcher(args.gpus, args.python))
+        for bench in plan.benches:
+            run_bench(bench, args.data_dir, args.python)
         if not args.keep_frozen_cache:
             remove_shared_caches(plan)
     path = write_report(plan, Path(args.eval_dir))

@@ -80,7 +80,7 @@ def _last_option(args: list[str], name: str) -> str | None:
 def schedule(run: TrainRun, train_args: list[str] | tuple[str, ...] = ()) -> Schedule:
     from imsm.paper.execute import ROOT, run_arguments
 
-    args = run_arguments(run, train_args)
+    args = run.command(run_arguments(run, train_args))[2:]  # after "bash LAUNCHER": the plan's, then the user's
     text = "\n".join(line for line in (ROOT / run.launcher).read_text().splitlines()
                      if not line.lstrip().startswith("#"))  # the header's example overrides are comments
 

@@ -44,7 +44,7 @@ from pathlib import Path
 
 from imsm import run_folder
 from imsm.evaluation.output_dir import INCOMPLETE
-from imsm.paper.plans import PAPER_BACKBONES, Evaluation, Plan, TrainRun
+from imsm.paper.plans import PAPER_BACKBONES, Bench, Evaluation, Plan, TrainRun
 
 logger = logging.getLogger(__name__)
 
@@ -250,6 +250,23 @@ def evaluate(evaluation: Evaluation, data_dir: str | Path, eval_args: list[str],
         raise RuntimeError(f"evaluation {evaluation.name} failed (exit {done.returncode}): {shlex.join(cmd)}")
 
 
+def bench_state(bench: Bench) -> str:
+    return "done" if bench.output_file.is_file() else "new"
+
+
+def run_bench(bench: Bench, data_dir: str | Path, python: str) -> None:
+    """Table 5's speed measurement on one backbone (one process, one GPU); a measured one is skipped."""
+    if bench_state(bench) == "done":
+        logger.info("%s: measured already, skipped", bench.output_file)
+        return
+    bench.output_file.parent.mkdir(parents=True, exist_ok=True)
+    cmd = bench.command(data_dir, python)
+    logger.info("benchmarking %s: %s", bench.name, shlex.join(cmd))
+    done = subprocess.run(cmd, cwd=ROOT, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench {bench.name} failed (exit {done.returncode}): {shlex.join(cmd)}")
+
+
 def eval_launcher(gpus: int, python: str = sys.executable) -> tuple[str, ...]:
     """evaluate.py on one process, or one per GPU under torchrun (each decodes a shard)."""
     if gpus <= 1:
@@ -263,10 +280,11 @@ def keep_backbones(plan: Plan, names: tuple[str, ...]) -> Plan:
     if unknown:
         raise ValueError(f"--backbones {','.join(unknown)}: not among the paper's backbones {sorted(PAPER_BACKBONES)}")
     runs = [run for run in plan.runs if run.backbone.name in names]
-    if not runs:
+    if not runs and not any(bench.backbone.name in names for bench in plan.benches):
         raise ValueError(f"--backbones {','.join(names)} leaves no run in {plan.name}; its backbones: "
                          f"{sorted({run.backbone.name for run in plan.runs})}")
-    return replace(plan, runs=runs, evaluations=[ev for ev in plan.evaluations if ev.backbone.name in names])
+    return replace(plan, runs=runs, evaluations=[ev for ev in plan.evaluations if ev.backbone.name in names],
+                   benches=[bench for bench in plan.benches if bench.backbone.name in names])
 
 
 # ---- SLURM ----------------------------------------------------------------------------------------------------------

@@ -112,7 +112,7 @@ def cluster(tmp_path):
 
 
 def _plan_args(tmp_path: Path, bin_dir: Path) -> list[str]:
-    return ["table2", "--methods", "LoRA,IMSM-LoRA,IA3", "--data_dir", str(tmp_path / "data"),
+    return ["table2", "--methods", "LoRA,IMSM-LoRA,IA3", "--seeds", "42", "--data_dir", str(tmp_path / "data"),
             "--runs_dir", str(tmp_path / "runs"), "--eval_dir", str(tmp_path / "eval"),
             "--python", str(bin_dir / "python")]
 
@@ -261,7 +261,7 @@ def test_backbones_filter_keeps_their_runs_and_evaluations():
 
 def test_all_dry_run_lists_108_runs_and_the_nodes_each_gets(tmp_path, cluster):
     _, _, env = cluster
-    done = _reproduce(["all", "--dry_run", "--nodes", "2", "--data_dir", str(tmp_path / "data"),
+    done = _reproduce(["all", "--dry_run", "--seeds", "42", "--nodes", "2", "--data_dir", str(tmp_path / "data"),
                        "--runs_dir", str(tmp_path / "runs")], {**env, "PER_DEVICE_BATCH": "1"})
     assert done.returncode == 0, done.stderr
     runs = [line for line in done.stdout.splitlines() if line.startswith("  [")]

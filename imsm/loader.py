@@ -118,8 +118,8 @@ def check_round_trip(model: IMSMModel, backbone_tensors: set[int]) -> None:
     if lost:
         raise ValueError(
             f"--peft {method.name}: {len(lost)} of the {len(state)} tensors its adapter adds do not come back from "
-            f"the files it saves, so a checkpoint would not restore the model: {lost[:4]}; declare the fixed ones in "
-            "its MethodSpec.saves_state (the trainable ones are found by the adapter's name prefix)")
+            f"the files it saves, so a checkpoint would not restore the model: {lost[:4]}; a fixed tensor its files "
+            "lack is declared in its MethodSpec.saves_state, and MethodSpec.save must write every value as it is")
 
 
 def make_run_config(imsm_args, data_args, model_path: str, hidden_size: int) -> RunConfig:

@@ -69,8 +69,8 @@ class IMSMModel(nn.Module):
 
     def is_trainable_name(self, name: str) -> bool:
         """Adapter and gate parameters, found by name: the gate by its prefix, the adapter by its method's tensor
-        prefix (``lora_``, ``ia3_``, ``loramoe_``). The one rule behind freezing, counting, the optimizer's groups and
-        saving (``trainable_parameters``, ``saved_state``)."""
+        prefix (``lora_``, ``ia3_``, ``vera_lambda_``, ``loramoe_``). The one rule behind freezing, counting, the
+        optimizer's groups and saving (``trainable_parameters``, ``saved_state``)."""
         return name.startswith(GATE_PARAM_PREFIX) or self.adapter_prefix() in name
 
     def trainable_parameters(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
@@ -83,8 +83,8 @@ class IMSMModel(nn.Module):
 
     def saved_state(self) -> list[tuple[str, torch.Tensor]]:
         """What a run folder holds, by this module's names: the trainable parameters plus the adapter's fixed state
-        that its method declares (``MethodSpec.saves_state``: AdaLoRA's ``ranknum`` parameters, VeRA's projection
-        buffers)."""
+        (parameters or buffers) that its method declares saved (``MethodSpec.saves_state``, e.g. VeRA's shared
+        projections)."""
         trainable = {n for group in self.trainable_parameters().values() for n, _ in group}
         adapter = "peft_model."
         extra = [(n, t) for n, t in [*self.named_parameters(), *self.named_buffers(remove_duplicate=False)]

@@ -17,7 +17,7 @@ from method.cases import NOT_SCALABLE, SCALABLE, TOTAL_STEPS, method_args, pertu
 from safetensors.torch import load_file
 
 import export as export_script
-from imsm.evaluation.generation import DecodingConfig, generate
+from imsm.evaluation.decoding.generation import DecodingConfig, generate
 from imsm.export.folder import ExportRefused, export_run
 from imsm.loader import load_run
 from imsm.method.adapters import get_method

@@ -5,11 +5,12 @@ covered the moment its file registers it and no test lists methods by hand (peft
 What each group gets:
 - ``ALL``: only the adapter and the gate train, an unmatched target module is named (tests/method/test_model.py);
   save -> reload -> the same logits through evaluation's load and training's resume, and the pre-training round
-  trip (tests/method/test_contract.py); decoding equal to the paper's equations recomputed without a cache
-  (tests/evaluation/test_generation.py, the two-cache path for every method that does not mix one batch); training
-  steps in bfloat16 (tests/training/test_bf16.py);
+  trip (tests/method/test_contract.py); training steps in bfloat16 (tests/training/test_bf16.py);
+- ``TWO_CACHES`` (every method that does not mix one batch): decoding equal to the paper's equations recomputed
+  without a cache (tests/evaluation/decoding/test_generation.py);
 - ``SCALABLE`` (the update merges into the weight): scale 0 is the untuned model and scale 1 the run
-  (tests/evaluation/test_scaling.py), the exported folder gives the project's logits (tests/export/test_export.py);
+  (tests/evaluation/decoding/test_scaling.py), the exported folder gives the project's logits and its model card
+  the method's settings (tests/export/test_export.py);
 - ``NOT_SCALABLE``: export refused, naming the method.
 """
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import train
 from imsm.data import SupervisedCollator, SupervisedDataset
-from imsm.evaluation.generation import DecodingConfig, generate
+from imsm.evaluation.decoding.generation import DecodingConfig, generate
 from imsm.loader import load_run
 from imsm.templates import build_template
 

@@ -217,3 +217,21 @@ def test_remote_code_without_sdpa_falls_back_with_a_warning(tmp_path, caplog):
         model = _from_pretrained(str(tmp_path), torch.float32, "auto", True)
     assert type(model).__name__ == "TinyLM" and model.config._attn_implementation == "eager"
     assert "refused" in caplog.text
+
+
+@pytest.mark.parametrize("peft", ["lora", "dora", "ia3", "adalora"])
+def test_every_paper_method_trains_on_converted_chatglm3(chatglm3, peft):
+    """The paper's methods on ChatGLM3 (Tables 1, 3, 4) find their default targets on the converted model, and a
+    backward pass reaches every trainable parameter."""
+    source, _, _ = chatglm3
+    backbone, _, _ = load_backbone(str(source), attn_implementation="sdpa")
+    model = build_imsm_model(backbone, imsm_args(peft=peft, gate="query_aware", gate_rank=4, lora_r=4,
+                                                 adalora_init_r=4, adalora_target_r=2), total_steps=10)
+    ids = _ids(8, 320, seed=6)
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), query_mask=torch.ones_like(ids),
+                labels=torch.where(torch.arange(8) >= 5, ids, -100))
+    out["loss"].backward()
+    names = [n for group in model.trainable_parameters().values() for n, p in group if p.grad is None]
+    assert not names
+    targets = {part for n, _ in model.trainable_parameters()["adapter"] for part in n.split(".")}
+    assert {"q_proj", "k_proj", "v_proj"} <= targets

@@ -24,6 +24,7 @@ parameter count (r 16 on ChatGLM3-6B: 3.899M).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -92,9 +93,14 @@ def native_model_path(name_or_path: str) -> str:
     source = local if local.is_dir() else _download(name_or_path)
     target = cache_dir() / "chatglm3" / f"{_slug(name_or_path)}-{source_key(source)}"
     if not (target / "config.json").is_file():
-        logger.info("converting the ChatGLM3 checkpoint %s once into the native glm layout at %s", name_or_path,
-                    target)
-        convert(source, target, name_or_path)
+        # every rank of a launch may get here at once: one converts, the others wait and then load its folder
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target.parent / f".{target.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (target / "config.json").is_file():
+                logger.info("converting the ChatGLM3 checkpoint %s once into the native glm layout at %s",
+                            name_or_path, target)
+                convert(source, target, name_or_path)
     return str(target)
 
 

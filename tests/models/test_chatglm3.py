@@ -235,3 +235,38 @@ def test_every_paper_method_trains_on_converted_chatglm3(chatglm3, peft):
     assert not names
     targets = {part for n, _ in model.trainable_parameters()["adapter"] for part in n.split(".")}
     assert {"q_proj", "k_proj", "v_proj"} <= targets
+
+
+@pytest.mark.launch
+def test_zero3_on_two_processes_trains_the_shared_a_once(chatglm3, tiny_train_file, tmp_path):
+    """A real ``deepspeed`` launch (ZeRO-3, 2 CPU processes, both converting the source at once): the engine's own
+    fp32 checkpoint holds the shared A once per layer and rebuilds the model the saved run reloads to."""
+    import random
+    import subprocess
+    import sys
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    source, _, _ = chatglm3
+    root = Path(__file__).resolve().parents[2]
+    cache = tmp_path / "cache"  # not converted yet: the two ranks race for it
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
+           str(random.randint(20000, 40000)), str(root / "train.py"), "--deepspeed",
+           str(root / "ds_configs" / "zero3.json"), "--model_name_or_path", str(source), "--train_file",
+           str(tiny_train_file), "--output_dir", str(tmp_path / "run"), "--per_device_train_batch_size", "2",
+           "--learning_rate", "1e-2", "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2",
+           "--report_to", "none", "--seed", "3", "--disable_tqdm", "true", "--lora_r", "4"]
+    env = {**os.environ, "IMSM_CACHE": str(cache), "PYTHONPATH": str(root)}
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    state = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "run" / "checkpoint-2"))
+    backbone, tokenizer, _ = load_backbone(str(source))
+    engine = build_imsm_model(backbone, imsm_args(lora_r=4))
+    assert sum(p.numel() for _, p in engine.trainable_parameters()["adapter"]) == 2 * 4 * (64 + (4 + 2 * 2) * 16)
+    engine.load_state_dict(state, strict=True)
+    reloaded, _, _ = load_run(tmp_path / "run" / "final")
+    ids = tokenizer(["Question : Is 3 odd ? Output : yes"], return_tensors="pt")
+    batch = {"input_ids": ids["input_ids"], "attention_mask": ids["attention_mask"],
+             "query_mask": ids["attention_mask"]}
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch)["logits"], engine.eval()(**batch)["logits"])

@@ -15,7 +15,7 @@ from conftest import make_tokenizer
 from safetensors.torch import load_file
 
 import train
-from imsm.evaluation.generation import DecodingConfig, generate
+from imsm.evaluation.decoding.generation import DecodingConfig, generate
 from imsm.export.folder import export_run
 from imsm.loader import load_run
 

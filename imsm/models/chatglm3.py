@@ -256,6 +256,7 @@ def fast_tokenizer(model_file: Path, vocab_size: int):
 
 def convert(source: Path, target: Path, name: str | None = None) -> None:
     """Write the native glm folder of the ChatGLM3 checkpoint in ``source`` to ``target`` (atomically)."""
+    from safetensors.torch import save_file
     from transformers import GenerationConfig, GlmForCausalLM
 
     chatglm = _local_config(source)
@@ -269,14 +270,17 @@ def convert(source: Path, target: Path, name: str | None = None) -> None:
     setattr(config, CONVERTED_MARKER, name or str(source))
     state = convert_state_dict(read_weights(source), config)
     with torch.device("meta"):
-        model = GlmForCausalLM(config)
-    missing = sorted(set(model.state_dict()) - set(state))
-    if missing:
-        raise ValueError(f"{source}: the ChatGLM3 weights lack {missing[:5]}")
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True, strict=True)
-    model.generation_config = GenerationConfig(eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+        expected = set(GlmForCausalLM(config).state_dict())
+    if expected != set(state):
+        raise ValueError(f"{source}: the ChatGLM3 weights lack {sorted(expected - set(state))[:5]} and have "
+                         f"{sorted(set(state) - expected)[:5]} beyond the native model's")
+    config.dtype = dtype
+    # written file by file, not with model.save_pretrained, which writes nothing on a rank other than 0 of a launch
     with atomic_dir(target) as staging:
-        model.save_pretrained(staging)
+        save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, str(staging / "model.safetensors"),
+                  metadata={"format": "pt"})
+        config.save_pretrained(staging)
+        GenerationConfig(eos_token_id=stops, pad_token_id=tokenizer.pad_token_id).save_pretrained(staging)
         tokenizer.save_pretrained(staging)
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from peft import AdaLoraConfig, TaskType
+from peft import AdaLoraConfig, PeftModel, TaskType
 from transformers import TrainerCallback
 
 from imsm.method.adapters.base import ExtraLoss, MethodSpec, lookup_targets
@@ -46,7 +47,13 @@ class AdaLoraMethod(MethodSpec):
     options_class = AdaLoraOptions
     scalable = True
 
-    def adapter_config(self, options: AdaLoraOptions, target_modules, model_type, total_steps) -> AdaLoraConfig:
+    def rebuilds_state(self, key: str) -> bool:
+        # each layer's rank count, a parameter that does not train: PEFT sets it to the initial rank when it builds
+        # the layer and leaves it out of the saved adapter (peft/tuners/adalora/model.py: "ranknum is deterministic")
+        return ".ranknum." in key
+
+    def adapter_config(self, options: AdaLoraOptions, target_modules: list[str] | None, model_type: str,
+                       total_steps: int | None) -> AdaLoraConfig:
         if not total_steps:
             raise ValueError("adalora needs the total number of optimizer steps for its rank budget schedule")
         targets = target_modules or lookup_targets(LORA_TARGET_MODULES, model_type, "AdaLoRA target modules")
@@ -62,11 +69,12 @@ class AdaLoraMethod(MethodSpec):
             orth_reg_weight=options.adalora_orth_reg_weight, total_step=total_steps, target_modules=targets,
         )
 
-    def extra_loss(self, peft_model, attention_mask, training, task_types=None) -> ExtraLoss | None:
+    def extra_loss(self, peft_model: PeftModel, attention_mask: torch.Tensor, training: bool,
+                   task_types: torch.Tensor | None = None) -> ExtraLoss | None:
         reg = orth_regularizer(peft_model)
         return None if reg is None else ExtraLoss(reg)
 
-    def callbacks(self, trainer) -> list:
+    def callbacks(self, trainer: Any) -> list:
         return [AdaLoraAllocator(trainer)]
 
 

@@ -47,7 +47,8 @@ def main() -> None:
             tensors["logits"] = model(**args).logits.float().contiguous()
     for gen in spec.get("generate", []):
         torch.manual_seed(0)
-        kwargs = gen["kwargs"] | ({"output_logits": True, "return_dict_in_generate": True} if gen.get("logits") else {})
+        per_step = {"output_logits": True, "return_dict_in_generate": True} if gen.get("logits") else {}
+        kwargs = gen["kwargs"] | per_step
         try:
             out = model.generate(input_ids=torch.tensor(gen["input_ids"]),
                                  attention_mask=torch.tensor(gen["attention_mask"]), **kwargs)

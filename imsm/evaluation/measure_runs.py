@@ -54,6 +54,7 @@ from imsm.evaluation.measures import (
 )
 from imsm.evaluation.metrics import get_task
 from imsm.evaluation.planning import read_task
+from imsm.evaluation.results import read_json
 from imsm.evaluation.scoring import FrozenMemo
 from imsm.evaluation.stats import method_interval, resample_counts
 from imsm.loader import load_backbone
@@ -325,7 +326,7 @@ def read_measures(out_dir: str | Path, folders: list[str] | None = None) -> dict
         files = [path for path, ok in zip(files, found, strict=True) if ok]
     results: dict[str, list[dict]] = {}
     for path in files:
-        record = json.loads(path.read_text())
+        record = read_json(path)
         results.setdefault(record["label"], []).append(record)
     return results
 
@@ -463,7 +464,7 @@ def write_measures_report(results: dict[str, list[dict]], target: str, margs: Me
             atomic_write_text(path, path.read_text().rstrip("\n") + "\n\n" + "\n".join(
                 [f"## {title} (--measures)", "", legend, "", *part]) + "\n")
     stats_path = out_dir / "stats.json"
-    record = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
+    record = read_json(stats_path) if stats_path.is_file() else {}
     atomic_write_json(stats_path, record | {"measures": stats})
     if frontier:
         paths["frontier_png"] = plot_frontier(frontier, target, out_dir / "frontier.png")

@@ -11,7 +11,7 @@ its last step is not trained again, only its ``final/`` brought up to that step.
 ``OUTPUT_DIR/final`` (its format: ``imsm/run_folder.py``). ``--output_dir`` must be new, empty or an earlier
 train.py output (marked ``imsm_output.json``); options and data are checked before the model loads. One train.py
 at a time per ``--output_dir``: a second one refuses at once, naming the folder and the first one's PID
-(``.imsm_train.lock``, an flock released when the first one ends, however it ends).
+(``.imsm_train.lock``, an flock released when the first one ends, however it ends; removed when it ends normally).
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> IMSMTrainer | None:
         run_folder.remove_if_unused(created, disposable=(FINGERPRINT, LOCK_FILE, OUTPUT_LOCK))
         raise
     finally:
-        release(lock)
+        release(lock, Path(training_args.output_dir) / OUTPUT_LOCK)
 
 
 def lock_output_dir(output_dir: str) -> int:

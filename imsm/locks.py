@@ -1,8 +1,8 @@
 """Advisory locks that say who holds them: ``fcntl.flock`` on a small file that records the holder's PID and host.
 
 The kernel releases a flock when its holder exits, however it ends (kill -9 included), so a lock left behind by a
-dead process never blocks anyone; the file itself stays (an empty-looking hidden file) and is reused. flock is
-per open file: two processes, or two opens in one process, exclude each other.
+dead process never blocks anyone; the file a killed holder leaves is reused, and a holder that ends normally may remove
+it (``release(fd, path)``). flock is per open file: two processes, or two opens in one process, exclude each other.
 """
 
 from __future__ import annotations
@@ -38,6 +38,11 @@ def holder(path: str | os.PathLike) -> str:
     return text or "another process"
 
 
-def release(fd: int | None) -> None:
-    if fd is not None:
-        os.close(fd)
+def release(fd: int | None, path: str | os.PathLike | None = None) -> None:
+    """Release a lock ``try_lock`` took; with ``path``, remove its file first (while still holding it, so no other
+    process can hold the old file then), as a finished holder that leaves nothing behind."""
+    if fd is None:
+        return
+    if path is not None:
+        Path(path).unlink(missing_ok=True)
+    os.close(fd)

@@ -179,7 +179,7 @@ class FrozenMemoryCache:
 
     def release_lock(self) -> None:
         """Release the writer lock without writing (a failed run; the end of the process releases it too)."""
-        release(self._lock_fd)
+        release(self._lock_fd, self.directory / LOCK_FILE)
         self._lock_fd = None
 
     def _prepare(self, fingerprint: dict) -> None:

@@ -19,7 +19,7 @@ from conftest import CHAT_TEMPLATE, make_llama, make_tokenizer
 from test_export import MAX_NEW, generated_ids, left_padded, prompts, run_child, save_method_run
 
 import export as export_script
-from imsm.evaluation.generation import DecodingConfig, generate
+from imsm.evaluation.decoding.generation import DecodingConfig, generate
 from imsm.export.folder import export_run
 from imsm.loader import load_run
 from imsm.run_folder import mark_complete

@@ -9,10 +9,12 @@ and then, anywhere:
 
     tokenizer = AutoTokenizer.from_pretrained("exported/imsm_lora_gsm8k", trust_remote_code=True)
 
-LoRA, DoRA, AdaLoRA and (IA)3 runs with a query_aware, token or equal gate export; a vanilla run (--gate none) is
-refused with the PEFT merge to use instead, and so is a LoRAMoE run, and a checkpoint without COMPLETE (an interrupted
-save), as evaluate.py refuses it. --overwrite replaces only an earlier export, never the run or any other folder; a
-killed export leaves nothing the next one does not clean up. What the folder holds: imsm/export/folder.py.
+A run with a query_aware, token or equal gate exports when its method's update merges into the weight
+(``MethodSpec.scalable``, the methods adapter scaling takes, e.g. LoRA); a vanilla run (--gate none) is refused with
+the PEFT merge to use instead, and so is a method that does not merge (the error lists those that do), and a
+checkpoint without COMPLETE (an interrupted save), as evaluate.py refuses it. --overwrite replaces only an earlier
+export, never the run or any other folder; a killed export leaves nothing the next one does not clean up. What the
+folder holds: imsm/export/folder.py.
 """
 
 from __future__ import annotations

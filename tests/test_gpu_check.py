@@ -121,3 +121,4 @@ def test_cpu_mode_deepspeed_step_runs_zero2_and_zero3_through_train_py(tmp_path)
     rows = _rows(report, "deepspeed", "train.py under deepspeed")
     assert [r["config"] for r in rows] == ["zero2.json", "zero3.json"]
     assert all(r["rc"] == 0 and r["final_reloads"] for r in rows)
+    assert rows[0]["ops_compiled"] == ["deepspeed_shm_comm"]  # gloo's shared-memory op, on CPU only

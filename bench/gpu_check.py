@@ -91,7 +91,7 @@ TINY = Plan(train_shape="tiny", seq_len=32, steps=2, warmup=1, decode_shape="tin
 def _imports():
     """Everything the check takes from the package, in one place (modules may move; one line to fix here)."""
     from imsm.args import DataArguments, ImsmArguments
-    from imsm.evaluation.generation import DecodingConfig, generate
+    from imsm.evaluation.decoding.generation import DecodingConfig, generate
     from imsm.export.folder import export_run
     from imsm.loader import build_imsm_model, load_run, make_run_config, save_run_files
     from imsm.method.gate import NoGate

@@ -20,9 +20,11 @@ vanilla PEFT tokens/s at batch 1 and 16, prompt 256, 128 new tokens), ``export``
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -406,6 +408,7 @@ def step_export(args, plan: Plan, record: Recorder) -> None:
     pkg = _imports()
     device, dtype = _device_dtype(args.device)
     tmp = Path(tempfile.mkdtemp(prefix="gpu_check_export_"))
+    atexit.register(shutil.rmtree, tmp, True)  # a model folder or two: gigabytes at the paper's sizes
     t0 = time.perf_counter()
     backbone = random_llama(plan.export_shape, torch.device("cpu"), torch.float32)
     tokenizer = word_tokenizer(backbone.config.vocab_size)
@@ -467,6 +470,7 @@ def step_deepspeed(args, plan: Plan, record: Recorder) -> None:
 
     pkg = _imports()
     tmp = Path(tempfile.mkdtemp(prefix="gpu_check_ds_"))
+    atexit.register(shutil.rmtree, tmp, True)  # a model folder or two: gigabytes at the paper's sizes
     backbone = random_llama(plan.deepspeed_shape, torch.device("cpu"), torch.float32)
     tokenizer = word_tokenizer(backbone.config.vocab_size)
     backbone.save_pretrained(tmp / "model")
@@ -491,7 +495,7 @@ def step_deepspeed(args, plan: Plan, record: Recorder) -> None:
         ok = proc.returncode == 0
         row = {"what": "train.py under deepspeed", "config": config, "rc": proc.returncode, "wall_s": wall}
         extensions = Path(env["TORCH_EXTENSIONS_DIR"])  # so far in this step: both launches share the folder
-        row["ops_compiled"] = sorted(p.name for p in extensions.glob("*/*")) if extensions.is_dir() else []
+        row["ops_compiled"] = sorted({p.parent.name for p in extensions.rglob("build.ninja")})
         if ok:
             pkg.load_run(out / "final")
             row["final_reloads"] = True

@@ -7,8 +7,10 @@ and then, anywhere:
 
     model = AutoModelForCausalLM.from_pretrained("exported/imsm_lora_gsm8k", trust_remote_code=True)
 
-LoRA, DoRA, AdaLoRA and (IA)3 runs with a query_aware, token or equal gate export; a vanilla run (--gate none) is
-refused with the PEFT merge to use instead, and so is a LoRAMoE run. What the folder holds: imsm/export/folder.py.
+A run with a query_aware, token or equal gate exports when its method's update merges into the weight
+(``MethodSpec.scalable``, the methods adapter scaling takes, e.g. LoRA); a vanilla run (--gate none) is refused with
+the PEFT merge to use instead, and so is a method that does not merge (the error lists those that do). What the folder
+holds: imsm/export/folder.py.
 """
 
 from __future__ import annotations

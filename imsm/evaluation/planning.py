@@ -72,7 +72,8 @@ def calibration_rows(run_dir: str | Path) -> set[tuple[str, int]]:
     Evaluation skips these rows of those files so the model is not scored on its calibration data. A row index
     counts the file's non-empty lines, as ``imsm.data.read_jsonl`` reads them.
     """
-    record = RunConfig.read(resolve(run_dir)).calibration
+    config = RunConfig.read(resolve(run_dir))
+    record = get_method(config.peft, f"{run_dir}: peft").calibration_rows(config.method_options)
     if not record:
         return set()
     return {(record["file"], int(i)) for i in record["rows"]}

@@ -9,12 +9,13 @@
     tokenizer files               padding on the left; a chat run's system prompt baked into the chat template
     README.md                     the model card: base model, method, gate, template, data and settings, how to load
 
-The tuned memory is stored as **merged copies of the targeted layers only** (W + ΔW for LoRA/AdaLoRA, DoRA's
-renormalised weight, W scaled by the (IA)3 vector), computed by PEFT's own ``merge_and_unload``. Why merged rather
-than the adapter's factors: the standalone modeling file then needs no re-implementation of four PEFT methods (each
-with its own scaling, DoRA's magnitude normalisation, AdaLoRA's rank masks) that could drift from PEFT's; the tuned
-pass of a layer is one plain matmul on any hardware; and only the layers PEFT adapted are copied (q_proj and v_proj
-by default: a few percent of the backbone), not the whole model as a merged checkpoint would be.
+The tuned memory is stored as **merged copies of the targeted layers only** (W + ΔW, e.g. LoRA's W + s·B·A, DoRA's
+renormalised weight, W scaled by the (IA)3 vector), computed by PEFT's own ``merge_and_unload``; so a run exports
+when its method's update merges into the weight (``MethodSpec.scalable``, the flag adapter scaling reads too). Why
+merged rather than the adapter's factors: the standalone modeling file then needs no re-implementation of each PEFT
+method (each with its own scaling, DoRA's magnitude normalisation, AdaLoRA's rank masks) that could drift from
+PEFT's; the tuned pass of a layer is one plain matmul on any hardware; and only the layers PEFT adapted are copied
+(q_proj and v_proj by default: a few percent of the backbone), not the whole model as a merged checkpoint would be.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from imsm.atomic import atomic_dir
 
 logger = logging.getLogger(__name__)
 
-EXPORTABLE_METHODS = ("lora", "dora", "adalora", "ia3")
 EXPORTABLE_GATES = ("query_aware", "token", "equal")
 TEMPLATE_FILES = ("configuration_imsm.py", "modeling_imsm.py")
 TEMPLATE_DIR = Path(__file__).resolve().parent
@@ -49,11 +49,14 @@ def check_exportable(peft: str, gate: str, run: str | Path) -> None:
         raise ExportRefused(
             f"{run}: a vanilla {peft} run (--gate none) needs no IMSM model; merge it into the base model with PEFT "
             "instead: PeftModel.from_pretrained(base, RUN).merge_and_unload().save_pretrained(OUT_DIR)")
-    if peft == "loramoe":
-        raise ExportRefused(f"{run}: LoRAMoE runs cannot be exported yet (its experts and router are not a PEFT "
-                            "adapter that merges into a layer); evaluate it with evaluate.py or lm-eval-imsm")
-    if peft not in EXPORTABLE_METHODS:
-        raise ExportRefused(f"{run}: PEFT method {peft!r} cannot be exported; exportable: {EXPORTABLE_METHODS}")
+    from imsm.method.adapters import METHODS, get_method
+
+    method = get_method(peft, f"{run}: peft")
+    if not method.scalable:
+        exportable = sorted(name for name, spec in METHODS.items() if spec.scalable)
+        raise ExportRefused(f"{run}: {method.display_name} runs cannot be exported: the exported model stores merged "
+                            f"copies of the tuned layers, and a {peft} adapter does not merge into one weight update "
+                            f"(exportable: {', '.join(exportable)}); evaluate it with evaluate.py or lm-eval-imsm")
     if gate not in EXPORTABLE_GATES:
         raise ExportRefused(f"{run}: gate {gate!r} cannot be exported; exportable: {EXPORTABLE_GATES}")
 
@@ -130,14 +133,17 @@ def generation_settings(backbone, tokenizer) -> dict:
 
 def model_card(config, run: Path, run_args: dict | None, merged: MergedWeights, total_parameters: int,
                dtype: torch.dtype, out_name: str) -> str:
-    """The generated README.md of an exported folder."""
+    """The generated README.md of an exported folder: the method's own settings come from the run's
+    ``method_options`` as the method describes them (``MethodSpec.describe``), whatever the method."""
+    from imsm.method.adapters import get_method
+
     args = run_args or {}
     training = args.get("training", {}) if isinstance(args.get("training"), dict) else {}
     settings = [("base model", config.base_model), ("PEFT method", config.peft),
                 ("gate", f"{config.gate} (rank {config.gate_rank})"), ("prompt template", config.prompt_template),
                 ("system prompt", config.system_prompt or "none")]
-    for key in ("train_file", "max_input_length", "max_output_length", "lora_r", "lora_alpha", "lora_dropout",
-                "target_modules", "init_lora_weights", "gate_learning_rate"):
+    settings += list(get_method(config.peft).describe(config.method_options).items())
+    for key in ("train_file", "max_input_length", "max_output_length", "target_modules", "gate_learning_rate"):
         if args.get(key) is not None:
             settings.append((key, args[key]))
     for key in ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",

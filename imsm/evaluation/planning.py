@@ -209,6 +209,12 @@ def check_label_groups(plans: list[ModelPlan]) -> None:
         if any(p.run_dir is None for p in group):
             raise ValueError(f"label {label!r} is given to the untuned model and to runs; give it a label of its own")
         first = group[0]
+        seen: dict[tuple, ModelPlan] = {}
+        for plan in group:
+            twin = seen.setdefault((Path(plan.run_dir).resolve(), plan.scale), plan)
+            if twin is not plan:
+                raise ValueError(f"label {label!r} holds the run {plan.run_dir} twice: one run would count as two "
+                                 "seeds (sd 0, intervals too narrow); give each run once")
         for plan in group[1:]:
             for what, mine, theirs in (("base model", plan.model_path, first.model_path),
                                        ("prompt template", plan.template, first.template),

@@ -87,6 +87,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.seed_list = tuple(int(s) for s in args.seeds.split(",") if s.strip())
     except ValueError:
         p.error(f"--seeds {args.seeds!r}: expected comma-separated integers")
+    if len(set(args.seed_list)) != len(args.seed_list):
+        p.error(f"--seeds {args.seeds!r}: a seed given twice would evaluate one run as two seeds; give each once")
     for name in ("gpus", "nodes", "cpus_per_task"):
         if getattr(args, name) < 1:
             p.error(f"--{name} {getattr(args, name)}: must be a positive integer")

@@ -39,7 +39,8 @@ FULL_SHAPE = {
         "layernorm_epsilon": 1e-05}),
 }
 
-# Modules the published code adapts where the paper prints no count: (backbone, --peft) -> module names.
+# Modules the published code adapts, for rows the paper prints no count of (and ChatGLM3's, whose q_proj, k_proj,
+# v_proj stand for the fused query_key_value): (backbone, --peft) -> module names.
 PUBLISHED_MODULES = {
     ("Qwen1.5-4B", "dora"): {"q_proj", "v_proj"},  # dora.py: PEFT's default for qwen2
     ("Llama3.1-8B-Instruct", "dora"): {"q_proj", "v_proj"},  # PEFT's default for llama

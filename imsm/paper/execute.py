@@ -29,13 +29,11 @@ end, once every IMSM run using them has finished.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -44,6 +42,7 @@ from pathlib import Path
 
 from imsm import run_folder
 from imsm.evaluation.output_dir import INCOMPLETE
+from imsm.locks import held
 from imsm.paper.plans import PAPER_BACKBONES, Bench, Evaluation, Plan, TrainRun
 
 logger = logging.getLogger(__name__)
@@ -77,24 +76,8 @@ def lock_path(run: TrainRun) -> Path:
 @contextlib.contextmanager
 def run_lock(run: TrainRun) -> Iterator[None]:
     """Hold the run's lock; wait (saying who holds it) while another process trains the same folder."""
-    path = lock_path(run)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            logger.info("%s: being trained by another process (%s); waiting for it", run.output_dir,
-                        f.read().strip() or "holder unknown")
-            fcntl.flock(f, fcntl.LOCK_EX)
-        f.seek(0)
-        f.truncate()
-        f.write(f"{socket.gethostname()} pid {os.getpid()}\n")
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with held(lock_path(run), f"{run.output_dir} (being trained)"):
+        yield
 
 
 @dataclass(frozen=True)

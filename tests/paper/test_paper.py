@@ -82,7 +82,7 @@ def test_every_plan_expands_to_commands_that_train_py_and_evaluate_py_accept(nam
         args = launch_args(run, tmp_path)
         model, data, imsm, training = parse_train_args([*args, "--bf16", "false"])  # train.py's own parsing
         assert model.model_name_or_path == run.backbone.model_id
-        assert model.trust_remote_code == (run.backbone.name == "ChatGLM3-6B")
+        assert not model.trust_remote_code  # ChatGLM3 is converted to the native glm: no remote code runs
         assert training.output_dir == str(run.output_dir) and training.seed == 42
         assert data.train_file == f"DATA/{run.task}/train.jsonl"
         gate = "token" if "-token-" in run.label else "equal" if "-equal-" in run.label else \

@@ -53,6 +53,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--target", required=True)
     p.add_argument("--tasks", required=True, help="comma-separated evaluation tasks")
     p.add_argument("--template", default="chat")
+    p.add_argument("--model_name_or_path", default=None, help="the backbone (default: the embedded SmolLM2)")
     p.add_argument("--train_examples", type=int, default=800)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=60)
@@ -167,7 +168,7 @@ def main() -> None:
     train_threads = max(1, cores // max(1, args.jobs))
 
     t0 = time.perf_counter()
-    backbone, tokenizer, _ = load_backbone(None)
+    backbone, tokenizer, _ = load_backbone(args.model_name_or_path)
     template = build_template(args.template, tokenizer)
     load_seconds = time.perf_counter() - t0
     model = build_imsm_model(backbone, ImsmArguments.create(peft="lora", gate="query_aware"))
@@ -201,7 +202,7 @@ def main() -> None:
     measure_total, measure_line = 0.0, None
     if args.measure_models:
         plain, imsm = (int(x) for x in args.measure_models.split(","))
-        untuned = load_backbone(None)[0]
+        untuned = load_backbone(args.model_name_or_path)[0]
         cost = _time_measures(untuned, vanilla, model, tokenizer, template, args)
         likelihood = {"plain": 0.0, "imsm": 0.0}  # the measures run also scores --eval_examples rows' answers
         for task in [t for t in args.measure_likelihood_tasks.split(",") if t]:

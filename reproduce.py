@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.seed_list = tuple(int(s) for s in args.seeds.split(",") if s.strip())
     except ValueError:
         p.error(f"--seeds {args.seeds!r}: expected comma-separated integers")
+    if len(set(args.seed_list)) != len(args.seed_list):
+        p.error(f"--seeds {args.seeds!r}: a seed given twice would evaluate one run as two seeds; give each once")
     if args.gpus < 1:
         p.error(f"--gpus {args.gpus}: must be a positive integer")
     if sum(bool(x) for x in (args.dry_run, args.slurm, args.train_index is not None, args.evaluate, args.report)) > 1:

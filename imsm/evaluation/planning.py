@@ -13,9 +13,8 @@ from typing import NamedTuple
 from transformers import AutoConfig
 
 from imsm.data import read_jsonl
-from imsm.default_model import resolve_model_path
 from imsm.evaluation.measures.metrics import compute_metrics, get_task
-from imsm.loader import check_run, load_tokenizer
+from imsm.loader import backbone_path, check_run, load_tokenizer
 from imsm.method.adapters import METHODS, get_method
 from imsm.run_folder import RunConfig, check_hidden_size, resolve, resolve_for_evaluation
 from imsm.templates import build_template
@@ -72,7 +71,8 @@ def calibration_rows(run_dir: str | Path) -> set[tuple[str, int]]:
     Evaluation skips these rows of those files so the model is not scored on its calibration data. A row index
     counts the file's non-empty lines, as ``imsm.data.read_jsonl`` reads them.
     """
-    record = RunConfig.read(resolve(run_dir)).calibration
+    config = RunConfig.read(resolve(run_dir))
+    record = get_method(config.peft, f"{run_dir}: peft").calibration_rows(config.method_options)
     if not record:
         return set()
     return {(record["file"], int(i)) for i in record["rows"]}
@@ -133,7 +133,7 @@ def plan_models(args: EvalArguments) -> list[ModelPlan]:
     """Resolve and check every model; raises naming the offending file before anything is written."""
     plans = []
     if args.untuned:
-        plans.append(ModelPlan("untuned", resolve_model_path(args.model_name_or_path), args.prompt_template or "raw",
+        plans.append(ModelPlan("untuned", backbone_path(args.model_name_or_path), args.prompt_template or "raw",
                                args.system_prompt))
     for run in args.run_dir:
         run_dir = resolve_for_evaluation(run)  # no interrupted save, no final/ older than the run's last checkpoint
@@ -145,7 +145,7 @@ def plan_models(args: EvalArguments) -> list[ModelPlan]:
             if (template, system) != recorded:
                 logger.warning("%s was trained with prompt template %r (system prompt %r); decoding with %r (%r) "
                                "as --prompt_template asks", run_dir, recorded[0], recorded[1], template, system)
-        model_path = args.model_name_or_path or resolve_model_path(config.base_model)
+        model_path = backbone_path(args.model_name_or_path or config.base_model)
         hidden = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code).hidden_size
         check_hidden_size(config, run_dir, hidden, model_path)
         plans.append(ModelPlan(default_label(config), model_path, template, system, run_dir,
@@ -209,6 +209,12 @@ def check_label_groups(plans: list[ModelPlan]) -> None:
         if any(p.run_dir is None for p in group):
             raise ValueError(f"label {label!r} is given to the untuned model and to runs; give it a label of its own")
         first = group[0]
+        seen: dict[tuple, ModelPlan] = {}
+        for plan in group:
+            twin = seen.setdefault((Path(plan.run_dir).resolve(), plan.scale), plan)
+            if twin is not plan:
+                raise ValueError(f"label {label!r} holds the run {plan.run_dir} twice: one run would count as two "
+                                 "seeds (sd 0, intervals too narrow); give each run once")
         for plan in group[1:]:
             for what, mine, theirs in (("base model", plan.model_path, first.model_path),
                                        ("prompt template", plan.template, first.template),

@@ -50,6 +50,12 @@ class IMSMModel(nn.Module):
         backbone = peft_model.get_base_model()
         self.decoder = getattr(backbone, backbone.base_model_prefix)
         self.lm_head = backbone.get_output_embeddings()
+        if self.lm_head is None:
+            raise ValueError(
+                f"{type(backbone).__name__} returns no output embeddings (get_output_embeddings() is None), so IMSM "
+                "cannot turn the mixed memory into logits; use a causal LM class whose LM head transformers exposes "
+                "(ChatGLM3 checkpoints are converted to the native glm model for this: imsm/models/chatglm3.py)"
+            )
         self.config = backbone.config
 
     # The decoder and LM head are registered submodules of the backbone already; keep them out of this module's
@@ -69,8 +75,8 @@ class IMSMModel(nn.Module):
 
     def is_trainable_name(self, name: str) -> bool:
         """Adapter and gate parameters, found by name: the gate by its prefix, the adapter by its method's tensor
-        prefix (``lora_``, ``ia3_``, ``loramoe_``). The one rule behind freezing, counting, the optimizer's groups and
-        saving (``trainable_parameters``, ``saved_parameters``)."""
+        prefix (``lora_``, ``ia3_``, ``vera_lambda_``, ``loramoe_``). The one rule behind freezing, counting, the
+        optimizer's groups and saving (``trainable_parameters``, ``saved_state``)."""
         return name.startswith(GATE_PARAM_PREFIX) or self.adapter_prefix() in name
 
     def trainable_parameters(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
@@ -81,10 +87,15 @@ class IMSMModel(nn.Module):
                 groups["gate" if name.startswith(GATE_PARAM_PREFIX) else "adapter"].append((name, p))
         return groups
 
-    def saved_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """The trainable parameters plus the adapter's fixed state that its format stores (AdaLoRA's ``ranknum``)."""
+    def saved_state(self) -> list[tuple[str, torch.Tensor]]:
+        """What a run folder holds, by this module's names: the trainable parameters plus the adapter's fixed state
+        (parameters or buffers) that its method declares saved (``MethodSpec.saves_state``, e.g. VeRA's shared
+        projections)."""
         trainable = {n for group in self.trainable_parameters().values() for n, _ in group}
-        return [(n, p) for n, p in self.named_parameters() if n in trainable or ".ranknum." in n]
+        adapter = "peft_model."
+        extra = [(n, t) for n, t in [*self.named_parameters(), *self.named_buffers(remove_duplicate=False)]
+                 if n not in trainable and n.startswith(adapter) and self.method.saves_state(n[len(adapter):])]
+        return [(n, p) for n, p in self.named_parameters() if n in trainable] + extra
 
     def memory(self, adapter: bool, **decoder_kwargs):
         """One pass of the decoder; ``adapter=False`` gives the frozen memory (no gradient)."""

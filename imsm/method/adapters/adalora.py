@@ -7,15 +7,20 @@ formula, and the rank allocation runs from a Trainer callback (``AdaLoraAllocato
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from peft import AdaLoraConfig, TaskType
+from peft import AdaLoraConfig, PeftModel, TaskType
 from transformers import TrainerCallback
 
 from imsm.method.adapters.base import ExtraLoss, MethodSpec, lookup_targets
 from imsm.method.adapters.lora import LORA_TARGET_MODULES
 from imsm.method.adapters.registry import register_method
+from imsm.models.chatglm3 import split_fused_targets
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,23 +47,34 @@ class AdaLoraMethod(MethodSpec):
     options_class = AdaLoraOptions
     scalable = True
 
-    def adapter_config(self, options: AdaLoraOptions, target_modules, model_type, total_steps) -> AdaLoraConfig:
+    def rebuilds_state(self, key: str) -> bool:
+        # each layer's rank count, a parameter that does not train: PEFT sets it to the initial rank when it builds
+        # the layer and leaves it out of the saved adapter (peft/tuners/adalora/model.py: "ranknum is deterministic")
+        return ".ranknum." in key
+
+    def adapter_config(self, options: AdaLoraOptions, target_modules: list[str] | None, model_type: str,
+                       total_steps: int | None) -> AdaLoraConfig:
         if not total_steps:
             raise ValueError("adalora needs the total number of optimizer steps for its rank budget schedule")
+        targets = target_modules or lookup_targets(LORA_TARGET_MODULES, model_type, "AdaLoRA target modules")
+        targets, fused = split_fused_targets(model_type, targets)
+        if fused:
+            # sharing P and Λ across q, k, v would need the rank allocator to score the three as one module
+            logger.warning("AdaLoRA on query_key_value of a converted ChatGLM3: q_proj, k_proj, v_proj get separate "
+                           "adapters (more parameters than one adapter on the fused layer: docs/training.md)")
         return AdaLoraConfig(
             task_type=TaskType.CAUSAL_LM, init_r=options.adalora_init_r, target_r=options.adalora_target_r,
             lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout, tinit=options.adalora_tinit,
             tfinal=options.adalora_tfinal, deltaT=options.adalora_delta_t,
-            orth_reg_weight=options.adalora_orth_reg_weight, total_step=total_steps,
-            target_modules=target_modules or lookup_targets(LORA_TARGET_MODULES, model_type,
-                                                            "AdaLoRA target modules"),
+            orth_reg_weight=options.adalora_orth_reg_weight, total_step=total_steps, target_modules=targets,
         )
 
-    def extra_loss(self, peft_model, attention_mask, training, task_types=None) -> ExtraLoss | None:
+    def extra_loss(self, peft_model: PeftModel, attention_mask: torch.Tensor, training: bool,
+                   task_types: torch.Tensor | None = None) -> ExtraLoss | None:
         reg = orth_regularizer(peft_model)
         return None if reg is None else ExtraLoss(reg)
 
-    def callbacks(self, trainer) -> list:
+    def callbacks(self, trainer: Any) -> list:
         return [AdaLoraAllocator(trainer)]
 
 

@@ -18,12 +18,15 @@ IA3_TARGET_MODULES: dict[str, list[str]] = {
     "mistral": ["k_proj", "v_proj", "down_proj"],
     "qwen2": ["k_proj", "v_proj", "down_proj"],
     "chatglm": ["query_key_value", "dense_4h_to_h"],
+    # ChatGLM3 converted to the native glm layout: query_key_value's output scaling is q's, k's and v's together
+    "glm": ["q_proj", "k_proj", "v_proj", "down_proj"],
 }
 IA3_FEEDFORWARD_MODULES: dict[str, list[str]] = {
     "llama": ["down_proj"],
     "mistral": ["down_proj"],
     "qwen2": ["down_proj"],
     "chatglm": ["dense_4h_to_h"],
+    "glm": ["down_proj"],
 }
 
 
@@ -40,7 +43,8 @@ class IA3Method(MethodSpec):
     options_class = IA3Options
     scalable = True
 
-    def adapter_config(self, options: IA3Options, target_modules, model_type, total_steps) -> IA3Config:
+    def adapter_config(self, options: IA3Options, target_modules: list[str] | None, model_type: str,
+                       total_steps: int | None) -> IA3Config:
         targets = target_modules or lookup_targets(IA3_TARGET_MODULES, model_type, "(IA)3 target modules")
         ff = options.feedforward_modules or [
             m for m in lookup_targets(IA3_FEEDFORWARD_MODULES, model_type, "(IA)3 feed-forward modules")

@@ -1,8 +1,10 @@
 """LoRA (Hu et al., 2022) and DoRA (Liu et al., 2024) through PEFT, with LoRA's PiSSA and CorDA initialisations.
 
 Default targets per ``config.model_type`` are the paper's: Llama q_proj,v_proj; Qwen2 q_proj; ChatGLM
-query_key_value. ``--target_modules`` overrides the table. PiSSA and CorDA rewrite the base weights
-(``imsm/method/lora_init.py``), so they need ``--gate none`` and their runs are saved converted.
+query_key_value (ChatGLM3 runs converted to the native ``glm`` layout, where the fused query_key_value is q_proj,
+k_proj, v_proj with one shared A: ``imsm/models/chatglm3.py``). ``--target_modules`` overrides the table. PiSSA and
+CorDA rewrite the base weights (``imsm/method/lora_init.py``), so they need ``--gate none`` and their runs are saved
+converted.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peft import LoraConfig, TaskType
+import torch
+from peft import LoraConfig, PeftModel, TaskType
 from peft.tuners.lora.config import CordaConfig
 
 from imsm.method.adapters.base import Adapter, MethodSpec, check_target_modules, json_ready, lookup_targets
@@ -24,12 +27,14 @@ from imsm.method.lora_init import (
     initial_adapter_state,
     mutates_base,
 )
+from imsm.models.chatglm3 import split_fused_targets, tie_fused_lora, untied_state_dict
 
 LORA_TARGET_MODULES: dict[str, list[str]] = {
     "llama": ["q_proj", "v_proj"],
     "mistral": ["q_proj", "v_proj"],
     "qwen2": ["q_proj"],
     "chatglm": ["query_key_value"],
+    "glm": ["query_key_value"],
 }
 
 
@@ -95,30 +100,40 @@ class LoraMethod(MethodSpec):
                 "no longer the pretrained model and the frozen memory would be wrong; use --gate none"
             )
 
-    def adapter_config(self, options, target_modules, model_type, total_steps) -> LoraConfig:
+    def adapter_config(self, options: DoraOptions, target_modules: list[str] | None, model_type: str,
+                       total_steps: int | None) -> LoraConfig:
         init = getattr(options, "init_lora_weights", "default")
+        targets, _ = split_fused_targets(model_type, self.targets(target_modules, model_type))
         return LoraConfig(
             task_type=TaskType.CAUSAL_LM, r=options.lora_r, lora_alpha=options.lora_alpha,
-            lora_dropout=options.lora_dropout,
-            target_modules=target_modules or lookup_targets(LORA_TARGET_MODULES, model_type,
-                                                            f"{self.display_name} target modules"),
+            lora_dropout=options.lora_dropout, target_modules=targets,
             init_lora_weights=LORA_INITS[init](options),
             corda_config=CordaConfig(corda_method="kpm") if init == "corda" else None,
         )
 
-    def attach(self, backbone, options, target_modules, total_steps=None, template=None,
-               max_input_length=1024) -> Adapter:
+    def targets(self, target_modules: list[str] | None, model_type: str) -> list[str]:
+        return target_modules or lookup_targets(LORA_TARGET_MODULES, model_type, f"{self.display_name} target modules")
+
+    def attach(self, backbone: torch.nn.Module, options: DoraOptions, target_modules: list[str] | None,
+               total_steps: int | None = None, template=None, max_input_length: int = 1024) -> Adapter:
         from peft import get_peft_model
 
-        config = self.adapter_config(options, target_modules, backbone.config.model_type, total_steps)
-        check_target_modules(backbone, config.target_modules)
+        model_type = backbone.config.model_type
+        config = self.adapter_config(options, target_modules, model_type, total_steps)
         init = getattr(options, "init_lora_weights", "default")
+        fused = split_fused_targets(model_type, self.targets(target_modules, model_type))[1]
+        if fused and init != "default":
+            raise ValueError(f"--init_lora_weights {init} decomposes each target weight, and query_key_value on this "
+                             "model is three weights (q_proj, k_proj, v_proj); pass them as --target_modules instead")
+        check_target_modules(backbone, config.target_modules)
         if init == "corda":
             calibrate_corda(backbone, config, options, template, max_input_length)
         peft_model = get_peft_model(backbone, config)
+        if fused:
+            tie_fused_lora(peft_model)  # the fused query_key_value LoRA: one A shared by q, k, v
         return Adapter(peft_model, initial_adapter_state(peft_model) if mutates_base(init) else None)
 
-    def load_weights(self, peft_model, run_dir: Path, initial_state=None) -> None:
+    def load_weights(self, peft_model: PeftModel, run_dir: Path, initial_state: dict | None = None) -> None:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
@@ -129,13 +144,23 @@ class LoraMethod(MethodSpec):
         if missing:
             raise ValueError(f"{run_dir}: the saved adapter lacks {missing[:3]}")
 
-    def save(self, peft_model, state_dict, out_dir: Path, initial_state=None) -> None:
-        super().save(peft_model, state_dict, out_dir)
+    def save(self, peft_model: PeftModel, state_dict: dict[str, torch.Tensor], out_dir: Path,
+             initial_state: dict | None = None) -> None:
+        super().save(peft_model, untied_state_dict(peft_model, state_dict), out_dir)
         if initial_state is not None:
             convert_saved_adapter(out_dir, initial_state, *self.files)
 
     def record(self, options: LoraOptions) -> dict:
         return json_ready({**super().record(options), "calibration": calibration_record(options)})
+
+    def describe(self, method_options: dict) -> dict[str, str]:
+        settings = super().describe(method_options)
+        if (calibration := method_options.get("calibration")) is not None:
+            settings["calibration"] = f"{len(calibration['rows'])} rows of {calibration['file']}"
+        return settings
+
+    def calibration_rows(self, method_options: dict) -> dict | None:
+        return method_options.get("calibration")
 
 
 class DoraMethod(LoraMethod):
@@ -147,16 +172,23 @@ class DoraMethod(LoraMethod):
     options_class = DoraOptions
     mixed_batch = False
 
-    def check(self, options, gate: str) -> None:
+    def check(self, options: DoraOptions, gate: str) -> None:
         pass
 
-    def adapter_config(self, options, target_modules, model_type, total_steps) -> LoraConfig:
+    def adapter_config(self, options: DoraOptions, target_modules: list[str] | None, model_type: str,
+                       total_steps: int | None) -> LoraConfig:
         config = super().adapter_config(options, target_modules, model_type, total_steps)
         config.use_dora = True
         return config
 
     def record(self, options: DoraOptions) -> dict:
         return MethodSpec.record(self, options)
+
+    def describe(self, method_options: dict) -> dict[str, str]:
+        return MethodSpec.describe(self, method_options)
+
+    def calibration_rows(self, method_options: dict) -> dict | None:
+        return None
 
 
 register_method(LoraMethod())

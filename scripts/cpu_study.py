@@ -1,4 +1,4 @@
-"""Schedule the CPU forgetting study on the embedded SmolLM2-135M-Instruct; `bash run_scripts/cpu_study.sh` runs it.
+"""Schedule the CPU forgetting study on the embedded SmolLM2-135M-Instruct (or --model); cpu_study.sh runs it.
 
 SEEDS seeds of vanilla LoRA and of IMSM-LoRA (--ablations 1 adds the `equal` and `token` gates; --baselines 1 adds
 LoRAMoE, CorDA-LoRA and PiSSA-LoRA and evaluates every vanilla LoRA-family run at the adapter scales --scales) are
@@ -69,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output_dir", default="runs/cpu_study", help="METHOD/seedN/ per run and eval/")
     p.add_argument("--target", default="mrpc", help="the task every run is tuned on")
     p.add_argument("--template", default="chat", help="--prompt_template of training and evaluation")
+    p.add_argument("--model", default=None,
+                   help="--model_name_or_path of every run, the untuned model and the estimate (default: the "
+                        "embedded SmolLM2-135M-Instruct)")
     p.add_argument("--seeds", type=_count(1), default=3, help="seeds 1..SEEDS of each method")
     p.add_argument("--ablations", type=int, choices=(0, 1), default=0, help="1 adds the `equal` and `token` gates")
     p.add_argument("--baselines", type=int, choices=(0, 1), default=0,
@@ -91,7 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=_count(1), default=None,
                    help="OpenMP threads of each training run (default: cores / jobs, at least 1)")
     p.add_argument("--eval_procs", type=_count(1), default=None,
-                   help="one-thread evaluation processes sharing every task (default: the cores)")
+                   help="one-thread evaluation processes sharing every task under torchrun (default: the cores; "
+                        "1: evaluate.py alone, no launcher)")
     p.add_argument("--evaluate", default="decoded,measures", type=_evaluations,
                    help="the evaluations, in this order: 'decoded' (eval/: the task metrics on --eval_examples rows) "
                         "and 'measures' (eval_measures/: evaluate.py --measures and the LoRA frontier)")
@@ -172,13 +176,18 @@ def comparisons(ablations: bool, baselines: bool, scales: str) -> str:
     return ",".join(pairs)
 
 
+def _model_option(args: argparse.Namespace) -> list[str]:
+    """--model_name_or_path when --model is given (train.py, evaluate.py and the estimate share one backbone)."""
+    return ["--model_name_or_path", args.model] if args.model else []
+
+
 def train_command(run: TrainingRun, args: argparse.Namespace) -> list[str]:
     steps = checkpoint_steps(args)
     saving = ["--save_strategy", "no"]
     if steps and run.method == "LoRA":  # checkpoint-N at the first step asked; the others are its multiples
         saving = ["--save_strategy", "steps", "--save_steps", str(steps[0])]
     return [
-        sys.executable, "train.py", "--train_file", f"{args.data_dir}/{args.target}/train.jsonl",
+        sys.executable, "train.py", *_model_option(args), "--train_file", f"{args.data_dir}/{args.target}/train.jsonl",
         "--max_train_examples", str(args.train_examples), "--output_dir", str(run.out),
         *method_arguments(run.method, args),
         "--prompt_template", args.template, "--learning_rate", args.lr, "--lr_scheduler_type", "cosine",
@@ -296,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.executable, "scripts/estimate_time.py", "--label", "cpu_study", "--data_dir", args.data_dir,
         "--target", args.target, "--tasks", tasks, "--template", args.template,
         "--train_examples", str(args.train_examples), "--batch", str(args.batch), "--steps", str(args.steps),
-        "--eval_examples", str(args.eval_examples), "--score", args.score,
+        "--eval_examples", str(args.eval_examples), "--score", args.score, *_model_option(args),
         "--runs", *(f"{run.method}:{run.seed}" for run in runs), "--jobs", str(args.jobs),
         "--skip_done_in", str(output_dir), "--scales", args.scales if args.baselines else "",
         "--decoded", str(int("decoded" in args.evaluate)),
@@ -349,8 +358,10 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("%s evaluation: done before with the same command, kept (%s)", name, out)
             continue
         logger.info("%s evaluation -> %s, %d processes (%s)", name, out, eval_procs, _clock())
-        # evaluate.py shards every task over one-thread processes and gathers in input order
-        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(eval_procs)]
+        # evaluate.py shards every task over one-thread processes and gathers in input order; one runs on its own
+        launch = [sys.executable]
+        if eval_procs > 1:
+            launch += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(eval_procs)]
         env = {**os.environ, "OMP_NUM_THREADS": str(max(cores // eval_procs, 1))}
         if code := subprocess.run([*launch, *command], env=env, check=False).returncode:
             return code
@@ -373,7 +384,8 @@ def decoded_evaluation(runs: list[TrainingRun], args: argparse.Namespace, output
     scale_args = ["--adapter_scale", args.scales] if args.baselines else []  # LoRA@0.5, LoRA@1, ...: one row each
     out = output_dir / "eval"
     return out, [
-        "evaluate.py", "--untuned", "--run_dir", *(str(run.out) for run in runs), "--labels", ",".join(labels),
+        "evaluate.py", "--untuned", *_model_option(args), "--run_dir", *(str(run.out) for run in runs),
+        "--labels", ",".join(labels),
         "--prompt_template", args.template, "--target", args.target, "--tasks", tasks, "--data_dir", args.data_dir,
         "--max_examples", str(args.eval_examples), "--score", args.score,
         "--compare", comparisons(args.ablations, args.baselines, args.scales), *scale_args,
@@ -410,7 +422,7 @@ def measures_evaluation(runs: list[TrainingRun], args: argparse.Namespace, outpu
     target_rows = ["--measure_max_examples", str(args.target_rows)] if args.target_rows else []
     out = output_dir / "eval_measures"
     return out, [
-        "evaluate.py", "--untuned", "--run_dir", *(str(path) for _, path in models),
+        "evaluate.py", "--untuned", *_model_option(args), "--run_dir", *(str(path) for _, path in models),
         "--labels", ",".join(["untuned", *(label for label, _ in models)]), "--adapter_scale", args.measure_scales,
         *(["--full_scale_labels", ",".join(steps)] if steps else []),
         "--prompt_template", args.template, "--target", args.target, "--tasks", tasks, "--data_dir", args.data_dir,

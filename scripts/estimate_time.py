@@ -56,6 +56,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--target", required=True)
     p.add_argument("--tasks", required=True, help="comma-separated evaluation tasks")
     p.add_argument("--template", default="chat")
+    p.add_argument("--model_name_or_path", default=None, help="the backbone (default: the embedded SmolLM2)")
     p.add_argument("--train_examples", type=int, default=800)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=60)
@@ -187,7 +188,7 @@ def main() -> None:
     progress = Progress(3 + 2 * len(tasks) + (4 + 2 * len(likelihood_tasks) if args.measure_models else 0))
     t0 = time.perf_counter()
     progress("loading the model")
-    backbone, tokenizer, _ = load_backbone(None)
+    backbone, tokenizer, _ = load_backbone(args.model_name_or_path)
     template = build_template(args.template, tokenizer)
     load_seconds = time.perf_counter() - t0
     model = build_imsm_model(backbone, ImsmArguments.create(peft="lora", gate="query_aware"))
@@ -226,7 +227,7 @@ def main() -> None:
     if args.measure_models:
         plain, imsm = (int(x) for x in args.measure_models.split(","))
         progress("loading the untuned model for the measures")
-        untuned = load_backbone(None)[0]
+        untuned = load_backbone(args.model_name_or_path)[0]
         cost = _time_measures(untuned, vanilla, model, tokenizer, template, args, progress)
         likelihood = {"plain": 0.0, "imsm": 0.0}  # the measures run also scores --eval_examples rows' answers
         for task in likelihood_tasks:

@@ -1,0 +1,48 @@
+"""OSF, orthogonal subspace fine-tuning (peft's ``OSFConfig``): each target weight W = U Σ Vᵀ keeps its top
+``effective_rank`` singular directions frozen, and only the remaining low singular components (U_low, Σ_low, V_low)
+train, with their gradients projected orthogonal to the frozen high subspace, so the directions the pretrained model
+relies on most are not written over. The base layer stays W (the update is added beside it), so "adapter off" is the
+pretrained model and OSF works with the IMSM gate and the KL anchor.
+
+Trainable rank per module = min(W.shape) − effective_rank; ``--osf_effective_rank`` is a fraction of min(W.shape)
+when at most 1 (peft's default 0.5), else a count. Targets: LoRA's table and presets (``--target_modules mlp``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from peft import OSFConfig
+
+from imsm.method.adapters.base import MethodSpec
+from imsm.method.adapters.lora import LORA_TARGET_MODULES, resolve_targets
+from imsm.method.adapters.registry import register_method
+
+
+@dataclass
+class OSFOptions:
+    osf_effective_rank: float = field(
+        default=0.5,
+        metadata={"help": "Frozen (preserved) SVD rank per target: a fraction of min(W.shape) when <= 1, else a "
+                          "count; the rest of the spectrum trains."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.osf_effective_rank <= 0 or (self.osf_effective_rank > 1 and not self.osf_effective_rank.is_integer()):
+            raise ValueError(f"--osf_effective_rank {self.osf_effective_rank:g}: give a fraction in (0, 1] or a whole "
+                             "number of directions")
+
+
+class OSFMethod(MethodSpec):
+    name = "osf"
+    display_name = "OSF"
+    options_class = OSFOptions
+
+    def adapter_config(self, options: OSFOptions, target_modules, model_type, total_steps) -> OSFConfig:
+        rank = options.osf_effective_rank
+        return OSFConfig(target_modules=resolve_targets(target_modules, model_type, LORA_TARGET_MODULES,
+                                                        "OSF target modules"),
+                         effective_rank=int(rank) if rank > 1 else rank)
+
+
+register_method(OSFMethod())

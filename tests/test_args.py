@@ -81,7 +81,7 @@ def test_every_method_lists_its_options_with_help_and_no_option_is_shared_with_t
     from imsm.method.adapters import METHODS
 
     common = {f.name for f in fields(ImsmArguments)}
-    assert set(METHODS) == {"lora", "dora", "adalora", "ia3", "loramoe"}
+    assert set(METHODS) == {"lora", "dora", "adalora", "ia3", "loramoe", "osf"}
     for name, spec in METHODS.items():
         assert spec.name == name and spec.files[0].endswith(".json") and spec.files[1].endswith(".safetensors")
         for f in fields(spec.options_class):

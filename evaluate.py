@@ -49,8 +49,9 @@ from pathlib import Path
 import torch
 from transformers import HfArgumentParser
 
-from imsm.evaluation.arguments import DTYPES, EvalArguments
-from imsm.evaluation.measure_runs import MeasureArguments, MeasureSession, saved_measures, write_measures_report
+from imsm.evaluation.arguments import DTYPES, EvalArguments, MeasureArguments
+from imsm.evaluation.decoding.runner import evaluate_model
+from imsm.evaluation.measures.session import MeasureSession
 from imsm.evaluation.output_dir import finish_output_dir, prepare_output_dir
 from imsm.evaluation.planning import (
     calibration_notes,
@@ -60,9 +61,9 @@ from imsm.evaluation.planning import (
     scoring_notes,
     task_files,
 )
-from imsm.evaluation.report import rebuild_report, report_settings, write_report, write_report_inputs
-from imsm.evaluation.runner import evaluate_model
-from imsm.evaluation.tables import parse_pairs
+from imsm.evaluation.report.measure_tables import measure_sections, saved_measures
+from imsm.evaluation.report.tables import parse_pairs
+from imsm.evaluation.report.writer import rebuild_report, report_settings, write_report, write_report_inputs
 
 
 @dataclass
@@ -89,13 +90,13 @@ def report_only(argv: list[str]) -> dict[str, Path]:
         raise ValueError(f"--bootstrap_resamples {args.bootstrap_resamples}: use at least 1000")
     pairs = parse_pairs(args.compare)
     settings = report_settings(args.report_only, args.target, pairs, args.bootstrap_resamples, args.bootstrap_seed)
-    # the measures are read (and checked) before anything is rewritten
-    measures = saved_measures(args.report_only, settings["folders"], args.frontier or settings["frontier"])
-    paths = rebuild_report(args.report_only, settings)
-    if measures is not None:
-        results, margs = measures
-        paths |= write_measures_report(results, settings["target"], margs, args.report_only, settings["resamples"],
-                                       settings["seed"])
+    # the measures are read (and checked) before anything is rewritten, and handed to the one writer of every file
+    saved = saved_measures(args.report_only, settings["folders"], args.frontier or settings["frontier"])
+    sections = None
+    if saved is not None:
+        results, margs = saved
+        sections = measure_sections(results, settings["target"], margs, settings["resamples"], settings["seed"])
+    paths = rebuild_report(args.report_only, settings, sections)
     finish_output_dir(Path(args.report_only))
     return paths
 
@@ -146,15 +147,16 @@ def main(argv: list[str] | None = None) -> dict[str, Path] | None:
     paths = None
     if rank == 0:
         try:
+            sections = None if measures is None else measure_sections(
+                measures.results, args.target, measure_args, args.bootstrap_resamples, args.bootstrap_seed)
             paths = write_report(runs, args.target, args.output_dir, pairs=args.pairs,
-                                 resamples=args.bootstrap_resamples, seed=args.bootstrap_seed, notes=notes)
+                                 resamples=args.bootstrap_resamples, seed=args.bootstrap_seed, notes=notes,
+                                 measures=sections)
         except Exception:
             logging.getLogger("evaluate").error("the report failed; every prediction is saved in %s: write the "
                                                 "report again with python evaluate.py --report_only %s",
                                                 args.output_dir, args.output_dir)
             raise
-        if measures is not None:
-            paths |= measures.report(args.output_dir, args.bootstrap_resamples, args.bootstrap_seed)
         finish_output_dir(Path(args.output_dir))
         _print_report(paths, args.output_dir)
     if world_size > 1:

@@ -37,6 +37,7 @@ from imsm.data import (
 from imsm.distributed import configure_cpu_deepspeed
 from imsm.loader import build_imsm_model, load_backbone, make_run_config
 from imsm.templates import build_template
+from imsm.training import output_folder
 from imsm.training.frozen_cache import (
     FINGERPRINT,
     FlushFrozenCache,
@@ -63,7 +64,7 @@ def resolve_resume(training_args: TrainingArguments) -> str | None:
     if resume is None:
         return None
     if resume == "latest":
-        last = run_folder.resumable_checkpoint(training_args.output_dir)
+        last = output_folder.resumable_checkpoint(training_args.output_dir)
         if last is None:
             logger.warning("--resume_from_checkpoint latest: no complete checkpoint in %s, starting fresh",
                            training_args.output_dir)
@@ -107,13 +108,13 @@ def check_before_loading(data_args: DataArguments, imsm_args: ImsmArguments, tra
 def already_finished(resume: str | None, training_args: TrainingArguments) -> bool:
     """A resumed run whose checkpoint reached the last step is not trained again; ``final/`` is brought up to that
     step when it is missing or older (a kill while it was written), and nothing else changes."""
-    if resume is None or not run_folder.finished_checkpoint(resume, training_args.max_steps,
+    if resume is None or not output_folder.finished_checkpoint(resume, training_args.max_steps,
                                                             training_args.num_train_epochs):
         return False
     final = Path(training_args.output_dir) / "final"
     if training_args.should_save:
-        best = run_folder.best_checkpoint(resume) if training_args.load_best_model_at_end else None
-        done = run_folder.bring_final_up_to_date(resume, final, best)
+        best = output_folder.best_checkpoint(resume) if training_args.load_best_model_at_end else None
+        done = output_folder.bring_final_up_to_date(resume, final, best)
         if done is not None:
             logger.warning("%s already reached the last step: %s", resume, done)
             return True
@@ -153,12 +154,12 @@ def main(argv: list[str] | None = None) -> IMSMTrainer | None:
     setup_logging(training_args)
     check_before_loading(data_args, imsm_args, training_args)
     # the processes that save claim the folder; the others never write into it
-    created = run_folder.claim_output_dir(training_args.output_dir) if training_args.should_save else []
+    created = output_folder.claim_output_dir(training_args.output_dir) if training_args.should_save else []
     try:
         return run_training(model_args, data_args, imsm_args, training_args)
     except BaseException:
         # a start that failed leaves no --output_dir of its own behind that holds nothing (a cache with no shard yet)
-        run_folder.remove_if_unused(created, disposable=(FINGERPRINT,))
+        output_folder.remove_if_unused(created, disposable=(FINGERPRINT,))
         raise
 
 

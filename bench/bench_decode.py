@@ -121,7 +121,7 @@ def timed(fn) -> float:
 def main(argv=None) -> dict:
     import torch
 
-    from imsm.evaluation.generation import DecodingConfig, generate, reference_generate
+    from imsm.evaluation.decoding.generation import DecodingConfig, generate, reference_generate
 
     args = parse_args(argv)
     logging.basicConfig(format="%(message)s", level=logging.INFO, stream=sys.stdout)

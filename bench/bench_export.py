@@ -3,8 +3,9 @@
     python bench/bench_export.py                     # embedded SmolLM2-135M, a random LoRA + query-aware gate run
     python bench/bench_export.py --threads 2 --new_tokens 32 --repeats 3
 
-One ratio: exported ``AutoModelForCausalLM.generate()`` tokens/s ÷ ``imsm.evaluation.generation.generate`` tokens/s,
-both greedy on the same left-padded batch, both forced to exactly ``--new_tokens`` per row (EOS suppressed), both
+One ratio: exported ``AutoModelForCausalLM.generate()`` tokens/s ÷
+``imsm.evaluation.decoding.generation.generate`` tokens/s, both greedy on the same left-padded batch, both forced to
+exactly ``--new_tokens`` per row (EOS suppressed), both
 decoding one doubled batch (the exported SiameseLinear; the project's PEFT mixed-adapter batch). The run's LoRA B and
 gate W_B are random, so the memories and the gate differ. Variants are timed in turn ``--repeats`` times (interleaved,
 so load changes on a shared machine hit both) and the medians count.
@@ -60,7 +61,7 @@ def main(argv=None) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from imsm.evaluation.generation import DecodingConfig, generate
+    from imsm.evaluation.decoding.generation import DecodingConfig, generate
     from imsm.export.folder import export_run
     from imsm.loader import load_run
 

@@ -37,8 +37,9 @@ def main(argv=None) -> None:
     from imsm.args import ImsmArguments
     from imsm.data import read_jsonl
     from imsm.default_model import resolve_model_path
-    from imsm.evaluation.generation import DecodingConfig, generate
-    from imsm.evaluation.measures import (
+    from imsm.evaluation.decoding.generation import DecodingConfig, generate
+    from imsm.evaluation.decoding.scoring import FrozenMemo
+    from imsm.evaluation.measures.measures import (
         continuation_nll,
         general_text_pairs,
         greedy_pairs,
@@ -46,7 +47,6 @@ def main(argv=None) -> None:
         read_general_text,
         yes_no_log_odds,
     )
-    from imsm.evaluation.scoring import FrozenMemo
     from imsm.loader import build_imsm_model, load_backbone
     from imsm.templates import build_template
 

@@ -43,9 +43,9 @@ def main(argv=None) -> dict[str, float]:
 
     from imsm.args import ImsmArguments
     from imsm.data import encode_prompt, read_jsonl
-    from imsm.evaluation.generation import DecodingConfig, generate
-    from imsm.evaluation.metrics import get_task
-    from imsm.evaluation.scoring import answer_nll, gold_answers
+    from imsm.evaluation.decoding.generation import DecodingConfig, generate
+    from imsm.evaluation.decoding.scoring import answer_nll, gold_answers
+    from imsm.evaluation.measures.metrics import get_task
     from imsm.loader import build_imsm_model, load_backbone
     from imsm.templates import build_template
 

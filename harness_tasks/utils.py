@@ -1,8 +1,8 @@
 """Data and per-document scores of the local harness tasks (``lm_eval --include_path harness_tasks``).
 
 The data is read from ``$IMSM_DATA_DIR/<task>/test.jsonl``, by default ``<repository>/../shared/data``: found from
-this file's own location, so the harness may run in any directory. Scores come from imsm/evaluation/metrics.py, the
-functions evaluate.py uses.
+this file's own location, so the harness may run in any directory. Scores come from
+imsm/evaluation/measures/metrics.py, the functions evaluate.py uses.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from imsm.evaluation.metrics import compute_metrics
+from imsm.evaluation.measures.metrics import compute_metrics
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 

@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from imsm.args import ImsmArguments
 from imsm.data import SupervisedCollator, SupervisedDataset, encode_prompt, read_jsonl
-from imsm.evaluation.generation import DecodingConfig, generate
-from imsm.evaluation.metrics import get_task
-from imsm.evaluation.scoring import answer_nll
+from imsm.evaluation.decoding.generation import DecodingConfig, generate
+from imsm.evaluation.decoding.scoring import answer_nll
+from imsm.evaluation.measures.metrics import get_task
 from imsm.loader import build_imsm_model, load_backbone
 from imsm.method.gate import build_gate
 from imsm.method.model import IMSMModel
@@ -103,7 +103,8 @@ def _time_eval(model, tokenizer, template, rows, task: str, score: str) -> float
 
 def _time_measures(untuned, vanilla, model, tokenizer, template, args) -> dict[str, float]:
     """Seconds of one --measures run per model kind: {"untuned", "plain", "imsm"} (module docstring)."""
-    from imsm.evaluation.measures import (
+    from imsm.evaluation.decoding.scoring import FrozenMemo
+    from imsm.evaluation.measures.measures import (
         continuation_nll,
         general_text_pairs,
         greedy_pairs,
@@ -111,8 +112,7 @@ def _time_measures(untuned, vanilla, model, tokenizer, template, args) -> dict[s
         read_general_text,
         yes_no_log_odds,
     )
-    from imsm.evaluation.metrics import get_task
-    from imsm.evaluation.scoring import FrozenMemo
+    from imsm.evaluation.measures.metrics import get_task
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     passages = general_text_pairs(tokenizer, read_general_text(args.general_text)[:SAMPLE], 32, 1024)

@@ -6,11 +6,11 @@ adapter scale, evaluated later, joins the frontier without measuring every other
 
 It reads each model's ``measures.json`` (``<label>[/run<k>]/``) from every report and writes ``measures.md``,
 ``frontier.md``/``frontier.png`` and ``stats.json`` (key ``measures``) to ``--out``, exactly as evaluate.py would have
-from one evaluation of them all (``measure_runs.write_measures_report``). The untuned model's measures must be the
-same in every report (the same rows, threshold rows, passages and KL prompts; within 1e-9), else the reports measured
-different things and the merge is refused, naming them; so is a label found in two reports, an unfinished report
-(``INCOMPLETE``), and a report without measures. Runs of a label keep their ``run<k>`` order, which must be the same
-seed order for every label on the curve (as evaluate.py's ``--run_dir`` order is).
+from one evaluation of them all (``imsm.evaluation.report.writer.write_measures_report``). The untuned model's
+measures must be the same in every report (the same rows, threshold rows, passages and KL prompts; within 1e-9), else
+the reports measured different things and the merge is refused, naming them; so is a label found in two reports, an
+unfinished report (``INCOMPLETE``), and a report without measures. Runs of a label keep their ``run<k>`` order, which
+must be the same seed order for every label on the curve (as evaluate.py's ``--run_dir`` order is).
 
 ``--out`` is a new folder or an earlier merge (it holds ``merged_from.json``), which is replaced whole once the new
 merge is written; any other folder (an evaluation's report, a run) is refused, so nothing in it is overwritten.
@@ -28,13 +28,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from imsm.atomic import atomic_write_json
-from imsm.evaluation.measure_runs import (
-    MEASURES_FILE,
-    MeasureArguments,
-    measured_names,
-    read_measures,
-    write_measures_report,
-)
+from imsm.evaluation.arguments import MeasureArguments
+from imsm.evaluation.report.results import MEASURES_FILE, measured_names, read_measures
+from imsm.evaluation.report.writer import write_measures_report
 
 MERGED_FROM = "merged_from.json"
 

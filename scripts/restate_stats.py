@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 from scipy import stats as scipy_stats
 
-from imsm.evaluation.charts import plot_tradeoff
-from imsm.evaluation.comparisons import INTERVALS
-from imsm.evaluation.results import DEFINITIONS, GENERAL, forgetting_columns
+from imsm.evaluation.report.charts import plot_tradeoff
+from imsm.evaluation.report.comparisons import INTERVALS
+from imsm.evaluation.report.results import DEFINITIONS, GENERAL, forgetting_columns
 from imsm.evaluation.stats import MCNEMAR, METHOD_T, NOT_ESTIMABLE, method_interval
 
 SOURCE = ("method-level intervals restated by scripts/restate_stats.py from the stored per-run values and "

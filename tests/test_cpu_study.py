@@ -226,8 +226,7 @@ def test_the_measures_evaluation_command(tmp_path):
     same command is kept while a changed command runs again."""
     from transformers import HfArgumentParser
 
-    from imsm.evaluation.arguments import EvalArguments
-    from imsm.evaluation.measure_runs import MeasureArguments
+    from imsm.evaluation.arguments import EvalArguments, MeasureArguments
 
     general = tmp_path / "general.jsonl"
     general.write_text('{"text": "a passage"}\n')

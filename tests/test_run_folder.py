@@ -1,5 +1,5 @@
 """The run-folder contract (imsm/run_folder.py): the typed, versioned config, validation without a model, the
-safetensors integrity check, checkpoint completeness and rotation."""
+safetensors integrity check."""
 
 import json
 from pathlib import Path
@@ -13,10 +13,6 @@ from imsm.run_folder import (
     CONFIG_FILE,
     FORMAT_VERSION,
     RunConfig,
-    is_complete,
-    latest_checkpoint,
-    mark_complete,
-    rotate_checkpoints,
     safetensors_header,
 )
 
@@ -113,34 +109,6 @@ def test_safetensors_header_catches_cut_and_padded_files(tmp_path):
         with pytest.raises(ValueError, match=message) as info:
             safetensors_header(path)
         assert str(path) in str(info.value)
-
-
-def _checkpoint(out, step, complete=True, legacy=False):
-    folder = out / f"checkpoint-{step}"
-    folder.mkdir(parents=True)
-    (folder / CONFIG_FILE).write_text(json.dumps(CONFIG if legacy else CONFIG | {"format_version": 1}))
-    if complete and not legacy:
-        mark_complete(folder, step)
-    return folder
-
-
-def test_latest_skips_interrupted_checkpoints_and_accepts_older_complete_ones(tmp_path):
-    _checkpoint(tmp_path, 10, legacy=True)  # renamed into place whole by the versions before COMPLETE
-    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
-    _checkpoint(tmp_path, 20)
-    _checkpoint(tmp_path, 30, complete=False)
-    (tmp_path / "checkpoint-40").write_text("a file, not a checkpoint")
-    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-20"
-    assert not is_complete(tmp_path / "checkpoint-30")
-
-
-def test_rotation_counts_complete_checkpoints_and_keeps_the_best(tmp_path):
-    for step in (1, 2, 3, 4):
-        _checkpoint(tmp_path, step)
-    _checkpoint(tmp_path, 5, complete=False)
-    rotate_checkpoints(tmp_path, keep=2, protect=tmp_path / "checkpoint-1")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-3", "checkpoint-4",
-                                                         "checkpoint-5"]
 
 
 @pytest.mark.parametrize("run", ["lora_query_aware", "lora_none", "loramoe_query_aware"])

@@ -15,7 +15,7 @@ pytestmark = [
 def test_imsm_trains_and_decodes_on_smollm2(tmp_path):
     import train
     from imsm.data import read_jsonl
-    from imsm.evaluation.generation import DecodingConfig, generate
+    from imsm.evaluation.decoding.generation import DecodingConfig, generate
     from imsm.loader import load_run
     from imsm.templates import build_template
 

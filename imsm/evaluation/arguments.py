@@ -1,20 +1,23 @@
-"""The arguments of evaluate.py (``EvalArguments``), with the checks that need no model."""
+"""The arguments of evaluate.py (``EvalArguments``; ``MeasureArguments``, those of --measures), with the checks that
+need no model."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from imsm.evaluation.generation import DecodingConfig
-from imsm.evaluation.metrics import YES_NO_RULES, get_task, get_yes_no_rule
-from imsm.evaluation.report import parse_pairs
-from imsm.evaluation.scaling import parse_scales
+from imsm.evaluation.decoding.generation import DecodingConfig
+from imsm.evaluation.decoding.scaling import parse_scales
+from imsm.evaluation.measures.metrics import YES_NO_RULES, get_task, get_yes_no_rule
+from imsm.evaluation.report.tables import parse_pairs
 from imsm.templates import TEMPLATES
 
 ALL_TASKS = "gsm8k,mrpc,cola,ropes,webq,freebaseqa,multirc"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SCORE_MODES = ("both", "decode", "likelihood")
+MEASURES = ("auroc", "general_nll", "kl")  # --measures (imsm.evaluation.measures)
 
 
 @dataclass
@@ -118,3 +121,50 @@ class EvalArguments:
         new_tokens = get_task(task).max_new_tokens if self.max_new_tokens is None else self.max_new_tokens
         return DecodingConfig(max_new_tokens=new_tokens, batch_size=self.batch_size, do_sample=self.do_sample,
                               temperature=self.temperature, top_p=self.top_p, seed=self.seed)
+
+
+@dataclass
+class MeasureArguments:
+    measures: str | None = field(default=None, metadata={
+        "help": f"Comma-separated measures beside the task metrics: {', '.join(MEASURES)} (see docs/measures.md)."})
+    general_text: str | None = field(default=None, metadata={
+        "help": "JSONL passages for general_nll (build it with scripts/build_general_text.py)."})
+    general_examples: int | None = field(default=None, metadata={"help": "Only the first N passages."})
+    general_prefix_tokens: int = field(default=32, metadata={
+        "help": "A passage's first tokens, the query IMSM's gate reads; the rest is scored."})
+    threshold_file: list[str] = field(default_factory=list, metadata={
+        "help": "TASK=TRAIN.jsonl: choose the yes/no threshold on rows of this training file that no run trained "
+                "on (repeatable).", "action": "extend"})
+    threshold_examples: int = field(default=500, metadata={"help": "Held-out training rows a threshold is chosen on."})
+    measure_max_examples: int | None = field(default=None, metadata={
+        "help": "Rows of each yes/no task scored by auroc (default: all; --max_examples limits decoding only)."})
+    kl_examples: int = field(default=200, metadata={"help": "Prompts per non-target task for kl."})
+    kl_max_new_tokens: int = field(default=32, metadata={"help": "Longest untuned greedy answer kl is read over."})
+    frontier: str | None = field(default=None, metadata={
+        "help": "IMSM:LORA labels: IMSM's forgetting minus the curve of LORA's scales/checkpoints at IMSM's gain."})
+
+    def __post_init__(self) -> None:
+        self.names = [m.strip() for m in (self.measures or "").split(",") if m.strip()]
+        unknown = sorted(set(self.names) - set(MEASURES))
+        if unknown:
+            raise ValueError(f"--measures {self.measures!r}: unknown {unknown}; choose from {list(MEASURES)}")
+        if "general_nll" in self.names and not self.general_text:
+            raise ValueError("--measures general_nll needs --general_text FILE (scripts/build_general_text.py)")
+        self.thresholds = {}
+        for item in self.threshold_file:
+            task, sep, path = item.partition("=")
+            if not sep or not path or get_task(task).kind != "yesno":
+                raise ValueError(f"--threshold_file {item!r}: expected TASK=FILE for a yes/no task")
+            self.thresholds[task] = Path(path)
+        if self.thresholds and "auroc" not in self.names:
+            raise ValueError("--threshold_file applies to --measures auroc")
+        if self.frontier is not None:
+            imsm, sep, lora = self.frontier.partition(":")
+            if not sep or not imsm or not lora:
+                raise ValueError(f"--frontier {self.frontier!r}: expected IMSM_LABEL:LORA_LABEL")
+            if "auroc" not in self.names or not {"general_nll", "kl"} & set(self.names):
+                raise ValueError("--frontier needs --measures auroc and general_nll and/or kl")
+            self.frontier_labels = (imsm, lora)
+        for name in ("threshold_examples", "kl_examples", "kl_max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1")

@@ -58,8 +58,8 @@ from tqdm import tqdm
 
 from imsm.data import Truncation, encode_prompt, truncate_prompt
 from imsm.evaluation.arguments import DTYPES
-from imsm.evaluation.generation import DecodingConfig, generate
-from imsm.evaluation.scoring import score_continuations
+from imsm.evaluation.decoding.generation import DecodingConfig, generate
+from imsm.evaluation.decoding.scoring import score_continuations
 from imsm.loader import load_backbone, load_run
 from imsm.run_folder import RunConfig, resolve_for_evaluation
 from imsm.templates import TEMPLATES, build_template

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from imsm.atomic import atomic_write_json, atomic_write_text
-from imsm.evaluation.results import REPORT_INPUTS
+from imsm.evaluation.report.results import REPORT_INPUTS
 
 REPORT_FILES = ("summary.md", "summary.csv", "forgetting.md", "forgetting.png", "comparisons.md", "stats.json",
                 "stats.csv", "tradeoff.png", "tradeoff.csv", REPORT_INPUTS)

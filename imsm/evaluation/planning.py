@@ -14,7 +14,7 @@ from transformers import AutoConfig
 
 from imsm.data import read_jsonl
 from imsm.default_model import resolve_model_path
-from imsm.evaluation.metrics import compute_metrics, get_task
+from imsm.evaluation.measures.metrics import compute_metrics, get_task
 from imsm.loader import check_run, load_tokenizer
 from imsm.method.adapters import METHODS, get_method
 from imsm.run_folder import RunConfig, check_hidden_size, resolve, resolve_for_evaluation

@@ -37,23 +37,30 @@ test of the same paired accuracies: with b the examples A gets right and B wrong
 p = min(1, 2 · P[X ≤ min(b, c)]), X ~ Binomial(b + c, 1/2), summed in log space so that thousands of discordant
 pairs do not overflow (Δ = (b − c)/n, so its sign is the direction the test is about). No test runs on a majority
 vote of seeds: that is a different model from the seed mean the change and intervals describe.
+
+**The measures** of ``evaluate.py --measures`` (AUROC of the yes/no log-odds, general-text NLL, KL to the untuned
+model) get the same two intervals: a ``Measure`` evaluates each run on drawn examples, ``change`` gives the
+examples-only percentile interval and ``method_interval``'s; an ``average`` column over several tasks draws each task
+apart (``task_counts``). ``bounded_percentiles`` is the frontier's examples-only interval when some draws have no
+value (``imsm.evaluation.measures.frontier``). ``CONFIDENCE`` is every interval's level, here alone.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats as scipy_stats
 
-from imsm.evaluation.metrics import METRIC_FUNCTIONS
+from imsm.evaluation.measures.metrics import METRIC_FUNCTIONS
 
 CONFIDENCE = 0.95
 NOT_ESTIMABLE = "not estimable from one seed"
 METHOD_T = "method-level t"
 MCNEMAR = "McNemar exact"
+AVERAGE = "average"  # the column of several tasks' mean (each task weighs the same, as in the frontier)
 
 
 @dataclass
@@ -212,3 +219,71 @@ def single_outcomes(scores: LabelScores) -> np.ndarray:
 def mcnemar(a: LabelScores, b: LabelScores) -> float:
     right_a, right_b = single_outcomes(a), single_outcomes(b)
     return mcnemar_exact(int(np.sum(right_a & ~right_b)), int(np.sum(~right_a & right_b)))
+
+
+def bounded_percentiles(values: Sequence[float | None], tail: float) -> tuple[float, float] | None:
+    """The (tail, 1 − tail) percentiles (numpy's linear interpolation) of ``values``, where a None is a draw whose
+    value is unknown: the lower end is taken with every None at −inf, the upper with every None at +inf, so the
+    interval contains the percentile interval whatever the unknown values are. None when the unknown draws are
+    more than a tail holds (an end would be infinite)."""
+    known = np.sort([v for v in values if v is not None])
+    n, missing = len(values), len(values) - len(known)
+    if n == 0 or len(known) == 0:
+        return None
+    low_rank, high_rank = tail * (n - 1) - missing, (1.0 - tail) * (n - 1)  # positions in ``known``
+    if low_rank < 0 or high_rank > len(known) - 1:
+        return None
+    return float(np.interp(low_rank, np.arange(len(known)), known)), float(np.interp(high_rank,
+                                                                                      np.arange(len(known)), known))
+
+
+# ---- the --measures' statistics (``evaluate.py --measures``: AUROC, general-text NLL, KL) ---------------------------
+@dataclass
+class Measure:
+    """One label's measure on one task: ``fn(counts (B, n)) -> (runs, B)`` evaluates each run on drawn examples."""
+
+    n: int
+    fn: Callable[[np.ndarray], np.ndarray]
+    seeded: bool
+
+    def per_run(self) -> np.ndarray:
+        return self.fn(np.ones((1, self.n)))[:, 0]
+
+
+def change(a: Measure, b: Measure, counts: np.ndarray, confidence: float = CONFIDENCE) -> dict:
+    """value(a) − value(b) with the examples-only and method-level intervals (the module docstring)."""
+    delta = float(a.per_run().mean() - b.per_run().mean())
+    samples = a.fn(counts).mean(0) - b.fn(counts).mean(0)
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.nanquantile(samples, [tail, 1.0 - tail])
+    out = {"delta": delta, "examples_low": float(low), "examples_high": float(high), "method_low": None,
+           "method_high": None, "p": None}
+    terms = []
+    for m in (a, b):
+        runs = m.per_run()
+        if m.seeded and len(runs) < 2:
+            out["note"] = "method-level interval not estimable from one seed"
+            return out
+        terms.append((float(runs.var(ddof=1)) / len(runs), len(runs)) if m.seeded else (0.0, 1))
+    interval = method_interval(delta, float(np.nanvar(samples, ddof=1)), terms, confidence)
+    out["method_low"], out["method_high"], out["p"] = (float(x) for x in interval)
+    return out
+
+
+def average_measure(measures: list[Measure]) -> Measure:
+    """The mean of several tasks' measures. Its examples are the tasks' side by side, and a draw of them is each
+    task's own draw (``task_counts``): the tasks are resampled apart, as each column is."""
+    edges = np.cumsum([0, *(m.n for m in measures)])
+
+    def fn(counts: np.ndarray) -> np.ndarray:
+        return np.mean([m.fn(counts[:, a:b]) for m, a, b in zip(measures, edges[:-1], edges[1:], strict=True)], axis=0)
+
+    return Measure(int(edges[-1]), fn, measures[0].seeded)
+
+
+def task_counts(by_task: dict[str, Measure], resamples: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """task -> (resamples, n) draws of its examples; the average's draws are the tasks' own, side by side."""
+    counts = {task: resample_counts(m.n, resamples, rng) for task, m in by_task.items() if task != AVERAGE}
+    if AVERAGE in by_task:
+        counts[AVERAGE] = np.concatenate(list(counts.values()), axis=1)
+    return counts

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imsm.atomic import atomic_write_text
-from imsm.evaluation.comparisons import headline_interval
-from imsm.evaluation.metrics import get_task
-from imsm.evaluation.report import PRIMARY
+from imsm.evaluation.measures.metrics import get_task
+from imsm.evaluation.report.comparisons import headline_interval
+from imsm.evaluation.report.writer import PRIMARY
 from imsm.paper.numbers import LAYOUTS, PAPER, PAPER_ROWS, paper_row
 from imsm.paper.plans import PAPER_BACKBONES, Evaluation, Plan
 

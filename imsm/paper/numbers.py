@@ -10,7 +10,7 @@ rendering could not give is not stored: Figure 3 (LoRAMoE, a bar chart) and Figu
 bar chart) have no numbers here, and reports say "not available" for them.
 
 Values are percentages as printed (accuracy, F1, MCC × 100). Keys are ``task/metric`` with our metric names
-(``imsm.evaluation.metrics``): the paper's WebQ and Freebase columns are "contain" (the gold answer inside the
+(``imsm.evaluation.measures.metrics``): the paper's WebQ and Freebase columns are "contain" (the gold answer inside the
 response), its MRPC columns accuracy and F1, CoLA MCC, ROPES EM and token F1, GSM8K and MultiRC accuracy.
 """
 

@@ -6,7 +6,7 @@ Written by hand, and why:
 - saving: the run folder format (``imsm/run_folder.py``), gathering only trainable weights under ZeRO-3;
 - complete checkpoints by construction: the Trainer writes ``checkpoint-N`` in place, and ``COMPLETE`` is written
   into it last (``CheckpointCompletion``, a callback run after the Trainer's whole save), so an interrupted save is
-  never resumed from (``run_folder.resumable_checkpoint``) and is removed when training starts again (one whose
+  never resumed from (``output_folder.resumable_checkpoint``) and is removed when training starts again (one whose
   files were damaged after ``COMPLETE`` is skipped too, and moved aside). Rotation (``--save_total_limit``) also
   moves here and counts complete checkpoints only, keeping the best one;
 - the final folder built beside ``final/`` and swapped in whole;
@@ -38,6 +38,7 @@ from imsm import run_folder
 from imsm.atomic import atomic_write_json
 from imsm.loader import load_trained_weights, save_run_files
 from imsm.run_folder import TRAIN_STATS, RunConfig
+from imsm.training import output_folder
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class IMSMTrainer(Trainer):
             self._seconds_before = float(previous.get("train_runtime_s", 0.0))
         self._started, self._ended = time.monotonic(), None
         if self.args.should_save:
-            run_folder.remove_incomplete_checkpoints(self.args.output_dir)
+            output_folder.remove_incomplete_checkpoints(self.args.output_dir)
         self.accelerator.wait_for_everyone()
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
@@ -157,7 +158,7 @@ class IMSMTrainer(Trainer):
             self.accelerator.wait_for_everyone()
             if is_main:
                 run_folder.mark_complete(target, self.state.global_step)
-                run_folder.replace_final(target, output_dir)
+                output_folder.replace_final(target, output_dir)
             self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -198,6 +199,6 @@ class CheckpointCompletion(TrainerCallback):
         if args.should_save:
             folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             run_folder.mark_complete(folder, state.global_step)
-            run_folder.rotate_checkpoints(args.output_dir, trainer.keep_checkpoints, state.best_model_checkpoint)
+            output_folder.rotate_checkpoints(args.output_dir, trainer.keep_checkpoints, state.best_model_checkpoint)
         trainer.accelerator.wait_for_everyone()
 

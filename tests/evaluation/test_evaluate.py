@@ -14,8 +14,8 @@ from conftest import make_tokenizer, save_random_run
 from safetensors.torch import save_file
 
 import evaluate
-from imsm.evaluation.generation import DecodingConfig, generate
-from imsm.evaluation.scoring import answer_nll
+from imsm.evaluation.decoding.generation import DecodingConfig, generate
+from imsm.evaluation.decoding.scoring import answer_nll
 from imsm.loader import load_run
 from imsm.templates import build_template
 
@@ -265,7 +265,7 @@ def test_two_processes_give_the_single_process_predictions(model_dir, data_dir, 
 @pytest.mark.parametrize("template", ["raw", "chat"])
 def test_training_and_evaluation_feed_the_same_prompt_ids(model_dir, data_dir, tmp_path, monkeypatch, template):
     """The query of a training example is token for token what evaluate.py feeds the model for the same row."""
-    import imsm.evaluation.runner
+    import imsm.evaluation.decoding.runner
     import train
 
     rows = TASK_ROWS["mrpc"]
@@ -276,13 +276,13 @@ def test_training_and_evaluation_feed_the_same_prompt_ids(model_dir, data_dir, t
                           "--report_to", "none", "--prompt_template", template, "--max_input_length", "12"])
     trained = [ex["input_ids"][: ex["query_length"]] for ex in trainer.train_dataset.examples]
     seen = []
-    real_generate = imsm.evaluation.runner.generate
+    real_generate = imsm.evaluation.decoding.runner.generate
 
     def spy(model, tokenizer, prompts, config, answers=None):
         seen.extend(list(p) for p in prompts)
         return real_generate(model, tokenizer, prompts, config, answers)
 
-    monkeypatch.setattr(imsm.evaluation.runner, "generate", spy)
+    monkeypatch.setattr(imsm.evaluation.decoding.runner, "generate", spy)
     evaluate.main(_argv(model_dir, data_dir, tmp_path / "eval", "--run", str(tmp_path / "run"), "--tasks", "mrpc",
                         "--max_input_length", "12"))
     assert seen == trained
@@ -328,9 +328,9 @@ def test_seeds_share_a_label_and_every_comparison_is_paired(model_dir, data_dir,
 
 
 def test_likelihood_only_scores_without_decoding(model_dir, data_dir, runs, tmp_path, monkeypatch):
-    import imsm.evaluation.runner
+    import imsm.evaluation.decoding.runner
 
-    monkeypatch.setattr(imsm.evaluation.runner, "generate",
+    monkeypatch.setattr(imsm.evaluation.decoding.runner, "generate",
                         lambda *a, **k: pytest.fail("decoded with --score likelihood"))
     out = tmp_path / "eval"
     lengths = tmp_path / "webq.jsonl"  # one-word and six-word answers: a pooled mean differs from a mean of means
@@ -398,10 +398,10 @@ def test_a_failed_report_keeps_the_predictions_and_is_rebuilt_without_decoding(m
     assert (out / "LoRA" / "run2" / "webq" / "predictions.jsonl").is_file()
     monkeypatch.undo()
 
-    import imsm.evaluation.runner
+    import imsm.evaluation.decoding.runner
 
-    monkeypatch.setattr(imsm.evaluation.runner, "generate", lambda *a, **k: pytest.fail("decoded again"))
-    monkeypatch.setattr(imsm.evaluation.runner, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(imsm.evaluation.decoding.runner, "generate", lambda *a, **k: pytest.fail("decoded again"))
+    monkeypatch.setattr(imsm.evaluation.decoding.runner, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
     paths = evaluate.main(["--report_only", str(out)])
     assert not (out / "INCOMPLETE").exists()
     for name in ("summary.md", "forgetting.md", "comparisons.md", "stats.csv", "tradeoff.csv"):

@@ -17,9 +17,9 @@ from conftest import save_random_run
 from lm_eval.tasks import TaskManager
 
 from imsm.data import encode_prompt
-from imsm.evaluation.generation import DecodingConfig, generate
+from imsm.evaluation.decoding.generation import DecodingConfig, generate
+from imsm.evaluation.decoding.scoring import score_continuations
 from imsm.evaluation.harness import IMSMLM, rolling_windows
-from imsm.evaluation.scoring import score_continuations
 from imsm.loader import load_backbone, load_run
 from imsm.templates import build_template
 

@@ -12,12 +12,12 @@ import pytest
 from conftest import load_script
 from scipy import stats as scipy_stats
 
-from imsm.evaluation.comparisons import headline_interval
-from imsm.evaluation.metrics import ExampleScores, compute_metrics, example_scores
-from imsm.evaluation.report import write_report
-from imsm.evaluation.results import RunResult
+from imsm.evaluation.measures.metrics import ExampleScores, compute_metrics, example_scores
+from imsm.evaluation.report.comparisons import headline_interval
+from imsm.evaluation.report.results import RunResult
+from imsm.evaluation.report.tables import comparison_table, forgetting_table
+from imsm.evaluation.report.writer import write_report
 from imsm.evaluation.stats import LabelScores, mcnemar, mcnemar_exact, paired_difference, resample_counts
-from imsm.evaluation.tables import comparison_table, forgetting_table
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

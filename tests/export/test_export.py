@@ -16,7 +16,7 @@ from conftest import imsm_args, save_random_run
 from safetensors.torch import load_file
 
 import export as export_script
-from imsm.evaluation.generation import DecodingConfig, generate
+from imsm.evaluation.decoding.generation import DecodingConfig, generate
 from imsm.export.folder import ExportRefused, export_run
 from imsm.loader import load_run
 

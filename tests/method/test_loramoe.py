@@ -15,7 +15,7 @@ import evaluate
 import train
 from imsm.args import ImsmArguments
 from imsm.data import SupervisedDataset
-from imsm.evaluation.generation import (
+from imsm.evaluation.decoding.generation import (
     DecodingConfig,
     SingleBranch,
     TwoCacheBranches,

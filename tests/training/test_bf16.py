@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import train
 from imsm.data import SupervisedCollator, SupervisedDataset
-from imsm.evaluation.generation import DecodingConfig, generate
+from imsm.evaluation.decoding.generation import DecodingConfig, generate
 from imsm.loader import build_imsm_model, load_run
 from imsm.templates import build_template
 

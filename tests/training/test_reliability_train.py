@@ -20,6 +20,7 @@ import imsm.loader
 import train
 from imsm import run_folder
 from imsm.evaluation.output_dir import EVALUATION_MARKER
+from imsm.training import output_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -61,7 +62,7 @@ def test_final_killed_while_staged_is_rebuilt_from_the_newest_checkpoint(tiny_mo
     out = tmp_path / "run"
     train.main(_args(tiny_model_dir, tiny_train_file, out, "--max_steps", "2"))
     continued = _args(tiny_model_dir, tiny_train_file, out, "--max_steps", "3", "--resume_from_checkpoint", "latest")
-    real_save_file, real_replace = imsm.loader.save_file, run_folder.replace_final
+    real_save_file, real_replace = imsm.loader.save_file, output_folder.replace_final
     gate_saves = []
 
     def save_file(*a, **kw):  # the gate file: 1st checkpoint-3's, 2nd the final staging's
@@ -75,11 +76,11 @@ def test_final_killed_while_staged_is_rebuilt_from_the_newest_checkpoint(tiny_mo
 
     monkeypatch.setattr(imsm.loader, "save_file", save_file)
     if killed == "staged_not_swapped":
-        monkeypatch.setattr(run_folder, "replace_final", replace_final)
+        monkeypatch.setattr(output_folder, "replace_final", replace_final)
     with pytest.raises(KeyboardInterrupt):
         train.main(continued)
     monkeypatch.setattr(imsm.loader, "save_file", real_save_file)
-    monkeypatch.setattr(run_folder, "replace_final", real_replace)
+    monkeypatch.setattr(output_folder, "replace_final", real_replace)
     assert _step(out / "final") == 2 and _step(out / "checkpoint-3") == 3  # the state the kill left
 
     assert train.main(continued) is None  # nothing to train, but final/ is brought up to date
@@ -100,8 +101,8 @@ def test_sigkill_while_final_is_staged_then_rerun(tiny_model_dir, tiny_train_fil
         argv = _args(tiny_model_dir, tiny_train_file, out, "--max_steps", str(max_steps),
                      "--resume_from_checkpoint", "latest")
         code = ("import os, signal, sys, train\n"
-                "from imsm import run_folder\n"
-                + ("run_folder.replace_final = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n" if kill else "")
+                "from imsm.training import output_folder\n"
+                + ("output_folder.replace_final = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n" if kill else "")
                 + f"train.main({argv!r})\n")
         return subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
                               timeout=600, check=False)
@@ -258,9 +259,9 @@ def test_another_process_writing_the_marker_does_not_make_the_folder_foreign(tmp
     """Two saving processes (one per node) claim the folder at once: one's temporary marker is not a foreign file."""
     out = tmp_path / "run"
     out.mkdir()
-    (out / f".{run_folder.OUTPUT_MARKER}.x1y2.tmp").write_text("{")
-    assert run_folder.claim_output_dir(out) == []
-    assert (out / run_folder.OUTPUT_MARKER).is_file()
+    (out / f".{output_folder.OUTPUT_MARKER}.x1y2.tmp").write_text("{")
+    assert output_folder.claim_output_dir(out) == []
+    assert (out / output_folder.OUTPUT_MARKER).is_file()
 
 
 # ---- 7. a failed run leaves no empty --output_dir behind --------------------------------------------------------

@@ -86,14 +86,14 @@ def _fail_on_call(monkeypatch, module, name, call):
 
 def test_interrupted_checkpoint_is_never_resumed_from(tiny_model_dir, tiny_train_file, tmp_path, monkeypatch):
     import imsm.loader
-    import imsm.run_folder
+    import imsm.training.output_folder
 
     real = _fail_on_call(monkeypatch, imsm.loader, "save_file", 2)  # the gate file of checkpoint-4
     out = tmp_path / "run"
     with pytest.raises(OSError, match="simulated"):
         train.main(_args(tiny_model_dir, tiny_train_file, out, "--max_steps", "4", "--save_steps", "2"))
     assert (out / "checkpoint-4").is_dir() and not (out / "checkpoint-4" / "COMPLETE").exists()
-    assert imsm.run_folder.latest_checkpoint(out) == out / "checkpoint-2"
+    assert imsm.training.output_folder.latest_checkpoint(out) == out / "checkpoint-2"
     load_run(out / "checkpoint-2")  # complete and loadable
     with pytest.raises(ValueError, match="interrupted checkpoint"):
         train.main(_args(tiny_model_dir, tiny_train_file, out, "--max_steps", "4", "--save_steps", "2",

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from imsm.evaluation.metrics import (
+from imsm.evaluation.measures.metrics import (
     TASKS,
     TaskSpec,
     compute_metrics,
@@ -259,7 +259,7 @@ RULE_CASES = [
 
 @pytest.mark.parametrize("answer,first_word,anywhere", RULE_CASES)
 def test_the_two_yes_no_rules_read_hand_made_answers(answer, first_word, anywhere):
-    from imsm.evaluation.metrics import YES_NO_RULES
+    from imsm.evaluation.measures.metrics import YES_NO_RULES
 
     assert YES_NO_RULES["first_word"](answer) == first_word
     assert YES_NO_RULES["anywhere"](answer) == anywhere

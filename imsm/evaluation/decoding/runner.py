@@ -1,6 +1,6 @@
 """Evaluating one model: loading it, decoding and likelihood-scoring it on every task (rank 0 writes; other ranks
-work on their shard) and writing its records. The arguments are ``arguments.py``, the plans ``planning.py``, the
-output folder's life ``output_dir.py``, the report ``report.py``.
+work on their shard, ``sharding``) and writing its records. The arguments are ``evaluation/arguments.py``, the plans
+``planning.py``, the output folder's life ``output_dir.py``, the report ``report/writer.py``.
 
 Prompts are encoded with ``imsm.data.encode_prompt``, the function training uses, so the query the model sees at test
 time is token for token the one it was trained on; answer likelihoods (``scoring.answer_nll``) score the gold
@@ -22,12 +22,13 @@ import torch
 
 from imsm.atomic import atomic_write_json, atomic_write_jsonl
 from imsm.data import Truncation, encode_prompt
-from imsm.evaluation.generation import gather_shards, generate, shard
-from imsm.evaluation.metrics import get_task
-from imsm.evaluation.report import RunResult
-from imsm.evaluation.results import score_records
-from imsm.evaluation.scaling import load_scaled_run
-from imsm.evaluation.scoring import answer_nll, best_answer, gold_answers
+from imsm.evaluation.decoding.generation import generate
+from imsm.evaluation.decoding.scaling import load_scaled_run
+from imsm.evaluation.decoding.scoring import answer_nll, best_answer, gold_answers
+from imsm.evaluation.decoding.sharding import gather_shards, shard
+from imsm.evaluation.measures.metrics import get_task
+from imsm.evaluation.report.results import score_records
+from imsm.evaluation.report.writer import RunResult
 from imsm.loader import load_backbone, load_run
 from imsm.run_folder import read_train_stats
 from imsm.templates import build_template
@@ -101,7 +102,7 @@ def _likelihood(model, template, rows, args, task, rank, world_size):
 def evaluate_model(plan, args, tasks, dtype, device, rank, world_size, measures=None) -> RunResult | None:
     """Decode and/or likelihood-score every task with one model; rank 0 scores and writes its files and returns its
     result (with the per-example scores the report's paired statistics need). ``measures``: a
-    ``measure_runs.MeasureSession`` that also measures the model while it is loaded (``--measures``)."""
+    ``measures.session.MeasureSession`` that also measures the model while it is loaded (``--measures``)."""
     model, tokenizer = load_model(plan, args, dtype, device)
     template = build_template(plan.template, tokenizer, plan.system_prompt)
     out_dir = Path(args.output_dir) / plan.folder

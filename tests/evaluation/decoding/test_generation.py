@@ -8,17 +8,16 @@ import torch
 from conftest import imsm_args, make_llama, make_tokenizer
 
 from imsm.args import ImsmArguments
-from imsm.evaluation.generation import (
+from imsm.evaluation.decoding.generation import (
     DecodingConfig,
     MixedBatchBranches,
     SingleBranch,
     TwoCacheBranches,
     build_decoder,
-    gather_shards,
     generate,
     reference_generate,
-    shard,
 )
+from imsm.evaluation.decoding.sharding import gather_shards, shard
 from imsm.loader import build_imsm_model
 
 PROMPT_LENGTHS = (3, 8, 1, 5, 11)
@@ -279,7 +278,7 @@ def test_smollm2_imsm_lora_cached_decode_matches_reference():
 def test_answers_scored_on_the_prefill_equal_scoring_from_scratch(tokenizer, variant, peft):
     """Scoring answers on the prompts' KV caches gives the teacher-forced scores of scoring.py and leaves the
     decoded outputs exactly as without them (the caches are rewound)."""
-    from imsm.evaluation.scoring import score_continuations
+    from imsm.evaluation.decoding.scoring import score_continuations
 
     if variant == "untuned" and peft == "dora":
         pytest.skip("the untuned model has no adapter")

@@ -10,8 +10,9 @@ import pytest
 import torch
 from conftest import imsm_args, make_llama, make_tokenizer
 
-from imsm.evaluation.generation import reference_generate
-from imsm.evaluation.measures import (
+from imsm.evaluation.decoding.generation import reference_generate
+from imsm.evaluation.decoding.scoring import FrozenMemo
+from imsm.evaluation.measures.measures import (
     auroc,
     auroc_resampled,
     choose_threshold,
@@ -26,7 +27,6 @@ from imsm.evaluation.measures import (
     yes_no_log_odds,
     yes_no_measures,
 )
-from imsm.evaluation.scoring import FrozenMemo
 from imsm.loader import build_imsm_model
 from imsm.templates import build_template
 

@@ -136,8 +136,9 @@ class ScoredPositions:
 def scored_positions(model: nn.Module, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
                      device: torch.device, memo: FrozenMemo | None = None, record: bool = False) -> ScoredPositions:
     """One forward pass over the pairs, right-padded, with the context as the query (see the module docstring); the
-    LM head runs only where a continuation token is predicted. Other measures (``imsm.evaluation.measures``) read
-    full next-token distributions from here. ``memo``/``record``: see ``FrozenMemo``."""
+    LM head runs only where a continuation token is predicted. Other measures
+    (``imsm.evaluation.measures.measures``) read full next-token distributions from here. ``memo``/``record``: see
+    ``FrozenMemo``."""
     width = max(len(c) + len(y) for c, y in pairs)
     n = len(pairs)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)

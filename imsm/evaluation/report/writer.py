@@ -2,10 +2,13 @@
 
 ``write_report`` writes, into the evaluation's output folder,
 
-* ``summary.{md,csv}``, ``forgetting.md``, ``comparisons.md``: the tables (``imsm.evaluation.tables``);
+* ``summary.{md,csv}``, ``forgetting.md``, ``comparisons.md``: the tables (``imsm.evaluation.report.tables``);
 * ``stats.json`` / ``stats.csv``: every value, spread, per-run value and comparison, unrounded, with both interval
-  kinds and the test of each comparison (``imsm.evaluation.comparisons``, ``imsm.evaluation.stats``);
-* ``tradeoff.{png,csv}``, ``forgetting.png``: the charts (``imsm.evaluation.charts``).
+  kinds and the test of each comparison (``imsm.evaluation.report.comparisons``, ``imsm.evaluation.stats``);
+* ``tradeoff.{png,csv}``, ``forgetting.png``: the charts (``imsm.evaluation.report.charts``);
+* with --measures, ``measures.md`` and ``frontier.png``, a section of ``summary.md`` and ``forgetting.md`` each, and
+  the key ``measures`` of ``stats.json``: handed in as data (``report.measure_tables.MeasureSections``), so every file
+  has this one writer and is written once.
 
 Evaluation writes ``report_inputs.json`` (the model folders in order, target, pairs, bootstrap settings, notes, the
 --measures frontier) before it decodes and every model's predictions as soon as they are decoded, so
@@ -21,10 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from imsm.atomic import atomic_write_json, atomic_write_text
-from imsm.evaluation.charts import POINT_KEYS, plot_forgetting, plot_tradeoff, tradeoff_points
-from imsm.evaluation.comparisons import RECORD_KEYS, Comparisons, stats_records
-from imsm.evaluation.metrics import get_task
-from imsm.evaluation.results import (
+from imsm.evaluation.arguments import MeasureArguments
+from imsm.evaluation.measures.metrics import get_task
+from imsm.evaluation.report.charts import POINT_KEYS, plot_forgetting, plot_frontier, plot_tradeoff, tradeoff_points
+from imsm.evaluation.report.comparisons import RECORD_KEYS, Comparisons, stats_records
+from imsm.evaluation.report.measure_tables import MeasureSections, measure_sections
+from imsm.evaluation.report.results import (
     NLL,
     PRIMARY,
     REPORT_INPUTS,
@@ -32,7 +37,7 @@ from imsm.evaluation.results import (
     group_runs,
     load_output_dir,
 )
-from imsm.evaluation.tables import (
+from imsm.evaluation.report.tables import (
     INTERVAL_LEGEND,
     P_LEGEND,
     comparison_table,
@@ -42,8 +47,8 @@ from imsm.evaluation.tables import (
     to_csv,
 )
 
-__all__ = ["RunResult", "parse_pairs", "read_report_inputs", "rebuild_report", "report_settings", "write_report",
-           "write_report_inputs"]
+__all__ = ["RunResult", "parse_pairs", "read_report_inputs", "rebuild_report", "report_settings",
+           "write_measures_report", "write_report", "write_report_inputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +64,9 @@ def _blank(value: Any) -> Any:
 
 def write_report(runs: list[RunResult], target: str, out_dir: str | Path, baseline_label: str = "untuned",
                  pairs: list[tuple[str, str]] | None = None, resamples: int = 2000, seed: int = 0,
-                 notes: list[str] | None = None) -> dict[str, Path]:
+                 notes: list[str] | None = None, measures: MeasureSections | None = None) -> dict[str, Path]:
     """Write summary.{md,csv}, forgetting.{md,png}, comparisons.md, stats.{json,csv} and tradeoff.{png,csv} into
-    ``out_dir``; return their paths by key."""
+    ``out_dir`` (with ``measures``, their sections too, measures.md and frontier.png); return their paths by key."""
     out_dir = Path(out_dir)
     pairs = pairs or []
     rows = group_runs(runs)
@@ -87,18 +92,56 @@ def write_report(runs: list[RunResult], target: str, out_dir: str | Path, baseli
         summary_md += "\n" + "".join(f"Note: {note}.\n" for note in notes)
     points = tradeoff_points(runs, target, baseline_label, comparisons)
     paths = {key: out_dir / name for key, name in REPORT_NAMES}
+    forgetting_md = "\n".join(forgetting)
+    if measures is not None:  # the target's measures beside the task metrics, the forgetting ones beside forgetting's
+        summary_md = _with_section(summary_md, measures.summary_section())
+        forgetting_md = _with_section(forgetting_md, measures.forgetting_section())
     atomic_write_text(paths["summary_md"], summary_md)
     atomic_write_text(paths["summary_csv"], summary_csv)
-    atomic_write_text(paths["forgetting_md"], "\n".join(forgetting))
+    atomic_write_text(paths["forgetting_md"], forgetting_md)
     atomic_write_text(paths["comparisons_md"], "\n".join(compared) or "No pairs named (--compare A:B).\n")
-    atomic_write_text(paths["stats_json"], json.dumps(records, indent=1) + "\n")
+    _write_stats(paths["stats_json"], records, measures)
     atomic_write_text(paths["stats_csv"], to_csv(RECORD_KEYS, [[_blank(rec[k]) for k in RECORD_KEYS]
                                                                for rec in records["comparisons"]]))
     atomic_write_text(paths["tradeoff_csv"], to_csv(POINT_KEYS, [[_blank(p[k]) for k in POINT_KEYS] for p in points]))
     plot_forgetting(runs, target, paths["forgetting_png"])
     plot_tradeoff(points, target, paths["tradeoff_png"])
+    if measures is not None:
+        paths |= _write_measures(out_dir, measures, target)
     logger.info("report written to %s", out_dir)
     return paths
+
+
+def _with_section(text: str, section: list[str]) -> str:
+    return text.rstrip("\n") + "\n\n" + "\n".join(section) + "\n" if section else text
+
+
+def _write_stats(path: Path, records: dict[str, Any], measures: MeasureSections | None) -> None:
+    """stats.json: the report's records, and the measures' under the key ``measures``. The two layouts are the ones
+    reports have always had (indent 1 without the measures, ``atomic_write_json``'s with them), so files compare."""
+    if measures is None:
+        atomic_write_text(path, json.dumps(records, indent=1) + "\n")
+    else:
+        atomic_write_json(path, records | {"measures": measures.stats})
+
+
+def _write_measures(out_dir: Path, measures: MeasureSections, target: str) -> dict[str, Path]:
+    """measures.md, and frontier.png when a frontier was asked for."""
+    paths = {"measures_md": out_dir / "measures.md"}
+    atomic_write_text(paths["measures_md"], measures.measures_md())
+    if measures.frontier:
+        paths["frontier_png"] = plot_frontier(measures.frontier, target, out_dir / "frontier.png")
+    return paths
+
+
+def write_measures_report(results: dict[str, list[dict]], target: str, margs: MeasureArguments,
+                          out_dir: str | Path, resamples: int, seed: int) -> dict[str, Path]:
+    """The measures alone (``scripts/merge_measures.py``, into a folder of its own): measures.md, stats.json with
+    only the key ``measures``, and frontier.png."""
+    out_dir = Path(out_dir)
+    measures = measure_sections(results, target, margs, resamples, seed)
+    _write_stats(out_dir / "stats.json", {}, measures)
+    return _write_measures(out_dir, measures, target)
 
 
 def write_report_inputs(out_dir: str | Path, folders: list[str], target: str, pairs: list[tuple[str, str]],
@@ -135,7 +178,10 @@ def report_settings(out_dir: str | Path, target: str | None = None, pairs: list[
             "folders": saved.get("folders"), "frontier": saved.get("frontier")}
 
 
-def rebuild_report(out_dir: str | Path, settings: dict[str, Any]) -> dict[str, Path]:
-    """Write the report of an existing output folder from its saved records, with ``report_settings``'s settings."""
+def rebuild_report(out_dir: str | Path, settings: dict[str, Any],
+                   measures: MeasureSections | None = None) -> dict[str, Path]:
+    """Write the report of an existing output folder from its saved records, with ``report_settings``'s settings
+    (and the measures' sections, from its saved measures)."""
     return write_report(load_output_dir(out_dir), settings["target"], out_dir, pairs=settings["pairs"],
-                        resamples=settings["resamples"], seed=settings["seed"], notes=settings["notes"])
+                        resamples=settings["resamples"], seed=settings["seed"], notes=settings["notes"],
+                        measures=measures)

@@ -9,11 +9,11 @@ import json
 import numpy as np
 import pytest
 
-from imsm.evaluation.charts import plot_forgetting
-from imsm.evaluation.metrics import ExampleScores
-from imsm.evaluation.report import write_report
-from imsm.evaluation.results import RunResult, score_records
-from imsm.evaluation.tables import forgetting_table, summary_table
+from imsm.evaluation.measures.metrics import ExampleScores
+from imsm.evaluation.report.charts import plot_forgetting
+from imsm.evaluation.report.results import RunResult, score_records
+from imsm.evaluation.report.tables import forgetting_table, summary_table
+from imsm.evaluation.report.writer import write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -230,3 +230,37 @@ def test_answer_nll_is_pooled_per_token_and_named_so(tmp_path):
     paths = write_report([run], "webq", tmp_path)
     assert "pooled" in paths["forgetting_md"].read_text()
     assert "pooled" in json.loads(paths["stats_json"].read_text())["definitions"]["answer_nll"]
+
+
+def test_the_measures_sections_are_written_once_by_the_one_writer(tmp_path):
+    """With --measures the writer puts the measures' sections into summary.md and forgetting.md and their record into
+    stats.json as it writes them, reading nothing back: the files equal the tables plus one section each, and writing
+    the report again (as --report_only does) gives the same bytes, not a second section."""
+    from imsm.evaluation.arguments import MeasureArguments
+    from imsm.evaluation.report.measure_tables import measure_sections
+
+    yes_no = {"gold_yes": [True, False, True, False]}
+    untuned = {"label": "untuned", "untuned": True, "yes_no": {"mrpc": yes_no | {"log_odds": [0.1, 0.2, 0.3, 0.0]}},
+               "kl": {"webq": [[0, 2], [0, 3]]}}
+    lora = [{"label": "LoRA", "untuned": False, "yes_no": {"mrpc": yes_no | {"log_odds": [1.0, -1.0, 0.5, 0.2]}},
+             "kl": {"webq": [[1, 2], [2, 3]]}},
+            {"label": "LoRA", "untuned": False, "yes_no": {"mrpc": yes_no | {"log_odds": [0.4, 0.1, 0.9, 0.5]}},
+             "kl": {"webq": [[2, 2], [1, 3]]}}]
+    sections = measure_sections({"untuned": [untuned], "LoRA": lora}, "mrpc",
+                                MeasureArguments(measures="auroc,kl"), 1000, 0)
+    runs = [_untuned(), _lora()]
+    paths = write_report(runs, "cola", tmp_path, measures=sections)
+    md, _ = summary_table(runs)
+    summary = paths["summary_md"].read_text()
+    assert summary.startswith(md.rstrip("\n") + "\n\n## Target learning without a threshold (--measures)\n")
+    assert summary.count("(--measures)") == 1 and "### auroc" in summary and "### kl" not in summary
+    forgetting = paths["forgetting_md"].read_text()
+    assert forgetting.count("## Forgetting without the answer format (--measures)") == 1
+    assert "### kl" in forgetting and "### auroc" not in forgetting
+    assert paths["measures_md"].read_text() == sections.measures_md()
+    stats = json.loads(paths["stats_json"].read_text())
+    assert stats["measures"]["auroc"]["mrpc"]["LoRA"]["per_run"] == pytest.approx([1.0, 0.75])  # hand-counted pairs
+    assert stats["target"] == "cola" and set(stats["labels"]) == {"untuned", "LoRA"}  # the report's own records kept
+    written = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.suffix != ".png"}
+    write_report(runs, "cola", tmp_path, measures=sections)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.suffix != ".png"} == written

@@ -9,7 +9,7 @@ from conftest import imsm_args
 
 import evaluate
 from imsm.args import DataArguments
-from imsm.evaluation.scaling import load_scaled_run, parse_scales
+from imsm.evaluation.decoding.scaling import load_scaled_run, parse_scales
 from imsm.loader import build_imsm_model, load_backbone, load_run, make_run_config, save_run_files
 
 

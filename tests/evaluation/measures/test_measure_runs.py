@@ -9,7 +9,7 @@ import pytest
 from conftest import load_script, save_random_run
 
 import evaluate
-from imsm.evaluation.measures import auroc, gold_yes, pooled, yes_no_log_odds
+from imsm.evaluation.measures.measures import auroc, gold_yes, pooled, yes_no_log_odds
 from imsm.loader import load_run
 from imsm.templates import build_template
 
@@ -180,7 +180,8 @@ def test_merged_reports_equal_one_evaluation_of_every_model(tiny_model_dir, setu
 def test_kl_average_is_the_mean_of_its_tasks_each_resampled_apart(tmp_path):
     """KL's `average` column: per run the mean of the tasks' pooled per-token KL (hand-computed), its draws each
     task's own draw of its examples (the frontier's average), and the per-task columns unchanged beside it."""
-    from imsm.evaluation.measure_runs import MeasureArguments, write_measures_report
+    from imsm.evaluation.arguments import MeasureArguments
+    from imsm.evaluation.report.writer import write_measures_report
     from imsm.evaluation.stats import resample_counts
 
     untuned = {"label": "untuned", "untuned": True, "kl": {"a": [[0, 2], [0, 4]], "b": [[0, 1], [0, 3], [0, 1]]}}

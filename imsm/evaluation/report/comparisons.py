@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from imsm.evaluation.metrics import BINARY_METRICS
-from imsm.evaluation.results import (
+from imsm.evaluation.measures.metrics import BINARY_METRICS
+from imsm.evaluation.report.results import (
     DEFINITIONS,
     GENERAL,
     MEASURES,

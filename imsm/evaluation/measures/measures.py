@@ -39,9 +39,9 @@ import torch
 from torch import nn
 
 from imsm.data import Truncation, encode_prompt, jsonl_lines
-from imsm.evaluation.generation import DecodingConfig, generate
-from imsm.evaluation.metrics import NO, YES, read_yes_no
-from imsm.evaluation.scoring import FrozenMemo, ScoredPositions, scored_positions
+from imsm.evaluation.decoding.generation import DecodingConfig, generate
+from imsm.evaluation.decoding.scoring import FrozenMemo, ScoredPositions, scored_positions
+from imsm.evaluation.measures.metrics import NO, YES, read_yes_no
 from imsm.templates import PromptTemplate
 
 logger = logging.getLogger(__name__)

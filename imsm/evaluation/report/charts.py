@@ -1,5 +1,6 @@
-"""The report's charts: ``tradeoff.png`` (learning vs forgetting, its numbers in ``tradeoff.csv``) and
-``forgetting.png`` (the forgetting table as grouped bars).
+"""The report's charts: ``tradeoff.png`` (learning vs forgetting, its numbers in ``tradeoff.csv``),
+``forgetting.png`` (the forgetting table as grouped bars) and, with --measures --frontier, ``frontier.png`` (IMSM
+against the LoRA curve, ``imsm.evaluation.measures.frontier``).
 
 Trade-off: x = change on the target, y = change on the general average, against the baseline; one small point per
 run, a large one per label with its headline 95% intervals as bars (method-level for a label of several seeds,
@@ -13,10 +14,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from imsm.atomic import atomic_write_bytes
-from imsm.evaluation.comparisons import Comparisons
-from imsm.evaluation.metrics import get_task
-from imsm.evaluation.results import (
+from imsm.evaluation.measures.metrics import get_task
+from imsm.evaluation.report.comparisons import Comparisons
+from imsm.evaluation.report.results import (
     GENERAL,
     MEASURES,
     NLL,
@@ -155,4 +158,25 @@ def plot_forgetting(runs: list[RunResult], target: str, path: str | Path) -> Pat
     ax.set_title(f"Target {get_task(target).display}: target score and general benchmarks")
     ax.axhline(0.0, color="black", linewidth=0.5)
     ax.legend(fontsize="small")
+    return _save_png(fig, path)
+
+
+def plot_frontier(frontier: dict, target: str, path: str | Path) -> Path:
+    """One panel per forgetting measure: the LoRA points, their lower curve, IMSM's point and its gap."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5 * len(frontier), 4.2))
+    FigureCanvasAgg(fig)
+    for ax, (measure, gap) in zip(np.atleast_1d(fig.subplots(1, len(frontier))), frontier.items(), strict=True):
+        for label, (g, f) in gap.points.items():
+            ax.scatter([g], [f], color="tab:blue", s=18)
+            ax.annotate(label, (g, f), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if gap.curve:
+            ax.plot(*zip(*gap.curve, strict=True), color="tab:blue", label="LoRA curve (lower frontier)")
+        ax.scatter([gap.imsm[0]], [gap.imsm[1]], color="tab:red", marker="*", s=120, zorder=3,
+                   label="IMSM" + ("" if gap.gap is None else f" (gap {gap.gap:+.3f})"))
+        ax.set_xlabel(f"target gain: AUROC change on {target}")
+        ax.set_ylabel({"general_nll": "general-text NLL change (nats/token)", "kl": "KL(untuned ‖ model)"}[measure])
+        ax.legend(fontsize=8)
     return _save_png(fig, path)

@@ -25,8 +25,8 @@ Branches (``build_decoder`` picks them from the model):
   0.84 of vanilla PEFT's tokens/s with the mixed batch, 0.57 with two caches). We call the decoder directly (IMSM
   needs the hidden state, not logits), which bypasses ``PeftModel.forward``, so the PEFT hooks that honour
   ``adapter_names`` are entered around the whole batch through ``LoraModel._enable_peft_forward_hooks``;
-  ``tests/evaluation/test_generation.py`` checks that the frozen half equals the ``disable_adapter()`` pass and the
-  tuned half the adapter pass.
+  ``tests/evaluation/decoding/test_generation.py`` checks that the frozen half equals the ``disable_adapter()`` pass
+  and the tuned half the adapter pass.
 * ``TwoCacheBranches``: any other adapter (AdaLoRA, DoRA, (IA)3, LoRAMoE ignore ``adapter_names`` or refuse it): two
   passes per step, the frozen one under ``peft_model.disable_adapter()``, each with its own KV cache.
 
@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from imsm.evaluation.scoring import SequenceScore
+from imsm.evaluation.decoding.scoring import SequenceScore
 from imsm.method.gate import query_mean
 from imsm.method.model import IMSMModel
 
@@ -429,7 +429,7 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]], conf
 
     ``answers[i]`` (a list of answer id lists, e.g. the gold answers) are also scored teacher-forced on prompt i's KV
     cache before decoding, into ``Generation.answer_scores``: the prefill is shared, so the likelihood costs only the
-    answer tokens (``imsm.evaluation.scoring.score_continuations`` computes the same from scratch)."""
+    answer tokens (``imsm.evaluation.decoding.scoring.score_continuations`` computes the same from scratch)."""
     if answers is not None and len(answers) != len(prompts):
         raise ValueError(f"{len(answers)} answer lists for {len(prompts)} prompts")
     if answers is not None and any(not a or any(len(x) == 0 for x in a) for a in answers):
@@ -491,24 +491,3 @@ def reference_generate(model: nn.Module, prompt: Sequence[int], max_new_tokens: 
             break
         ids = torch.cat([ids, torch.tensor([[token]], device=device)], dim=1)
     return out
-
-
-# --------------------------------------------------------------------------------------------------- processes
-
-
-def shard(items: Sequence, rank: int, world_size: int) -> list:
-    """This rank's strided share: items rank, rank + W, rank + 2W, ..."""
-    return list(items[rank::world_size])
-
-
-def gather_shards(local: list, total: int, rank: int, world_size: int) -> list | None:
-    """Collect every rank's ``shard`` on rank 0, back in input order (None on other ranks); collective call."""
-    if world_size == 1:
-        return local
-    import torch.distributed as dist
-
-    gathered: list[list] | None = [None] * world_size if rank == 0 else None
-    dist.gather_object(local, gathered, dst=0)
-    if rank != 0:
-        return None
-    return [gathered[i % world_size][i // world_size] for i in range(total)]

@@ -8,7 +8,7 @@ import torch
 from conftest import imsm_args, make_llama, make_tokenizer
 
 from imsm.data import encode_example
-from imsm.evaluation.scoring import answer_nll, score_continuations
+from imsm.evaluation.decoding.scoring import answer_nll, score_continuations
 from imsm.loader import build_imsm_model
 from imsm.templates import build_template
 
@@ -111,7 +111,7 @@ def test_padded_batches_equal_one_by_one(tokenizer, variant):
 def test_greedy_flag_matches_the_argmax(tokenizer):
     model = _model(tokenizer, "query_aware").eval()
     context = _pairs(tokenizer)[3][0]
-    from imsm.evaluation.generation import reference_generate
+    from imsm.evaluation.decoding.generation import reference_generate
 
     greedy = reference_generate(model, context, 3)
     scores = score_continuations(model, [(context, greedy), (context, greedy[:-1] + [(greedy[-1] + 1) % 40 + 4])])

@@ -24,7 +24,7 @@ e_j the gap of the seed-averaged IMSM point against LoRA seed j's own curve (run
 run at its scales and checkpoints) - each seed's effect on the gap, to first order. A draw whose gain leaves the
 curve's range has no gap: while such draws are fewer than a tail holds (2.5% of them), the examples-only interval is
 bounded as if each were −inf (its lower end) and +inf (its upper end), so it holds whatever their gap
-(``bounded_percentiles``), and V_ex is the variance of the draws in range; with more, or a seed out of range, the
+(``stats.bounded_percentiles``), and V_ex is the variance of the draws in range; with more, or a seed out of range, the
 interval is not given, with the count in the note.
 """
 
@@ -35,10 +35,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from imsm.evaluation.measures import auroc_resampled
-from imsm.evaluation.stats import method_interval, resample_counts
+from imsm.evaluation.measures.measures import auroc_resampled
+from imsm.evaluation.stats import CONFIDENCE, bounded_percentiles, method_interval, resample_counts
 
-CONFIDENCE = 0.95
 Point = tuple[float, float]  # (target gain, forgetting)
 
 
@@ -60,22 +59,6 @@ def interpolate(curve: Sequence[Point], gain: float) -> float | None:
         return None
     gains, forgetting = zip(*curve, strict=True)
     return float(np.interp(gain, gains, forgetting))
-
-
-def bounded_percentiles(values: Sequence[float | None], tail: float) -> tuple[float, float] | None:
-    """The (tail, 1 − tail) percentiles (numpy's linear interpolation) of ``values``, where a None is a draw whose
-    value is unknown: the lower end is taken with every None at −inf, the upper with every None at +inf, so the
-    interval contains the percentile interval whatever the unknown values are. None when the unknown draws are
-    more than a tail holds (an end would be infinite)."""
-    known = np.sort([v for v in values if v is not None])
-    n, missing = len(values), len(values) - len(known)
-    if n == 0 or len(known) == 0:
-        return None
-    low_rank, high_rank = tail * (n - 1) - missing, (1.0 - tail) * (n - 1)  # positions in ``known``
-    if low_rank < 0 or high_rank > len(known) - 1:
-        return None
-    return float(np.interp(low_rank, np.arange(len(known)), known)), float(np.interp(high_rank,
-                                                                                      np.arange(len(known)), known))
 
 
 @dataclass

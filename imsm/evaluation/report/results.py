@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from imsm.evaluation.metrics import TASKS, ExampleScores, example_scores, get_task
+from imsm.evaluation.measures.metrics import TASKS, ExampleScores, example_scores, get_task
 from imsm.evaluation.stats import LabelScores
 
 logger = logging.getLogger(__name__)
@@ -224,3 +224,37 @@ def load_output_dir(out_dir: str | Path) -> list[RunResult]:
             result.scores[task], result.metrics[task] = scores, metrics
         runs.append(result)
     return runs
+
+
+MEASURES_FILE = "measures.json"  # a model folder's --measures values (written by measures.session)
+MEASURE_KEYS = {"auroc": "yes_no", "general_nll": "general_nll", "kl": "kl"}  # --measures name -> measures.json key
+
+
+def read_measures(out_dir: str | Path, folders: list[str] | None = None) -> dict[str, list[dict]]:
+    """label -> its runs' saved measures (each model folder's ``measures.json``), in the order of ``folders`` (the
+    report inputs' model folders) or else by label and run number; {} for a report evaluated without --measures."""
+    out_dir = Path(out_dir)
+    if folders is None:
+        def order(path: Path) -> tuple:
+            parts = path.relative_to(out_dir).parts
+            return parts[0], int(parts[1].removeprefix("run")) if len(parts) == 3 else 0
+
+        files = sorted([*out_dir.glob(f"*/{MEASURES_FILE}"), *out_dir.glob(f"*/run*/{MEASURES_FILE}")], key=order)
+    else:
+        files = [out_dir / folder / MEASURES_FILE for folder in folders]
+        found = [path.is_file() for path in files]
+        if any(found) and not all(found):
+            missing = ", ".join(str(path) for path, ok in zip(files, found, strict=True) if not ok)
+            raise FileNotFoundError(f"{out_dir}: the measures of some models are missing ({missing}); was the "
+                                    "evaluation interrupted? Evaluate those models again")
+        files = [path for path, ok in zip(files, found, strict=True) if ok]
+    results: dict[str, list[dict]] = {}
+    for path in files:
+        record = json.loads(path.read_text())
+        results.setdefault(record["label"], []).append(record)
+    return results
+
+
+def measured_names(record: dict) -> list[str]:
+    """The --measures a saved measures.json holds."""
+    return [name for name, key in MEASURE_KEYS.items() if key in record]

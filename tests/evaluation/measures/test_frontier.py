@@ -4,8 +4,8 @@ estimate and intervals on synthetic per-example data whose curve is known."""
 import numpy as np
 import pytest
 
-from imsm.evaluation.frontier import LabelRuns, frontier_gap, interpolate, lower_frontier
-from imsm.evaluation.measures import auroc, pooled
+from imsm.evaluation.measures.frontier import LabelRuns, frontier_gap, interpolate, lower_frontier
+from imsm.evaluation.measures.measures import auroc, pooled
 
 N_TARGET, N_TEXT = 1000, 300
 POSITIVE = np.arange(N_TARGET) % 2 == 1
@@ -101,7 +101,7 @@ def test_one_seed_gives_no_method_level_interval_and_unaligned_seeds_are_refused
 def test_bounded_percentiles_hold_whatever_the_unknown_draws_are():
     """A few draws without a gap (IMSM's gain outside the curve's range on them): the interval contains the
     percentile interval for any values of those draws, and is refused once they outnumber a tail."""
-    from imsm.evaluation.frontier import bounded_percentiles
+    from imsm.evaluation.stats import bounded_percentiles
 
     rng = np.random.default_rng(0)
     known = list(rng.normal(size=1990))

@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from imsm.evaluation.comparisons import Comparisons
-from imsm.evaluation.metrics import get_task
-from imsm.evaluation.results import (
+from imsm.evaluation.measures.metrics import get_task
+from imsm.evaluation.report.comparisons import Comparisons
+from imsm.evaluation.report.results import (
     GENERAL,
     NLL,
     PRIMARY,

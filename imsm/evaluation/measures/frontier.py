@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from imsm.evaluation.measures.measures import auroc_resampled
-from imsm.evaluation.stats import CONFIDENCE, bounded_percentiles, method_interval, resample_counts
+from imsm.evaluation.stats import CONFIDENCE, bounded_percentiles, method_interval, reported_p, resample_counts
 
 Point = tuple[float, float]  # (target gain, forgetting)
 
@@ -105,8 +105,9 @@ class FrontierGap:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("gap", "imsm", "points", "curve", "examples_low", "examples_high",
-                                              "method_low", "method_high", "p", "notes")}
+        return {k: reported_p(self.p) if k == "p" else getattr(self, k)
+                for k in ("gap", "imsm", "points", "curve", "examples_low", "examples_high", "method_low",
+                          "method_high", "p", "notes")}
 
 
 def _points(labels: dict[str, LabelRuns], untuned: LabelRuns, positive, counts_t, counts_f):

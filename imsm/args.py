@@ -47,8 +47,9 @@ class DataArguments:
     )
     knowledge_file: str | None = field(
         default=None,
-        metadata={"help": "JSONL of world-knowledge examples ('input', 'output') mixed into training as type 1 "
-                          "(LoRAMoE's sample type); all rows unless --knowledge_examples or --knowledge_share."},
+        metadata={"help": "Replay, any method: JSONL of general / world-knowledge examples ('input', 'output') mixed "
+                          "into training as type 1 (LoRAMoE's sample type); all rows unless --knowledge_examples or "
+                          "--knowledge_share."},
     )
     knowledge_examples: int | None = field(
         default=None, metadata={"help": "Mix in the first N rows of --knowledge_file."}

@@ -5,11 +5,12 @@ and write the paper's table with our numbers beside the paper's.
     python reproduce.py table2                    # in sequence here: finished runs skipped, interrupted resumed
     python reproduce.py table2 --slurm slurm/table2 --sbatch_option=--partition=gpu && bash slurm/table2/submit.sh
 
-Plans: table1, table2, table3, table4 (with the ablation's forgetting, Figure 4), table6, figure3, all. The paper's
-backbones are the defaults; ``--model ID`` points every backbone of the plan at ID, ``--model ChatGLM3-6B=ID`` one.
-``--seeds 1,2,3`` trains each run once per seed (default 42, the launchers' own). ``GPUS``, ``NNODES``,
-``PER_DEVICE_BATCH``, ``DS_CONFIG``, ``HOSTFILE`` reach the launchers from the environment. The report is
-``EVAL_DIR/<plan>.md``.
+Plans: table1, table2, table3, table4 (with the ablation's forgetting, Figure 4), table5 (inference speed), table6,
+figure3, all. The paper's backbones are the defaults; ``--model ID`` points every backbone of the plan at ID,
+``--model ChatGLM3-6B=ID`` one. ``--seeds 42,43,44`` (the default) trains each run once per seed: the report's rows are
+means over seeds with a spread, as a comparison with the paper's numbers needs; ``--seeds 42`` for one run each.
+``GPUS``, ``NNODES``, ``PER_DEVICE_BATCH``, ``DS_CONFIG``, ``HOSTFILE`` reach the launchers from the environment. The
+report is ``EVAL_DIR/<plan>.md``.
 """
 
 from __future__ import annotations
@@ -23,8 +24,17 @@ from pathlib import Path
 
 from imsm.paper.compare import write_report
 from imsm.paper.cost import describe, estimate
-from imsm.paper.execute import eval_launcher, evaluate, evaluation_state, run_state, train, write_slurm
-from imsm.paper.plans import PLAN_NAMES, PlanOptions, build_plan, parse_model_overrides
+from imsm.paper.execute import (
+    bench_state,
+    eval_launcher,
+    evaluate,
+    evaluation_state,
+    run_bench,
+    run_state,
+    train,
+    write_slurm,
+)
+from imsm.paper.plans import DEFAULT_SEEDS, PLAN_NAMES, PlanOptions, build_plan, parse_model_overrides
 
 logger = logging.getLogger("reproduce")
 
@@ -41,7 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--report", action="store_true", help="Only the report, from the evaluations written so far.")
     p.add_argument("--model", action="append", default=[], metavar="ID|NAME=ID",
                    help="Backbone override: ID for every backbone of the plan, NAME=ID for one (repeatable).")
-    p.add_argument("--seeds", default="42", help="Comma-separated training seeds (default: 42, the launchers').")
+    p.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)),
+                   help="Comma-separated training seeds (default: three, for a mean and spread over runs).")
     p.add_argument("--methods", default="", help="Only these labels, e.g. LoRA,IMSM-LoRA (default: all).")
     p.add_argument("--data_dir", default="data", help="Task files DATA_DIR/<task>/{train,test}.jsonl.")
     p.add_argument("--runs_dir", default="runs/paper", help="Training runs go to RUNS_DIR/<model>/<launcher>/seedN.")
@@ -56,6 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.seed_list = tuple(int(s) for s in args.seeds.split(",") if s.strip())
     except ValueError:
         p.error(f"--seeds {args.seeds!r}: expected comma-separated integers")
+    if len(set(args.seed_list)) != len(args.seed_list):
+        p.error(f"--seeds {args.seeds!r}: a seed given twice would evaluate one run as two seeds; give each once")
     if args.gpus < 1:
         p.error(f"--gpus {args.gpus}: must be a positive integer")
     if sum(bool(x) for x in (args.dry_run, args.slurm, args.train_index is not None, args.evaluate, args.report)) > 1:
@@ -77,7 +90,8 @@ def _same_plan_args(args: argparse.Namespace) -> list[str]:
 def dry_run(plan, args: argparse.Namespace) -> None:
     train_args = shlex.split(args.train_args)
     print(f"{plan.title}\n")
-    print(f"Training runs ({len(plan.runs)}; GPUS={args.gpus} per node, the launchers' global batch):")
+    print(f"Training runs ({len(plan.runs)}: {len(plan.runs) // len(plan.seeds)} per seed x {len(plan.seeds)} "
+          f"seed(s); GPUS={args.gpus} per node, the launchers' global batch):")
     for i, run in enumerate(plan.runs):
         print(f"  [{i}] {run_state(run):7s} {run.shell(args.data_dir, train_args)}")
     print(f"\nEvaluations ({len(plan.evaluations)}):")
@@ -85,6 +99,10 @@ def dry_run(plan, args: argparse.Namespace) -> None:
     for ev in plan.evaluations:
         cmd = ev.command(args.data_dir, shlex.split(args.eval_args), launcher)
         print(f"  {evaluation_state(ev):7s} {shlex.join(cmd)}")
+    if plan.benches:
+        print(f"\nSpeed benches ({len(plan.benches)}, one GPU each):")
+        for bench in plan.benches:
+            print(f"  {bench_state(bench):7s} {shlex.join(bench.command(args.data_dir, 'python'))}")
     print("\nCost:")
     for line in describe(estimate(plan, Path(args.data_dir), Path(args.runs_dir)), len(plan.runs)):
         print(f"  {line}")
@@ -106,6 +124,9 @@ def main(argv: list[str] | None = None) -> None:
         dry_run(plan, args)
         return
     if args.slurm:
+        if not plan.runs:
+            raise SystemExit(f"{args.plan} trains nothing (it only measures speed): run `python reproduce.py "
+                             f"{args.plan}` on a GPU node instead of --slurm")
         paths = write_slurm(plan, Path(args.slurm), _same_plan_args(args), args.python, args.gpus, args.sbatch_option)
         print(f"Wrote {paths['train']} ({len(plan.runs)} array tasks), {paths['evaluate']}; submit with: "
               f"bash {paths['submit']}")
@@ -122,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.report:
         for ev in plan.evaluations:
             evaluate(ev, args.data_dir, eval_args, eval_launcher(args.gpus, args.python))
+        for bench in plan.benches:
+            run_bench(bench, args.data_dir, args.python)
     path = write_report(plan, Path(args.eval_dir))
     print(path.read_text())
     print(f"Report: {path}")

@@ -9,7 +9,9 @@ continues from the newest complete checkpoint in ``--output_dir`` whose files ar
 its last step is not trained again, only its ``final/`` brought up to that step. ``--eval_file`` (or
 ``--validation_fraction``) scores held-out examples every ``--eval_steps``. The final run folder is
 ``OUTPUT_DIR/final`` (its format: ``imsm/run_folder.py``). ``--output_dir`` must be new, empty or an earlier
-train.py output (marked ``imsm_output.json``); options and data are checked before the model loads.
+train.py output (marked ``imsm_output.json``); options and data are checked before the model loads. One train.py
+at a time per ``--output_dir``: a second one refuses at once, naming the folder and the first one's PID
+(``.imsm_train.lock``, an flock released when the first one ends, however it ends; removed when it ends normally).
 """
 
 from __future__ import annotations
@@ -36,10 +38,12 @@ from imsm.data import (
 )
 from imsm.distributed import configure_cpu_deepspeed
 from imsm.loader import build_imsm_model, load_backbone, make_run_config
+from imsm.locks import holder, release, try_lock
 from imsm.templates import build_template
 from imsm.training import output_folder
 from imsm.training.frozen_cache import (
     FINGERPRINT,
+    LOCK_FILE,
     FlushFrozenCache,
     cache_fingerprint,
     check_cache_dir,
@@ -49,6 +53,7 @@ from imsm.training.frozen_cache import (
 from imsm.training.trainer import IMSMTrainer
 
 logger = logging.getLogger("train")
+OUTPUT_LOCK = ".imsm_train.lock"  # held by the saving process of the train.py that uses --output_dir
 
 
 def setup_logging(training_args: TrainingArguments) -> None:
@@ -153,14 +158,28 @@ def main(argv: list[str] | None = None) -> IMSMTrainer | None:
     model_args, data_args, imsm_args, training_args = parse_train_args(argv)
     setup_logging(training_args)
     check_before_loading(data_args, imsm_args, training_args)
-    # the processes that save claim the folder; the others never write into it
+    # the processes that save claim the folder and lock it; the others never write into it
     created = output_folder.claim_output_dir(training_args.output_dir) if training_args.should_save else []
+    lock = lock_output_dir(training_args.output_dir) if training_args.should_save else None
     try:
         return run_training(model_args, data_args, imsm_args, training_args)
     except BaseException:
         # a start that failed leaves no --output_dir of its own behind that holds nothing (a cache with no shard yet)
-        output_folder.remove_if_unused(created, disposable=(FINGERPRINT,))
+        output_folder.remove_if_unused(created, disposable=(FINGERPRINT, LOCK_FILE, OUTPUT_LOCK))
         raise
+    finally:
+        release(lock, Path(training_args.output_dir) / OUTPUT_LOCK)
+
+
+def lock_output_dir(output_dir: str) -> int:
+    """Hold ``OUTPUT_LOCK`` for this run; another train.py on the same folder (deleting its interrupted checkpoints,
+    replacing its final/) is refused at once, with its PID."""
+    path = Path(output_dir) / OUTPUT_LOCK
+    fd = try_lock(path)
+    if fd is None:
+        raise RuntimeError(f"--output_dir {output_dir} is in use by another train.py ({holder(path)}); wait for it "
+                           "to end or choose another folder")
+    return fd
 
 
 def run_training(model_args: ModelArguments, data_args: DataArguments, imsm_args: ImsmArguments,
@@ -214,7 +233,11 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, imsm_args
         gate_learning_rate=imsm_args.gate_learning_rate,
         callbacks=None if cache is None else [FlushFrozenCache(cache)],
     )
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:
+        if cache is not None:
+            cache.release_lock()  # a failure inside this process (the end of the process releases it anyway)
     final_dir = f"{training_args.output_dir}/final"
     trainer.save_model(final_dir)
     logger.info("saved the run folder %s", final_dir)

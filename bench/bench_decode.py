@@ -44,6 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
     p.add_argument("--lora_r", type=int, default=16)
+    p.add_argument("--output_file", default=None, help="Also write the result as JSON here (reproduce.py table5).")
     return p.parse_args(argv)
 
 
@@ -184,6 +185,9 @@ def main(argv=None) -> dict:
     result = {"imsm_over_vanilla_decoding": ratio_1, "imsm_over_vanilla_end_to_end": ratio_1_total,
               "decode_tokens_per_s": steady, "cache_speedup": speedup, "identical_outputs": same}
     logger.info("\n%s", json.dumps(result))
+    if args.output_file:
+        Path(args.output_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output_file).write_text(json.dumps({**result, "model": name, "new_tokens": args.new_tokens}) + "\n")
     return result
 
 

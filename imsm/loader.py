@@ -7,6 +7,7 @@ import contextlib
 import importlib.util
 import json
 import logging
+import tempfile
 from pathlib import Path
 
 import torch
@@ -63,6 +64,7 @@ def build_imsm_model(backbone, imsm_args, total_steps: int | None = None, templa
     (training) supplies the frozen memory of the examples it holds."""
     method = imsm_args.method
     options = imsm_args.options if imsm_args.options is not None else method.options_class()
+    backbone_tensors = {id(t) for t in backbone.state_dict(keep_vars=True).values()}
     adapter = method.attach(backbone, options, imsm_args.target_modules, total_steps, template, max_input_length)
     gate = build_gate(imsm_args.gate, backbone.config.hidden_size, imsm_args.gate_rank, imsm_args.gate_dropout)
     model = IMSMModel(adapter.peft_model, gate, method, initial_adapter_state=adapter.initial_state,
@@ -72,7 +74,56 @@ def build_imsm_model(backbone, imsm_args, total_steps: int | None = None, templa
     for group in model.trainable_parameters().values():
         for _, p in group:
             p.requires_grad_(True)
+    check_round_trip(model, backbone_tensors)
     return model
+
+
+def check_round_trip(model: IMSMModel, backbone_tensors: set[int]) -> None:
+    """Refuse a method whose freshly built adapter does not come back whole from its own files, before any training.
+
+    The adapter's state is every tensor of its state dict that the backbone did not have before the adapter was
+    attached (``backbone_tensors``: their ids), trainable or not, but for what its build always sets the same way
+    (``MethodSpec.rebuilds_state``): this does not take the method's word for what it must save. That state is
+    saved as a checkpoint is (``MethodSpec.save`` of the trainable parameters and of what ``MethodSpec.saves_state``
+    selects), overwritten in place, read back with ``MethodSpec.load_weights`` (the resume path) and compared
+    exactly. In place rather than into a second build, which would load the backbone twice; the evaluation path
+    (``MethodSpec.load`` into a new backbone) is checked for every registered method by tests/method/cases.py.
+    Under ZeRO-3 the adapter's tensors are gathered, and the changes are discarded with the gathered copies; a model
+    built on the meta device has no values and is not checked."""
+    method = model.method
+    seen: dict[int, tuple[str, torch.Tensor]] = {}
+    for name, tensor in model.peft_model.state_dict(keep_vars=True).items():
+        if id(tensor) not in backbone_tensors and not method.rebuilds_state(name):
+            seen.setdefault(id(tensor), (name, tensor))
+    state = list(seen.values())
+    if any(tensor.is_meta for _, tensor in state):
+        return  # built on the meta device (shapes only, e.g. to count parameters): no values to round-trip
+    with _gathered([t for _, t in state if isinstance(t, torch.nn.Parameter)]), torch.no_grad(), \
+            tempfile.TemporaryDirectory(prefix="imsm_round_trip_") as tmp:
+        built = {name: tensor.detach().cpu().clone() for name, tensor in state}
+        try:
+            method.save(model.peft_model, _method_state(model), Path(tmp), model.initial_adapter_state)
+        except Exception as e:
+            raise ValueError(f"--peft {method.name}: a freshly built adapter cannot be saved ({type(e).__name__}: "
+                             f"{e}); its MethodSpec.saves_state must select every tensor its save needs") from e
+        for _, tensor in state:  # every value changed, so whatever the files do not restore differs
+            if tensor.dtype == torch.bool:
+                tensor.logical_not_()
+            else:
+                tensor.add_(1)
+        try:
+            method.load_weights(model.peft_model, Path(tmp), model.initial_adapter_state)
+        except Exception as e:
+            raise ValueError(f"--peft {method.name}: a freshly built adapter cannot be read back from the files "
+                             f"it saved ({type(e).__name__}: {e})") from e
+        lost = [name for name, tensor in state if not torch.equal(tensor.detach().cpu(), built[name])]
+        for name, tensor in state:
+            tensor.copy_(built[name])
+    if lost:
+        raise ValueError(
+            f"--peft {method.name}: {len(lost)} of the {len(state)} tensors its adapter adds do not come back from "
+            f"the files it saves, so a checkpoint would not restore the model: {lost[:4]}; a fixed tensor its files "
+            "lack is declared in its MethodSpec.saves_state, and MethodSpec.save must write every value as it is")
 
 
 def make_run_config(imsm_args, data_args, model_path: str, hidden_size: int) -> RunConfig:
@@ -151,11 +202,20 @@ def load_run(run: str | Path, model_name_or_path: str | None = None, dtype: torc
 
 # ---- writing ------------------------------------------------------------------------------------------------------
 def _gathered(params: list[torch.nn.Parameter]):
-    if any(hasattr(p, "ds_id") for p in params):
+    """Full values of ZeRO-3 partitioned parameters inside (changes are discarded on exit); others as they are."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if partitioned:
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
     return contextlib.nullcontext()
+
+
+def _method_state(model: IMSMModel) -> dict[str, torch.Tensor]:
+    """The adapter's saved state (``IMSMModel.saved_state``) by the PeftModel's names, on the CPU; inside
+    ``_gathered`` under ZeRO-3."""
+    return {n[len("peft_model."):]: t.detach().cpu().clone() for n, t in model.saved_state()
+            if n.startswith("peft_model.")}
 
 
 def save_run_files(model: IMSMModel, out_dir: str | Path, config: RunConfig, run_args: dict | None,
@@ -168,14 +228,13 @@ def save_run_files(model: IMSMModel, out_dir: str | Path, config: RunConfig, run
     from imsm.atomic import atomic_write_json
 
     out_dir = Path(out_dir)
-    named = model.saved_parameters()
+    named = model.saved_state()
     with _gathered([p for _, p in named]):
         if not is_main:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
-        full = {n[len("peft_model."):]: p.detach().cpu().clone() for n, p in named if n.startswith("peft_model.")}
         # the method picks its entries out of this (AdaLoRA: cut to the allocated ranks)
-        model.method.save(model.peft_model, full, out_dir, model.initial_adapter_state)
+        model.method.save(model.peft_model, _method_state(model), out_dir, model.initial_adapter_state)
         gate = {n[len(GATE_PARAM_PREFIX):]: p.detach().cpu().float().contiguous().clone()
                 for n, p in named if n.startswith(GATE_PARAM_PREFIX)}
         save_file(gate, str(out_dir / GATE_FILE), metadata={"format": "pt", "variant": config.gate})

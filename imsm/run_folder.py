@@ -69,18 +69,10 @@ class RunConfig:
     prompt_template: str = "raw"
     system_prompt: str | None = None
     adapter_files: tuple[str, str] = ("adapter_config.json", "adapter_model.safetensors")  # (config, weights)
-    # the method's resolved options (its MethodSpec.record), e.g. LoRA's init_lora_weights and CorDA's calibration
-    # file and rows (evaluation skips those rows)
+    # the method's resolved options (its MethodSpec.record), read back only through its MethodSpec (describe,
+    # calibration_rows): e.g. LoRA's init_lora_weights and CorDA's calibration file and rows
     method_options: dict = dataclasses.field(default_factory=dict)
     format_version: int = FORMAT_VERSION
-
-    @property
-    def init_lora_weights(self) -> str:
-        return self.method_options.get("init_lora_weights", "default")
-
-    @property
-    def calibration(self) -> dict | None:
-        return self.method_options.get("calibration")
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "adapter_files": list(self.adapter_files)}

@@ -2,8 +2,11 @@
 
 It loads the model once, times a few training steps of vanilla LoRA and of IMSM-LoRA at the study's batch size and
 lengths (with the thread count each training job will get), and times decoding and answer-likelihood scoring of a
-few examples of every task, then extrapolates to the whole plan and prints it. It takes about a minute; machines
-differ 2-3x (the CPU demo took 16 min on one 2-core machine and 49 on another), which is why a constant won't do.
+few examples of every task, then extrapolates to the whole plan and prints it. It takes about a minute on an idle
+machine and longer on a loaded one, so every phase prints a progress line to stderr as it starts
+(``estimate [3/9] timing decoding: mrpc, single-pass model (41 s so far)``); machines differ 2-3x (the CPU demo took
+16 min on one 2-core machine and 49 on another), which is why a constant won't do. The figures are measured under
+the machine's load of the moment: a machine busy during the estimate gives a pessimistic one.
 
     python scripts/estimate_time.py --data_dir ../shared/data --target mrpc --tasks mrpc,webq,freebaseqa,multirc \
         --runs LoRA:1 IMSM-LoRA:1 --steps 60 --batch 8 --eval_examples 200 --score both
@@ -78,6 +81,18 @@ def _parse() -> argparse.Namespace:
     return p.parse_args()
 
 
+class Progress:
+    """One line per phase on stderr as it starts: its number, what it times, the seconds spent so far."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.start = total, 0, time.perf_counter()
+
+    def __call__(self, what: str) -> None:
+        self.done += 1
+        print(f"estimate [{self.done}/{self.total}] {what} ({time.perf_counter() - self.start:.0f} s so far)",
+              file=sys.stderr, flush=True)
+
+
 def _time_steps(model: IMSMModel, batch: dict, steps: int = 2) -> float:
     """Seconds per training step (forward + backward; the optimizer step of an adapter is negligible)."""
     model.train()
@@ -101,7 +116,7 @@ def _time_eval(model, tokenizer, template, rows, task: str, score: str) -> float
     return time.perf_counter() - start
 
 
-def _time_measures(untuned, vanilla, model, tokenizer, template, args) -> dict[str, float]:
+def _time_measures(untuned, vanilla, model, tokenizer, template, args, progress: Progress) -> dict[str, float]:
     """Seconds of one --measures run per model kind: {"untuned", "plain", "imsm"} (module docstring)."""
     from imsm.evaluation.decoding.scoring import FrozenMemo
     from imsm.evaluation.measures.measures import (
@@ -127,6 +142,7 @@ def _time_measures(untuned, vanilla, model, tokenizer, template, args) -> dict[s
         pairs[task] = greedy_pairs(untuned, tokenizer, template, task_rows, 1024, length, 16)
     cost["untuned"] += (time.perf_counter() - start) * args.kl_examples / SAMPLE
     for kind, m in (("untuned", untuned), ("plain", vanilla), ("imsm", model)):
+        progress(f"timing the measures: {kind} model")
         record = kind == "untuned"
         memo.start_model()
         for task, n in yes_no.items():
@@ -166,7 +182,11 @@ def main() -> None:
     cores = os.cpu_count() or 1
     train_threads = max(1, cores // max(1, args.jobs))
 
+    tasks = [t for t in dict.fromkeys(args.tasks.split(",")) if t]
+    likelihood_tasks = [t for t in args.measure_likelihood_tasks.split(",") if t] if args.measure_models else []
+    progress = Progress(3 + 2 * len(tasks) + (4 + 2 * len(likelihood_tasks) if args.measure_models else 0))
     t0 = time.perf_counter()
+    progress("loading the model")
     backbone, tokenizer, _ = load_backbone(None)
     template = build_template(args.template, tokenizer)
     load_seconds = time.perf_counter() - t0
@@ -178,20 +198,24 @@ def main() -> None:
 
     threads = torch.get_num_threads()
     torch.set_num_threads(train_threads)
-    step = {"none": _time_steps(vanilla, batch), "query_aware": _time_steps(model, batch)}
+    progress(f"timing training steps: LoRA, batch {len(batch['input_ids'])}")
+    step = {"none": _time_steps(vanilla, batch)}
+    progress(f"timing training steps: IMSM-LoRA, batch {len(batch['input_ids'])}")
+    step["query_aware"] = _time_steps(model, batch)
     step["equal"] = step["token"] = step["query_aware"]
     torch.set_num_threads(threads)
     per_run = {gate: args.steps * s + PROCESS_START_SECONDS for gate, s in step.items()}
     todo = [per_run.get(gate, per_run["query_aware"]) for gate, done in runs if not done]
     train_total = sum(todo) / max(1, min(args.jobs, len(todo))) if todo else 0.0
 
-    tasks = [t for t in dict.fromkeys(args.tasks.split(",")) if t]
     eval_per_model = {"plain": 0.0, "siamese": 0.0}
     for task in tasks:
         all_rows = read_jsonl(Path(args.data_dir) / task / "test.jsonl")
         n = min(args.eval_examples, len(all_rows))
         rows = all_rows[: min(SAMPLE, n)]
+        progress(f"timing evaluation ({args.score}): {task}, single-pass model")
         eval_per_model["plain"] += _time_eval(vanilla, tokenizer, template, rows, task, args.score) * n / len(rows)
+        progress(f"timing evaluation ({args.score}): {task}, IMSM model")
         eval_per_model["siamese"] += _time_eval(model, tokenizer, template, rows, task, args.score) * n / len(rows)
     n_plain = args.untuned + sum(gate == "none" for gate in evaluated)
     n_siamese = sum(gate != "none" for gate in evaluated)
@@ -201,13 +225,15 @@ def main() -> None:
     measure_total, measure_line = 0.0, None
     if args.measure_models:
         plain, imsm = (int(x) for x in args.measure_models.split(","))
+        progress("loading the untuned model for the measures")
         untuned = load_backbone(None)[0]
-        cost = _time_measures(untuned, vanilla, model, tokenizer, template, args)
+        cost = _time_measures(untuned, vanilla, model, tokenizer, template, args, progress)
         likelihood = {"plain": 0.0, "imsm": 0.0}  # the measures run also scores --eval_examples rows' answers
-        for task in [t for t in args.measure_likelihood_tasks.split(",") if t]:
+        for task in likelihood_tasks:
             rows = read_jsonl(Path(args.data_dir) / task / "test.jsonl")
             share = min(args.eval_examples, len(rows)) / SAMPLE
             for kind, m in (("plain", vanilla), ("imsm", model)):
+                progress(f"timing the measures' answer likelihood: {task}, {kind} model")
                 likelihood[kind] += _time_eval(m, tokenizer, template, rows[:SAMPLE], task, "likelihood") * share
         per = {"untuned": cost["untuned"] + likelihood["plain"], "plain": cost["plain"] + likelihood["plain"],
                "imsm": cost["imsm"] + likelihood["imsm"]}

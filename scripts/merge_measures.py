@@ -9,7 +9,8 @@ It reads each model's ``measures.json`` (``<label>[/run<k>]/``) from every repor
 from one evaluation of them all (``imsm.evaluation.report.writer.write_measures_report``). The untuned model's
 measures must be the same in every report (the same rows, threshold rows, passages and KL prompts; within 1e-9), else
 the reports measured different things and the merge is refused, naming them; so is a label found in two reports, an
-unfinished report (``INCOMPLETE``), and a report without measures. Runs of a label keep their ``run<k>`` order, which
+unfinished report (``INCOMPLETE``), a report without measures, and one where a model it evaluated has no
+``measures.json`` (or a damaged one: the error names the file). Runs of a label keep their ``run<k>`` order, which
 must be the same seed order for every label on the curve (as evaluate.py's ``--run_dir`` order is).
 
 ``--out`` is a new folder or an earlier merge (it holds ``merged_from.json``), which is replaced whole once the new
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from imsm.atomic import atomic_write_json
 from imsm.evaluation.arguments import MeasureArguments
 from imsm.evaluation.report.results import MEASURES_FILE, measured_names, read_measures
-from imsm.evaluation.report.writer import write_measures_report
+from imsm.evaluation.report.writer import read_report_inputs, write_measures_report
 
 MERGED_FROM = "merged_from.json"
 
@@ -41,7 +42,10 @@ def read_report(folder: Path) -> dict[str, list[dict]]:
         raise SystemExit(f"merge_measures: {folder} is not an evaluate.py report (no imsm_evaluation.json)")
     if (folder / "INCOMPLETE").exists():
         raise SystemExit(f"merge_measures: {folder} is unfinished (INCOMPLETE); let the evaluation end first")
-    results = read_measures(folder)
+    try:  # every model the evaluation planned (report_inputs.json): a missing measures.json is an error, not a gap
+        results = read_measures(folder, read_report_inputs(folder).get("folders"))
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"merge_measures: {e}") from None
     if not results:
         raise SystemExit(f"merge_measures: {folder} holds no {MEASURES_FILE} (evaluated without --measures)")
     return results
@@ -94,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if len(args.reports) < 2:
         p.error("give at least two reports to merge")
+    if args.bootstrap_resamples < 1000:
+        p.error(f"--bootstrap_resamples {args.bootstrap_resamples}: use at least 1000")
     if args.out.resolve() in {r.resolve() for r in args.reports}:
         p.error("--out must be a new folder, not one of the reports")
     if args.out.exists() and not (args.out / MERGED_FROM).is_file():

@@ -25,6 +25,12 @@ def prepare_output_dir(out: Path, overwrite: bool) -> None:
     ``EVALUATION_MARKER``: nothing else is ever deleted); then empty it, mark it as a report and as incomplete."""
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--output_dir {out} is a file")
+    if out.is_dir() and _nothing_written(out):
+        # an evaluation killed before it wrote anything but its markers: it holds no result, so it starts again
+        logger.warning("%s holds only the marker of an evaluation killed before it wrote anything; starting it "
+                       "again", out)
+        for path in out.iterdir():
+            path.unlink()
     if out.exists() and any(out.iterdir()):
         held = ", ".join(sorted(p.name for p in out.iterdir())[:6])
         if not overwrite:
@@ -42,6 +48,15 @@ def prepare_output_dir(out: Path, overwrite: bool) -> None:
     atomic_write_json(out / EVALUATION_MARKER, {"written_by": "imsm evaluate.py", "command": sys.argv,
                                                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     atomic_write_text(out / INCOMPLETE, "evaluation under way or interrupted: " + " ".join(sys.argv) + "\n")
+
+
+def _nothing_written(out: Path) -> bool:
+    """The folder holds ``EVALUATION_MARKER`` and temporaries only: an evaluation killed between writing its marker
+    and ``INCOMPLETE`` (a live one always has ``INCOMPLETE`` beside the marker, so it is never taken for this)."""
+    entries = list(out.iterdir())
+    return (out / EVALUATION_MARKER).is_file() and all(
+        p.is_file() and (p.name == EVALUATION_MARKER or (p.name.startswith(".") and p.name.endswith(".tmp")))
+        for p in entries)
 
 
 def finish_output_dir(out: Path) -> None:

@@ -72,7 +72,8 @@ def calibration_rows(run_dir: str | Path) -> set[tuple[str, int]]:
     Evaluation skips these rows of those files so the model is not scored on its calibration data. A row index
     counts the file's non-empty lines, as ``imsm.data.read_jsonl`` reads them.
     """
-    record = RunConfig.read(resolve(run_dir)).calibration
+    config = RunConfig.read(resolve(run_dir))
+    record = get_method(config.peft, f"{run_dir}: peft").calibration_rows(config.method_options)
     if not record:
         return set()
     return {(record["file"], int(i)) for i in record["rows"]}
@@ -209,6 +210,12 @@ def check_label_groups(plans: list[ModelPlan]) -> None:
         if any(p.run_dir is None for p in group):
             raise ValueError(f"label {label!r} is given to the untuned model and to runs; give it a label of its own")
         first = group[0]
+        seen: dict[tuple, ModelPlan] = {}
+        for plan in group:
+            twin = seen.setdefault((Path(plan.run_dir).resolve(), plan.scale), plan)
+            if twin is not plan:
+                raise ValueError(f"label {label!r} holds the run {plan.run_dir} twice: one run would count as two "
+                                 "seeds (sd 0, intervals too narrow); give each run once")
         for plan in group[1:]:
             for what, mine, theirs in (("base model", plan.model_path, first.model_path),
                                        ("prompt template", plan.template, first.template),

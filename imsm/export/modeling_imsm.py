@@ -21,7 +21,8 @@ Loading needs only ``torch`` and ``transformers`` (``trust_remote_code=True``):
     out = model.generate(**tokenizer(prompts, return_tensors="pt", padding=True), max_new_tokens=32)
 
 with the tokenizer padding on the left (the exported tokenizer does). Greedy decoding and sampling work with batched
-left-padded prompts; beam search, chunked prefill and the other cache-reordering modes are refused with a message.
+left-padded prompts, with or without ``use_cache`` (the same tokens either way); beam search, chunked prefill, the
+other cache-reordering modes and a static or offloaded ``cache_implementation`` are refused with a message.
 A plain ``forward`` over prompt + answer needs the prompt's length (``prompt_length``), because the query means
 average the prompt only; see ``IMSMForCausalLM.forward``.
 """
@@ -191,12 +192,23 @@ class IMSMForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("IMSM: prefill_chunk_size is not supported (the prompt means need the whole prompt)")
         if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") is not None:
             raise ValueError("IMSM: assisted and prompt-lookup decoding are not supported")
+        cache_implementation = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
+        if cache_implementation not in (None, "dynamic"):
+            raise ValueError(f"IMSM: cache_implementation={cache_implementation!r} is not supported (the doubled "
+                             "batch and the prompt means live in the model's own dynamic cache, IMSMCache); leave "
+                             "cache_implementation unset")
+        prompt = kwargs.get("input_ids", args[0] if args else kwargs.get("inputs"))
+        if isinstance(prompt, torch.Tensor) and prompt.dim() == 2:
+            # without a cache every step runs over prompt + generated tokens: the query means must still average
+            # the prompt only, as at prefill
+            kwargs.setdefault("prompt_width", prompt.shape[1])
         return super().generate(*args, **kwargs)
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, cache: IMSMCache | None = None,
                 use_cache: bool | None = None, prompt_length: int | torch.Tensor | None = None,
-                labels: torch.LongTensor | None = None, logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
+                labels: torch.LongTensor | None = None, logits_to_keep: int = 0, prompt_width: int | None = None,
+                **kwargs) -> CausalLMOutputWithPast:
         """Logits of the mixed memory.
 
         ``prompt_length``: the number of prompt (query) tokens of each row, an int or a (B,) tensor, counted from the
@@ -210,6 +222,10 @@ class IMSMForCausalLM(PreTrainedModel, GenerationMixin):
         once it holds the prompt means, later calls (one new token per row) reuse them and ``prompt_length`` is
         ignored. ``attention_mask`` covers the cached and the new tokens, as usual; ``position_ids`` default to the
         backbone's own (``generate()`` passes them from the mask, so left padding shifts no position).
+
+        ``prompt_width``: set by ``generate()`` to the (padded) width of the prompt batch; columns from it on are
+        generated tokens and never count as the prompt, so ``generate(use_cache=False)``, which runs every step over
+        prompt + generated tokens, mixes the memories exactly as the cached decoding does.
         """
         if kwargs.get("inputs_embeds") is not None:
             raise ValueError("IMSM: inputs_embeds is not supported; pass input_ids")
@@ -240,6 +256,8 @@ class IMSMForCausalLM(PreTrainedModel, GenerationMixin):
             if prompt_length is not None:
                 limit = torch.as_tensor(prompt_length, device=input_ids.device).reshape(-1, 1)
                 query = real & (real.long().cumsum(-1) <= limit)
+            if prompt_width is not None:
+                query = query & (torch.arange(length, device=input_ids.device) < prompt_width)
             q_frozen, q_tuned = query_mean(h_frozen, query), query_mean(h_tuned, query)
             if use_cache:
                 cache.query_means = (q_frozen, q_tuned)

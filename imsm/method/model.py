@@ -103,9 +103,9 @@ class IMSMModel(nn.Module):
 
     def is_trainable_name(self, name: str) -> bool:
         """Adapter and gate parameters, found by name: the gate by its prefix, the adapter by its method's tensor
-        prefix (``lora_``, ``ia3_``, ``loramoe_``, ``osf_``), less the adapter tensors PEFT itself declares frozen
-        (MiCA's B: ``peft_frozen_tensors``). The one rule behind freezing, counting, the optimizer's groups and
-        saving (``trainable_parameters``, ``saved_parameters``)."""
+        prefix (``lora_``, ``ia3_``, ``vera_lambda_``, ``loramoe_``, ``osf_``), less the adapter tensors PEFT itself
+        declares frozen (MiCA's B: ``peft_frozen_tensors``). The one rule behind freezing, counting, the optimizer's
+        groups and saving (``trainable_parameters``, ``saved_state``)."""
         return name.startswith(GATE_PARAM_PREFIX) or (self.adapter_prefix() in name and name not in self.peft_frozen)
 
     def trainable_parameters(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
@@ -116,12 +116,16 @@ class IMSMModel(nn.Module):
                 groups["gate" if name.startswith(GATE_PARAM_PREFIX) else "adapter"].append((name, p))
         return groups
 
-    def saved_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """The trainable parameters plus the adapter's fixed state that its format stores (AdaLoRA's ``ranknum``,
-        MiCA's frozen B)."""
+    def saved_state(self) -> list[tuple[str, torch.Tensor]]:
+        """What a run folder holds, by this module's names: the trainable parameters plus the adapter's fixed state
+        (parameters or buffers) that its method declares saved (``MethodSpec.saves_state``, e.g. VeRA's shared
+        projections) or that PEFT declares frozen (``peft_frozen``: MiCA's B)."""
         trainable = {n for group in self.trainable_parameters().values() for n, _ in group}
-        return [(n, p) for n, p in self.named_parameters()
-                if n in trainable or ".ranknum." in n or n in self.peft_frozen]
+        adapter = "peft_model."
+        extra = [(n, t) for n, t in [*self.named_parameters(), *self.named_buffers(remove_duplicate=False)]
+                 if n not in trainable and n.startswith(adapter)
+                 and (self.method.saves_state(n[len(adapter):]) or n in self.peft_frozen)]
+        return [(n, p) for n, p in self.named_parameters() if n in trainable] + extra
 
     def memory(self, adapter: bool, **decoder_kwargs):
         """One pass of the decoder; ``adapter=False`` gives the frozen memory (no gradient)."""

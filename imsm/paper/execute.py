@@ -17,7 +17,7 @@ from pathlib import Path
 
 from imsm import run_folder
 from imsm.evaluation.output_dir import INCOMPLETE
-from imsm.paper.plans import Evaluation, Plan, TrainRun
+from imsm.paper.plans import Bench, Evaluation, Plan, TrainRun
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,23 @@ def evaluate(evaluation: Evaluation, data_dir: str | Path, eval_args: list[str],
     done = subprocess.run(cmd, cwd=ROOT, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"evaluation {evaluation.name} failed (exit {done.returncode}): {shlex.join(cmd)}")
+
+
+def bench_state(bench: Bench) -> str:
+    return "done" if bench.output_file.is_file() else "new"
+
+
+def run_bench(bench: Bench, data_dir: str | Path, python: str) -> None:
+    """Table 5's speed measurement on one backbone (one process, one GPU); a measured one is skipped."""
+    if bench_state(bench) == "done":
+        logger.info("%s: measured already, skipped", bench.output_file)
+        return
+    bench.output_file.parent.mkdir(parents=True, exist_ok=True)
+    cmd = bench.command(data_dir, python)
+    logger.info("benchmarking %s: %s", bench.name, shlex.join(cmd))
+    done = subprocess.run(cmd, cwd=ROOT, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench {bench.name} failed (exit {done.returncode}): {shlex.join(cmd)}")
 
 
 def eval_launcher(gpus: int, python: str = sys.executable) -> tuple[str, ...]:

@@ -49,7 +49,17 @@ LAYOUTS: dict[str, list[tuple[str, str]]] = {
     "table6": [("gsm8k/accuracy", "GSM8K"), ("webq/contain", "WebQ"), ("freebaseqa/contain", "Freebase")],
     "figure3": [("target", "target"), ("webq/contain", "WebQ"), ("multirc/accuracy", "MultiRC"),
                 ("mrpc/accuracy", "MRPC"), ("freebaseqa/contain", "Freebase"), ("avg", "Avg.")],
+    # Figure 4: the ablation's forgetting (Table 4's variants on ChatGLM3-6B); a bar chart, no numbers stored
+    "figure4": [("target", "target"), ("webq/contain", "WebQ"), ("multirc/accuracy", "MultiRC"),
+                ("mrpc/accuracy", "MRPC"), ("freebaseqa/contain", "Freebase"), ("avg", "Avg.")],
 }
+PARAMS_TABLES = ("table1", "table6")  # the layouts that print a Params column
+
+# Rows of each task's test file as the authors publish it (data/<task>/data_test.json, the same counts as
+# ../shared/data): an accuracy, EM or contain score over one evaluation is k/n of these for some integer k.
+TEST_ROWS = {"gsm8k": 1319, "mrpc": 1725, "cola": 1043, "ropes": 1688, "webq": 2032, "freebaseqa": 3996,
+             "multirc": 312}
+_COUNTED = ("accuracy", "em", "contain")  # F1 and MCC are not fractions of examples
 
 _T1 = LAYOUTS["table1"][:-1]
 _FORGET_ROPES = LAYOUTS["table2"][:-1]
@@ -160,3 +170,15 @@ def paper_row(table: str, backbone: str, label: str) -> PaperRow | None:
         if (row.table, row.backbone, row.label) == (table, backbone, label):
             return row
     return None
+
+
+def is_k_over_n(key: str, value: float) -> bool | None:
+    """Whether a printed percentage ``value`` of ``task/metric`` is 100·k/n rounded to two decimals for some k, n
+    the task's test rows; None for a metric that is not a count (F1, MCC). A counted cell that is not k/n cannot be
+    one evaluation over the test file: most likely a mean over runs, which the paper does not state."""
+    task, metric = key.split("/")
+    if metric not in _COUNTED or task not in TEST_ROWS:
+        return None
+    n = TEST_ROWS[task]
+    k = round(value * n / 100)
+    return any(round(100 * j / n, 2) == round(value, 2) for j in (k - 1, k, k + 1) if 0 <= j <= n)

@@ -11,14 +11,17 @@ is trained once.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from imsm.args import ImsmArguments
 
+ROOT = Path(__file__).resolve().parents[2]
 FORGETTING_TASKS = ("webq", "multirc", "mrpc", "freebaseqa")  # the paper's general-knowledge benchmarks
-PLAN_NAMES = ("table1", "table2", "table3", "table4", "table6", "figure3")
+PLAN_NAMES = ("table1", "table2", "table3", "table4", "table5", "table6", "figure3")
+DEFAULT_SEEDS = (42, 43, 44)  # a mean and a spread over runs: what comparing with the paper's numbers needs
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,38 @@ PAPER_BACKBONES: dict[str, Backbone] = {b.name: b for b in (
 LAUNCHERS = {"LoRA": "lora", "IMSM-LoRA": "imsm_lora", "IA3": "ia3", "IMSM-IA3": "imsm_ia3", "AdaLoRA": "adalora",
              "IMSM-AdaLoRA": "imsm_adalora", "DoRA": "dora", "IMSM-DoRA": "imsm_dora", "LoRAMoE": "loramoe"}
 CLASSIC = ("LoRA", "IMSM-LoRA", "IA3", "IMSM-IA3", "AdaLoRA", "IMSM-AdaLoRA")  # Table 1's methods
+
+# Where the authors' published code (github.com/ECNU-Text-Computing/IMSM) adapts other modules on a backbone than our
+# method tables' defaults for its ``model_type``: (backbone, --peft) -> --target_modules, appended to the run.
+# Table 1's Params column is what these give (tests/paper/test_params.py counts them at full shape).
+PAPER_TARGETS: dict[tuple[str, str], tuple[str, ...]] = {
+    # train.py and baseline/ia3/ia3.py: qwen -> q_proj, v_proj and no feed-forward module (0.205M; ours k,v,down)
+    ("Qwen1.5-4B", "ia3"): ("q_proj", "v_proj"),
+    # baseline/dora/dora.py and train.py's dora leave target_modules None: PEFT's default for qwen2 is q_proj, v_proj
+    ("Qwen1.5-4B", "dora"): ("q_proj", "v_proj"),
+    # train.py: "llama-2" in the path -> gate_proj, down_proj, up_proj for LoRA (LoRAMoE's modules), for both the
+    # vanilla LoRA and IMSM-LoRA of Figure 3
+    ("Llama2-7B", "lora"): ("gate_proj", "up_proj", "down_proj"),
+}
+
+# Where the paper is silent and the published code departs from our launchers: (--peft, IMSM run?) -> arguments
+# appended to the run, so the run trains as the authors' did. What we keep different is listed in
+# imsm.paper.compare.CANNOT_MATCH.
+PUBLISHED_TRAIN_ARGS: dict[tuple[str, bool], tuple[str, ...]] = {
+    # train.py's configs ("Recommended parameters/*.json": lora_dropout 0.1) and baseline/lora/lora.py (default 0.1);
+    # the baselines' Trainer JSONs (baseline/lora/lora.json) set no weight decay: the Trainer's 0.0
+    ("lora", True): ("--lora_dropout", "0.1"),
+    ("lora", False): ("--lora_dropout", "0.1", "--weight_decay", "0.0"),
+    # train.py's config and baseline/adalora/adalora.py (default 0.1); baseline/adalora/adalora.json: weight_decay 0.0
+    ("adalora", True): ("--lora_dropout", "0.1"),
+    ("adalora", False): ("--lora_dropout", "0.1", "--weight_decay", "0.0"),
+    # baseline/dora/dora.json: linear schedule, no weight decay (dropout 0.05, the launcher's, in dora.py too)
+    ("dora", False): ("--lr_scheduler_type", "linear", "--weight_decay", "0.0"),
+    # baseline/ia3/ia3.json: warmup_ratio 0.06 and Adafactor (the launcher's optimizer); the IMSM (IA)3 config
+    # ("Recommended parameters/llama3_ia3_GSM8K.json": optimizer adamw, warmup 0.03) trains with AdamW
+    ("ia3", False): ("--warmup_steps", "0.06"),
+    ("ia3", True): ("--optim", "adamw_torch"),
+}
 _GATE_DEFAULTS = {f.name: f.default for f in fields(ImsmArguments) if f.name in ("gate_rank", "gate_dropout",
                                                                                  "gate_learning_rate")}
 
@@ -56,6 +91,11 @@ class Variant:
     launcher_label: str  # the LAUNCHERS key whose script runs it
     suffix: str = ""  # appended to the launcher's name to make the run folder's name
     args: tuple[str, ...] = ()
+
+    @property
+    def peft(self) -> str:
+        """The launcher's --peft (imsm_ia3 -> ia3)."""
+        return LAUNCHERS[self.launcher_label].removeprefix("imsm_")
 
 
 def method(label: str) -> Variant:
@@ -94,10 +134,31 @@ class TrainRun:
     def launcher(self) -> Path:
         return Path("run_scripts") / f"{LAUNCHERS[self.variant.launcher_label]}_{self.task}.sh"
 
+    @property
+    def published_args(self) -> tuple[str, ...]:
+        """The published code's settings where the paper is silent (``PUBLISHED_TRAIN_ARGS``)."""
+        return PUBLISHED_TRAIN_ARGS.get((self.variant.peft, self.label.startswith("IMSM-")), ())
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The published code's target modules for this backbone and method, where they differ from our defaults."""
+        return PAPER_TARGETS.get((self.backbone.name, self.variant.peft), ())
+
     def command(self, train_args: list[str] | tuple[str, ...] = ()) -> list[str]:
-        """``bash run_scripts/X.sh ARGS``: the launcher's arguments, then the variant's, the seed and the user's."""
+        """``bash run_scripts/X.sh ARGS``: the launcher's arguments, then the published code's settings, the
+        variant's, the backbone's target modules, the seed and the user's."""
         remote = ["--trust_remote_code"] if self.backbone.trust_remote_code else []
-        return ["bash", str(self.launcher), *self.variant.args, *remote, "--seed", str(self.seed), *train_args]
+        targets = ["--target_modules", *self.targets] if self.targets else []
+        return ["bash", str(self.launcher), *self.published_args, *self.variant.args, *targets, *remote,
+                "--seed", str(self.seed), *train_args]
+
+    def max_output_length(self) -> int:
+        """The launcher's --max_output_length: the published code decodes a run's test sets up to its training
+        answer length (model_inference.py's max_target_length = the run's max_output_length)."""
+        found = re.findall(r"--max_output_length (\d+)", (ROOT / self.launcher).read_text())
+        if len(found) != 1:
+            raise ValueError(f"{self.launcher}: expected one --max_output_length, found {found}")
+        return int(found[0])
 
     def environment(self, data_dir: str | Path) -> dict[str, str]:
         """What the launcher reads from the environment (GPUS, NNODES, ... come from the caller's)."""
@@ -111,7 +172,9 @@ class TrainRun:
 @dataclass(frozen=True)
 class Evaluation:
     """One evaluate.py call: the untuned backbone and ``runs`` on ``tasks``, compared with the untuned model and in
-    the ``compare`` pairs (IMSM - its vanilla PEFT)."""
+    the ``compare`` pairs (IMSM - its vanilla PEFT). It fills the cells of one paper layout (``table``) and, where a
+    layout shows several evaluations of the same rows side by side (Figure 3's ROPES and GSM8K panels), one
+    ``panel`` of it: a report reads each cell from the evaluation it belongs to, never from another table's."""
 
     name: str
     backbone: Backbone
@@ -120,6 +183,13 @@ class Evaluation:
     target: str
     output_dir: Path
     compare: tuple[tuple[str, str], ...] = ()
+    table: str = ""
+    panel: str = ""
+
+    @property
+    def max_new_tokens(self) -> int:
+        """As the published code decodes: every test set up to the runs' training answer length."""
+        return max(run.max_output_length() for run in self.runs)
 
     def command(self, data_dir: str | Path, eval_args: list[str] | tuple[str, ...] = (),
                 launcher: tuple[str, ...] = ("python",)) -> list[str]:
@@ -130,13 +200,33 @@ class Evaluation:
         cmd += ["--labels", ",".join(labels), "--tasks", ",".join(self.tasks), "--target", self.target,
                 "--data_dir", str(data_dir), "--output_dir", str(self.output_dir),
                 # the published code's reading of yes/no answers ('yes' anywhere), to compare with its numbers
-                "--yes_no_rule", "anywhere"]
+                "--yes_no_rule", "anywhere",
+                # and its answer length: the runs' --max_output_length on every task (not each task's default)
+                "--max_new_tokens", str(self.max_new_tokens)]
         pairs = [f"{a}:{b}" for a, b in self.compare if a in labels and b in labels]
         if pairs:
             cmd += ["--compare", ",".join(pairs)]
         if self.backbone.trust_remote_code:
             cmd.append("--trust_remote_code")
         return cmd + list(eval_args)
+
+
+@dataclass(frozen=True)
+class Bench:
+    """One ``bench/bench_decode.py`` call (Table 5, inference speed): IMSM's decoding against vanilla PEFT's on the
+    same backbone, adapter and prompts, its result written as JSON to ``output_file``."""
+
+    name: str
+    backbone: Backbone
+    prompts_task: str
+    new_tokens: int
+    output_file: Path
+
+    def command(self, data_dir: str | Path, python: str = "python") -> list[str]:
+        return [python, "bench/bench_decode.py", "--model_name_or_path", self.backbone.model_id,
+                "--data_file", str(Path(data_dir) / self.prompts_task / "test.jsonl"),
+                "--new_tokens", str(self.new_tokens), "--baseline_new_tokens", str(self.new_tokens),
+                "--output_file", str(self.output_file)]
 
 
 @dataclass
@@ -147,13 +237,14 @@ class Plan:
     runs: list[TrainRun] = field(default_factory=list)
     evaluations: list[Evaluation] = field(default_factory=list)
     seeds: tuple[int, ...] = (42,)
+    benches: list[Bench] = field(default_factory=list)
 
 
 @dataclass
 class PlanOptions:
     runs_dir: Path = Path("runs/paper")
     eval_dir: Path = Path("eval/paper")
-    seeds: tuple[int, ...] = (42,)  # the launchers' seed; the paper states none
+    seeds: tuple[int, ...] = (42,)  # reproduce.py's default is DEFAULT_SEEDS; one seed keeps a plan's runs countable
     models: dict[str, str] = field(default_factory=dict)  # backbone name (or "*" for all) -> model id
     methods: tuple[str, ...] = ()  # keep only these labels (empty: all)
 
@@ -215,14 +306,19 @@ class _Builder:
         return out
 
     def evaluate(self, name: str, backbone: Backbone, runs: list[TrainRun], tasks: tuple[str, ...],
-                 target: str) -> None:
+                 target: str, table: str, panel: str = "") -> None:
         if not runs:
             return
         labels = {run.label for run in runs}
         pairs = tuple((label, vanilla) for label in sorted(labels) if label.startswith("IMSM-")
                       and (vanilla := _vanilla_of(label)) in labels)
         self.plan.evaluations.append(Evaluation(name, backbone, tuple(runs), tasks, target,
-                                                self.options.eval_dir / self.plan.name / name, pairs))
+                                                self.options.eval_dir / self.plan.name / name, pairs, table, panel))
+
+    def bench(self, backbone: Backbone, task: str, new_tokens: int) -> None:
+        name = _slug(backbone.model_id)
+        self.plan.benches.append(Bench(name, backbone, task, new_tokens,
+                                       self.options.eval_dir / self.plan.name / f"{name}.json"))
 
     def done(self) -> Plan:
         self.plan.runs = list(self._runs.values())
@@ -240,20 +336,20 @@ def _table1(b: _Builder) -> None:
         backbone = _backbone(name, b.options)
         for task in ("mrpc", "cola", "ropes", "gsm8k"):
             runs = b.runs(backbone, [method(label) for label in CLASSIC], task)
-            b.evaluate(f"{_slug(backbone.model_id)}/{task}", backbone, runs, (task,), task)
+            b.evaluate(f"{_slug(backbone.model_id)}/{task}", backbone, runs, (task,), task, "table1")
 
 
 def _table2(b: _Builder) -> None:
     backbone = _backbone("ChatGLM3-6B", b.options)
     runs = b.runs(backbone, [method(label) for label in CLASSIC], "ropes")
-    b.evaluate(_slug(backbone.model_id), backbone, runs, ("ropes", *FORGETTING_TASKS), "ropes")
+    b.evaluate(_slug(backbone.model_id), backbone, runs, ("ropes", *FORGETTING_TASKS), "ropes", "table2")
 
 
 def _table3(b: _Builder) -> None:
     for name in ("ChatGLM3-6B", "Qwen1.5-4B", "Llama3.1-8B-Instruct"):
         backbone = _backbone(name, b.options)
         runs = b.runs(backbone, [method("DoRA"), method("IMSM-DoRA")], "gsm8k")
-        b.evaluate(_slug(backbone.model_id), backbone, runs, ("gsm8k", *FORGETTING_TASKS), "gsm8k")
+        b.evaluate(_slug(backbone.model_id), backbone, runs, ("gsm8k", *FORGETTING_TASKS), "gsm8k", "table3")
 
 
 def _table4(b: _Builder) -> None:
@@ -262,24 +358,34 @@ def _table4(b: _Builder) -> None:
         method(peft), method(f"IMSM-{peft}"), ablation(peft, "token"), ablation(peft, "equal"))]
     for task in ("mrpc", "cola", "ropes"):
         runs = b.runs(backbone, variants, task)
-        b.evaluate(f"{_slug(backbone.model_id)}/{task}", backbone, runs, (task,), task)
+        b.evaluate(f"{_slug(backbone.model_id)}/{task}", backbone, runs, (task,), task, "table4")
     # Figure 4 (the ablation's forgetting) does not say which target its runs were tuned on; ROPES, as Table 2.
     runs = b.runs(backbone, variants, "ropes")
-    b.evaluate(f"{_slug(backbone.model_id)}/forgetting", backbone, runs, ("ropes", *FORGETTING_TASKS), "ropes")
+    b.evaluate(f"{_slug(backbone.model_id)}/forgetting", backbone, runs, ("ropes", *FORGETTING_TASKS), "ropes",
+               "figure4")
+
+
+def _table5(b: _Builder) -> None:
+    # Inference speed: IMSM's decoding against vanilla PEFT's on each of Table 1's backbones, GSM8K's test prompts at
+    # GSM8K's answer length (its launchers' --max_output_length 512 is the published code's decoding budget; 256
+    # forced tokens measure the steady rate without running every row to 512).
+    for name in ("ChatGLM3-6B", "Qwen1.5-4B", "Llama3-8B"):
+        b.bench(_backbone(name, b.options), "gsm8k", 256)
 
 
 def _table6(b: _Builder) -> None:
     backbone = _backbone("Llama3-8B", b.options)
     variants = [gate_rank(peft, rank) for peft in ("LoRA", "IA3", "AdaLoRA") for rank in (4, 8, 16)]
     runs = b.runs(backbone, variants, "gsm8k")
-    b.evaluate(_slug(backbone.model_id), backbone, runs, ("gsm8k", "webq", "freebaseqa"), "gsm8k")
+    b.evaluate(_slug(backbone.model_id), backbone, runs, ("gsm8k", "webq", "freebaseqa"), "gsm8k", "table6")
 
 
 def _figure3(b: _Builder) -> None:
     backbone = _backbone("Llama2-7B", b.options)
     for task in ("ropes", "gsm8k"):
         runs = b.runs(backbone, [method("LoRA"), method("LoRAMoE"), method("IMSM-LoRA")], task)
-        b.evaluate(f"{_slug(backbone.model_id)}/{task}", backbone, runs, (task, *FORGETTING_TASKS), task)
+        b.evaluate(f"{_slug(backbone.model_id)}/{task}", backbone, runs, (task, *FORGETTING_TASKS), task, "figure3",
+                   f"tuned on {task}")
 
 
 _BUILDERS = {
@@ -289,7 +395,9 @@ _BUILDERS = {
                ("table2",), _table2),
     "table3": ("Table 3: DoRA and IMSM-DoRA tuned on GSM8K, forgetting", ("table3",), _table3),
     "table4": (("Table 4 and Figure 4: the gate ablation on ChatGLM3-6B (w/o query = --gate token, "
-               "w/o gate = --gate equal)"), ("table4",), _table4),
+               "w/o gate = --gate equal)"), ("table4", "figure4"), _table4),
+    "table5": ("Table 5: inference speed, IMSM's decoding against vanilla PEFT's (bench/bench_decode.py)",
+               ("table5",), _table5),
     "table6": ("Table 6: gate rank 4/8/16 on Llama3-8B tuned on GSM8K", ("table6",), _table6),
     "figure3": ("Figure 3: LoRA, LoRAMoE and IMSM-LoRA on Llama2-7B tuned on ROPES and GSM8K", ("figure3",),
                 _figure3),
@@ -313,7 +421,7 @@ def build_plan(name: str, options: PlanOptions | None = None) -> Plan:
         _BUILDERS[n][2](builder)
     plan = builder.done()
     plan.name, plan.title, plan.tables = name, title, tables
-    if not plan.runs:
+    if not plan.runs and not plan.benches:
         raise ValueError(f"--methods {','.join(options.methods)} leaves no run in {name}; its labels: "
                          f"{sorted({v for n in names for v in _labels_of(n)})}")
     return plan

@@ -18,8 +18,15 @@ writes only the examples it computed, as ``rank{r}-{seq}.safetensors``, each sha
 renamed when complete (a killed run leaves whole shards only, and a resumed run reuses them); every rank reads any
 shard in the folder, memory-mapped, since data-parallel ranks see a different share of the examples every epoch.
 ``fingerprint.json`` names what the memory depends on (base model path and config, dtype, template and system
-prompt, max lengths, data file content hash, the source code of truncation and templates); a folder built for
-anything else is emptied with a message and filled again.
+prompt, max lengths, data file content hash, the source code of truncation and templates). The folder given
+(``--frozen_memory_cache DIR``) holds one subfolder per fingerprint, named by its hash (``fingerprint_key``), so runs
+of different setups (another base model, another data file) share DIR without ever reading each other's memory; a
+subfolder whose ``fingerprint.json`` differs anyway (garbled) is emptied with a message and filled again.
+
+One run writes a subfolder at a time: rank 0 of the run that opens it first holds ``.writer.lock`` (``imsm.locks``,
+released when the run ends, kill -9 included). A second run of the same setup started meanwhile does not wait: it
+**reads** the shards the writer has finished (whole files only, picked up at each epoch end), computes the rest
+itself without storing them, and says so in a warning naming the writer's PID.
 
 The cache is derived data, so damage costs a recomputation, never the run. Rank r records the SHA-256 of every shard
 it writes in ``rank{r}-index.json`` (before the shard itself, so a kill between the two loses nothing). When a run
@@ -53,6 +60,7 @@ from transformers import TrainerCallback
 from imsm import data as data_module
 from imsm import templates as templates_module
 from imsm.atomic import atomic_write_bytes, atomic_write_json
+from imsm.locks import holder, release, try_lock
 from imsm.run_folder import safetensors_header
 
 logger = logging.getLogger(__name__)
@@ -62,6 +70,7 @@ SHARD_GLOB = "rank*-*.safetensors"
 INDEX_GLOB = "rank*-index.json"  # rank r's {"sha256": {shard name: hex digest}}
 DEFAULT_DIR_NAME = "frozen_memory_cache"
 SHARD_TENSORS = ("index", "length", "answers", "q", "h")
+LOCK_FILE = ".writer.lock"  # held by rank 0 of the run that fills the subfolder
 
 
 def truncation_rule() -> str:
@@ -97,6 +106,11 @@ def cache_fingerprint(model_path: str, config, dtype: torch.dtype, template: str
     }
 
 
+def fingerprint_key(fingerprint: dict) -> str:
+    """The subfolder of a fingerprint inside the cache folder: a hash of its canonical JSON."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def expected_bytes(answer_tokens: int, n_examples: int, hidden_size: int, dtype: torch.dtype) -> int:
     """d × (answer tokens + one query mean per example) × bytes per value."""
     return hidden_size * (answer_tokens + n_examples) * torch.tensor([], dtype=dtype).element_size()
@@ -116,6 +130,10 @@ class FrozenMemoryCache:
         self.directory = Path(directory)
         self.rank, self.world_size, self._dist = _dist()
         self.flush_bytes = flush_bytes
+        self.fingerprint = fingerprint
+        self._lock_fd: int | None = None
+        self.read_only = not self._claim_writer()
+        self._skipped: set[str] = set()  # shards a reader found unreadable (the writer repairs them, not a reader)
         self._prepare(fingerprint)
         self._entries: dict[int, tuple[str, int, int, int, int]] = {}  # index -> shard, row, h offset, L, A
         self._shards: dict[str, object] = {}
@@ -136,10 +154,40 @@ class FrozenMemoryCache:
     def _index_path(self) -> Path:
         return self.directory / f"rank{self.rank}-index.json"
 
+    def _claim_writer(self) -> bool:
+        """Rank 0 takes the folder's writer lock (kept until ``close`` or the end of the process); every rank learns
+        whether it was free. Without it the run only reads (module docstring)."""
+        writer = True
+        if self.rank == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = try_lock(self.directory / LOCK_FILE)
+            writer = self._lock_fd is not None
+            if not writer:
+                logger.warning("frozen-memory cache %s is being filled by another run (%s): this run reads the shards "
+                               "that run has finished and computes the frozen memory of the rest itself, without "
+                               "storing it", self.directory, holder(self.directory / LOCK_FILE))
+        if self._dist is not None:
+            decided = [writer]
+            self._dist.broadcast_object_list(decided, src=0)
+            writer = decided[0]
+        return writer
+
+    def close(self) -> None:
+        """Write what is pending and release the writer lock (a later run of the same setup may then write)."""
+        self.flush()
+        self.release_lock()
+
+    def release_lock(self) -> None:
+        """Release the writer lock without writing (a failed run; the end of the process releases it too)."""
+        release(self._lock_fd, self.directory / LOCK_FILE)
+        self._lock_fd = None
+
     def _prepare(self, fingerprint: dict) -> None:
         """Rank 0 clears temporaries, checks the fingerprint, empties a folder built for something else and deletes
-        damaged shards (see the module docstring); the others wait."""
+        damaged shards (see the module docstring); the others wait. A reader changes nothing."""
         path = self.directory / FINGERPRINT
+        if self.read_only:
+            return
         if self.rank == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
             for tmp in self.directory.glob(".*.tmp"):  # what a write killed before its rename left
@@ -181,11 +229,17 @@ class FrozenMemoryCache:
 
     def refresh(self) -> None:
         """Index the shards written since the last look (by this rank or any other); one that fails the header and
-        layout check is skipped with a warning (its examples are computed again)."""
+        layout check is skipped with a warning (its examples are computed again). A reader reads only a folder whose
+        fingerprint is its own, and deletes nothing."""
+        if self.read_only and _read_fingerprint(self.directory / FINGERPRINT) != self.fingerprint:
+            return
         for path in sorted(self.directory.glob(SHARD_GLOB)):
-            if path.name in self._shards:
+            if path.name in self._shards or path.name in self._skipped:
                 continue
             problem = _shard_problem(path)
+            if problem is not None and self.read_only:
+                self._skipped.add(path.name)
+                continue
             if problem is not None:
                 logger.warning("frozen-memory cache: %s cannot be trusted (%s); its examples will be rebuilt", path,
                                problem)
@@ -242,6 +296,8 @@ class FrozenMemoryCache:
     def store(self, example_index: torch.Tensor, attention_mask: torch.Tensor, selected: torch.Tensor,
               q_frozen: torch.Tensor, h_frozen: torch.Tensor) -> None:
         """Keep the batch's examples that no shard holds yet; written out every ``flush_bytes`` and by ``flush``."""
+        if self.read_only:
+            return
         indices = example_index.tolist()
         keep = [k for k, i in enumerate(indices) if i not in self._entries and i not in self._pending_index]
         if not keep:
@@ -326,19 +382,21 @@ class FlushFrozenCache(TrainerCallback):
         self.cache.flush()
         if self.cache._dist is not None:
             self.cache._dist.barrier()  # every rank's shards are on disk before anyone starts the next epoch
-            self.cache.refresh()
+        if self.cache._dist is not None or self.cache.read_only:
+            self.cache.refresh()  # a reader picks up what the writing run finished meanwhile
 
     def on_save(self, args, state, control, **kwargs):
         self.cache.flush()
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.cache.flush()
+        self.cache.close()
         logger.info("frozen-memory cache: %d batches read, %d computed on this rank", self.cache.hits,
                     self.cache.misses)
 
 
 def resolve_cache_dir(option: str, output_dir: str | Path) -> Path | None:
-    """``off`` -> None, ``on`` -> OUTPUT_DIR/frozen_memory_cache, else the folder given."""
+    """``off`` -> None, ``on`` -> OUTPUT_DIR/frozen_memory_cache, else the folder given (each holds one subfolder
+    per fingerprint)."""
     if option == "off":
         return None
     return Path(output_dir) / DEFAULT_DIR_NAME if option == "on" else Path(option)
@@ -382,13 +440,18 @@ def check_disk(directory: Path, need: int) -> None:
 
 def open_frozen_cache(option: str, output_dir: str, dataset, model_config, fingerprint: dict
                       ) -> FrozenMemoryCache | None:
-    """The cache for ``option`` (see ``resolve_cache_dir``), or None when it is off; hand it to the model
-    (``build_imsm_model(frozen_cache=...)``) and flush it from the Trainer (``FlushFrozenCache``). Logs the expected
-    size first and refuses one that would not fit on the disk."""
-    directory = resolve_cache_dir(option, output_dir)
-    if directory is None:
+    """The cache for ``option`` (see ``resolve_cache_dir``) in its subfolder for ``fingerprint``, or None when it is
+    off; hand it to the model (``build_imsm_model(frozen_cache=...)``) and flush it from the Trainer
+    (``FlushFrozenCache``). Logs the expected size first and refuses one that would not fit on the disk."""
+    root = resolve_cache_dir(option, output_dir)
+    if root is None:
         return None
     check_cache_dir(option, output_dir)
+    directory = root / fingerprint_key(fingerprint)
+    if (root / FINGERPRINT).is_file():
+        logger.warning("frozen-memory cache %s holds a cache in the layout before per-setup subfolders (shards at "
+                       "its top); this run uses %s and never reads those, delete them to free the disk", root,
+                       directory)
     check_backbone_is_deterministic(model_config)
     answer_tokens = sum(len(ex["input_ids"]) - ex["query_length"] for ex in (dataset[i] for i in range(len(dataset))))
     need = expected_bytes(answer_tokens, len(dataset), model_config.hidden_size, getattr(torch, fingerprint["dtype"]))

@@ -1,7 +1,8 @@
 """evaluate.py and the lm-eval model never use the wrong model or delete what they did not write (issue 21): a final/
 older than the newest complete checkpoint is refused (or, named explicitly, warned about), an interrupted checkpoint is
 refused as a run, --overwrite replaces only an earlier evaluate.py report, and bad arguments and data are refused
-before anything is written."""
+before anything is written. Issue 30: a report is never rebuilt from emptied, short or damaged saved files (the error
+names the file), one run is never two seeds, and a kill right after the marker does not block the folder."""
 
 import json
 import logging
@@ -155,3 +156,101 @@ def test_a_non_utf8_task_file_names_file_and_line(tiny_model_dir, tmp_path):
         evaluate.main(["--model_name_or_path", str(tiny_model_dir), "--task_file", f"mrpc={bad}", "--tasks", "mrpc",
                        "--untuned", "--output_dir", str(out)])
     assert _listing(out) == []
+
+
+# ---- issue 30: damaged or missing saved files, duplicate runs, a kill right after the marker ----------------------
+@pytest.fixture(scope="module")
+def report(tiny_model_dir, data_dir, tmp_path_factory) -> Path:
+    """A finished report of the untuned model and one IMSM run (likelihood scoring on mrpc)."""
+    base = tmp_path_factory.mktemp("report")
+    run = _run_at(tiny_model_dir, base / "run", 4)
+    out = base / "eval"
+    evaluate.main(_argv(tiny_model_dir, data_dir, out, "--untuned", "--run", str(run), "--labels", "untuned,IMSM",
+                        "--target", "mrpc"))
+    return out
+
+
+def _copy(report: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(report, tmp_path / "eval"))
+
+
+def test_report_only_refuses_an_emptied_predictions_file_naming_it(report, tmp_path):
+    """An empty predictions.jsonl rewrote the report with "-" cells, rc 0; a short one is refused the same way."""
+    out = _copy(report, tmp_path)
+    summary = (out / "summary.md").read_text()
+    predictions = out / "IMSM" / "mrpc" / "predictions.jsonl"
+    lines = predictions.read_text().splitlines(keepends=True)
+    for cut in ("", "".join(lines[:-1])):
+        predictions.write_text(cut)
+        with pytest.raises(ValueError, match=f"{predictions} holds {len(cut.splitlines())} prediction rows, but the "
+                                             f"evaluation scored {len(ROWS)}"):
+            evaluate.main(["--report_only", str(out)])
+        assert (out / "summary.md").read_text() == summary
+
+
+@pytest.mark.parametrize("damaged", ["IMSM/mrpc/metrics.json", "report_inputs.json", "IMSM/results.json",
+                                     "IMSM/mrpc/predictions.jsonl"])
+def test_damaged_json_names_the_file(report, tmp_path, damaged):
+    out = _copy(report, tmp_path)
+    path = out / damaged
+    text = path.read_text()
+    path.write_text(text[: len(text) // 2])  # cut mid-line, as a full disk or a kill leaves it
+    with pytest.raises(ValueError, match=f"{path}(, line \\d+:)? (is damaged: )?not JSON"):
+        evaluate.main(["--report_only", str(out)])
+
+
+def test_a_damaged_or_missing_measures_json_is_named(tmp_path):
+    """merge_measures dropped a model whose measures.json was missing (rc 0), and a damaged one gave a bare
+    JSONDecodeError; --bootstrap_resamples 0 a TypeError."""
+    from conftest import load_script
+
+    merge_measures = load_script("merge_measures")
+    folder = tmp_path / "eval_measures"
+    for label in ("untuned", "LoRA"):
+        (folder / label).mkdir(parents=True)
+    (folder / EVALUATION_MARKER).write_text("{}")
+    (folder / "report_inputs.json").write_text(json.dumps({"folders": ["untuned", "LoRA"], "target": "mrpc"}))
+    (folder / "untuned" / "measures.json").write_text(json.dumps({"label": "untuned", "untuned": True}))
+    with pytest.raises(SystemExit, match=f"{folder / 'LoRA' / 'measures.json'}"):
+        merge_measures.read_report(folder)
+    (folder / "LoRA" / "measures.json").write_text('{"label": "Lo')
+    with pytest.raises(SystemExit, match=f"{folder / 'LoRA' / 'measures.json'} is damaged"):
+        merge_measures.read_report(folder)
+    with pytest.raises(SystemExit) as exit_info:
+        merge_measures.main([str(folder), str(folder), "--out", str(tmp_path / "m"), "--target", "mrpc",
+                             "--bootstrap_resamples", "0"])
+    assert exit_info.value.code == 2
+
+
+def test_one_run_twice_under_one_label_is_refused(tiny_model_dir, data_dir, tmp_path):
+    """One run evaluated twice under one label counted as two seeds (sd 0, intervals too narrow)."""
+    run = _run_at(tiny_model_dir, tmp_path / "run", 4)
+    other = _run_at(tiny_model_dir, tmp_path / "other", 4, seed=1)
+    out = tmp_path / "eval"
+    with pytest.raises(ValueError, match=f"label 'IMSM' holds the run {run} twice"):
+        evaluate.main(_argv(tiny_model_dir, data_dir, out, "--run", str(run), str(other), str(run), "--labels",
+                            "IMSM,IMSM,IMSM"))
+    assert not out.exists()
+    import reproduce
+
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["table2", "--seeds", "1,1"])
+
+
+def test_an_evaluation_killed_right_after_its_marker_is_started_again(tiny_model_dir, data_dir, tmp_path):
+    """Killed between writing imsm_evaluation.json and INCOMPLETE: every rerun said "already holds results; pass
+    --overwrite" until the folder was deleted by hand."""
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / EVALUATION_MARKER).write_text('{"written_by": "imsm evaluate.py"}')
+    evaluate.main(_argv(tiny_model_dir, data_dir, out, "--untuned"))
+    assert (out / "untuned" / "mrpc" / "predictions.jsonl").is_file() and not (out / "INCOMPLETE").exists()
+    # a live evaluation (its INCOMPLETE beside the marker) is still refused without --overwrite
+    live = tmp_path / "live"
+    live.mkdir()
+    (live / EVALUATION_MARKER).write_text("{}")
+    (live / "INCOMPLETE").write_text("under way")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        evaluate.main(_argv(tiny_model_dir, data_dir, live, "--untuned"))

@@ -1,10 +1,11 @@
 """Run in a fresh interpreter by tests/export/test_export.py: load an exported folder with only torch + transformers
-(any ``import imsm`` fails here), run the requested checks, write the results as safetensors + JSON.
+(any ``import imsm`` fails here), run the requested checks, write the results as safetensors + JSON (a generate()
+that raises records its message as ``error.NAME``).
 
     python tests/export/export_child.py SPEC.json
 
 SPEC: {"folder", "out", "logits": {input_ids, attention_mask, prompt_length} | null,
-       "generate": [{name, input_ids, attention_mask, kwargs}], "roundtrip": bool, "bfloat16": bool,
+       "generate": [{name, input_ids, attention_mask, kwargs, logits: bool}], "roundtrip": bool, "bfloat16": bool,
        "beam_search": bool}
 """
 
@@ -46,8 +47,17 @@ def main() -> None:
             tensors["logits"] = model(**args).logits.float().contiguous()
     for gen in spec.get("generate", []):
         torch.manual_seed(0)
-        out = model.generate(input_ids=torch.tensor(gen["input_ids"]),
-                             attention_mask=torch.tensor(gen["attention_mask"]), **gen["kwargs"])
+        per_step = {"output_logits": True, "return_dict_in_generate": True} if gen.get("logits") else {}
+        kwargs = gen["kwargs"] | per_step
+        try:
+            out = model.generate(input_ids=torch.tensor(gen["input_ids"]),
+                                 attention_mask=torch.tensor(gen["attention_mask"]), **kwargs)
+        except Exception as e:  # noqa: BLE001 - the message is what the test reads
+            info[f"error.{gen['name']}"] = f"{type(e).__name__}: {e}"
+            continue
+        if gen.get("logits"):
+            tensors[f"logits.{gen['name']}"] = torch.stack(out.logits, dim=1).float().contiguous()
+            out = out.sequences
         tensors[f"generate.{gen['name']}"] = out.contiguous()
     if spec.get("roundtrip"):
         again = os.path.join(spec["out"] + ".roundtrip")

@@ -12,13 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import imsm_args, save_random_run
+from conftest import save_random_run
+from method.cases import NOT_SCALABLE, SCALABLE, TOTAL_STEPS, method_args, perturb
 from safetensors.torch import load_file
 
 import export as export_script
 from imsm.evaluation.decoding.generation import DecodingConfig, generate
 from imsm.export.folder import ExportRefused, export_run
 from imsm.loader import load_run
+from imsm.method.adapters import get_method
 
 CHILD = Path(__file__).with_name("export_child.py")
 PROMPT_LENGTHS = (9, 3, 6, 1)
@@ -32,21 +34,15 @@ def _one_thread(single_thread):
 
 
 def save_method_run(model_dir: Path, out: Path, peft: str, gate: str = "query_aware", seed: int = 0) -> Path:
-    """A run folder as train.py writes it, for any PEFT method, with random adapter and gate weights ((IA)3 vectors
-    around 1) so that the two memories and the gate differ per token."""
+    """A run folder as train.py writes it, for any PEFT method, with random adapter and gate weights around the
+    built ones (``method.cases.perturb``) so that the two memories and the gate differ per token."""
     from imsm.args import DataArguments
     from imsm.loader import build_imsm_model, load_backbone, make_run_config, save_run_files
 
     backbone, _, path = load_backbone(str(model_dir), attn_implementation="sdpa")
-    args = imsm_args(peft=peft, gate=gate, gate_dropout=0.0, lora_dropout=0.0, lora_r=4, lora_alpha=8, gate_rank=4,
-                     adalora_init_r=4, adalora_target_r=2)
-    model = build_imsm_model(backbone, args, total_steps=100)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * (0.5 if "w_b" in name else 0.3)
-                        + (1.0 if "ia3" in name else 0.0))
+    args = method_args(peft, gate, gate_rank=4)
+    model = build_imsm_model(backbone, args, total_steps=TOTAL_STEPS)
+    perturb(model, seed=seed, scale=0.4)
     config = make_run_config(args, DataArguments(), path, backbone.config.hidden_size)
     save_run_files(model, out, config, {"train_file": "data/train.jsonl", "lora_r": 4}, True)
     return out
@@ -146,7 +142,7 @@ def test_exported_logits_and_greedy_generate_equal_the_projects(tiny_model_dir, 
     assert "beam search" in info["beam_search"]
 
 
-@pytest.mark.parametrize("peft", ["dora", "adalora"])
+@pytest.mark.parametrize("peft", [name for name in SCALABLE if name not in ("lora", "ia3")])  # those two: above
 def test_other_methods_export_with_equal_logits(tiny_model_dir, tmp_path, peft):
     run = save_method_run(tiny_model_dir, tmp_path / "run", peft, seed=4)
     check_export(run, tmp_path)
@@ -172,7 +168,23 @@ def test_folder_contents_and_model_card(tiny_model_dir, tmp_path):
     for source in ("modeling_imsm.py", "configuration_imsm.py"):
         assert "import imsm" not in (folder / source).read_text() and "from imsm" not in (folder / source).read_text()
     card = (folder / "README.md").read_text()
-    assert "trust_remote_code=True" in card and "data/train.jsonl" in card and "token (rank 4)" in card
+    assert "trust_remote_code=True" in card and "| train_file | `train.jsonl` |" in card and "token (rank 4)" in card
+    for row in ("| lora_r | `4` |", "| lora_alpha | `8` |", "| init_lora_weights | `default` |"):
+        assert row in card
+
+
+@pytest.mark.parametrize("peft", SCALABLE)
+def test_the_model_card_lists_the_methods_own_settings(tmp_path, peft):
+    """Whatever the method: every option it recorded in imsm_config.json is a row of the card (its value as text)."""
+    from imsm.export.folder import MergedWeights, model_card
+    from imsm.run_folder import RunConfig
+
+    options = get_method(peft).record(method_args(peft).options)
+    config = RunConfig(base_model="base", peft=peft, gate="query_aware", gate_rank=4, gate_dropout=0.0,
+                       hidden_size=32, method_options=options)
+    card = model_card(config, tmp_path, None, MergedWeights({}, ["layers.0.q_proj"], 10), 100, torch.float32, "out")
+    for key, value in options.items():  # (IA)3's one option is unset by default: no row
+        assert (f"| {key} | `{value}` |" in card) == (value is not None), (key, card)
 
 
 def test_refused_runs_and_existing_folder(tiny_model_dir, tmp_path, capsys):
@@ -180,16 +192,20 @@ def test_refused_runs_and_existing_folder(tiny_model_dir, tmp_path, capsys):
     with pytest.raises(ExportRefused, match="merge_and_unload"):
         export_run(vanilla, tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    loramoe = save_method_run(tiny_model_dir, tmp_path / "loramoe", "loramoe")
-    assert export_script.main([str(loramoe), str(tmp_path / "out")]) == 2
-    assert "LoRAMoE" in capsys.readouterr().err
+    for peft in NOT_SCALABLE:  # the exported model stores merged layers: a method whose update does not merge
+        run = save_method_run(tiny_model_dir, tmp_path / peft, peft)
+        assert export_script.main([str(run), str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert f"{get_method(peft).display_name} runs cannot be exported" in err and "does not merge" in err
+        assert not (tmp_path / "out").exists()
     lora = save_method_run(tiny_model_dir, tmp_path / "lora", "lora")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
     assert export_script.main([str(lora), str(tmp_path / "taken")]) == 2
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
-    assert export_script.main([str(lora), str(tmp_path / "taken"), "--overwrite"]) == 0
-    assert (tmp_path / "taken" / "modeling_imsm.py").is_file() and not (tmp_path / "taken" / "keep.txt").exists()
+    # --overwrite replaces an earlier export only (tests/export/test_reliability_export.py)
+    assert export_script.main([str(lora), str(tmp_path / "taken"), "--overwrite"]) == 2
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
 
 
 def test_forward_without_prompt_length_treats_everything_as_prompt(tiny_model_dir, tmp_path):

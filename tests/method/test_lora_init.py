@@ -60,7 +60,7 @@ def test_run_is_a_lora_on_the_pretrained_weights_and_reloads(tiny_model_dir, tin
     residual = trained_base.get_submodule(q_name).base_layer.weight
     assert not torch.allclose(residual, pretrained.get_submodule(q_name).weight, atol=1e-4)  # the init moved W
     reloaded, tokenizer, settings = load_run(out / "final")
-    assert settings.init_lora_weights == init
+    assert settings.method_options["init_lora_weights"] == init
     # the reloaded model starts from the pretrained weights, not the residual, and gives the trained logits
     torch.testing.assert_close(reloaded.peft_model.get_base_model().get_submodule(q_name).base_layer.weight,
                                pretrained.get_submodule(q_name).weight)

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import imsm_args, make_llama
+from method.cases import ALL, TINY_OPTIONS, TOTAL_STEPS
 
 from imsm.args import ImsmArguments
 from imsm.loader import build_imsm_model
@@ -27,9 +28,8 @@ def _batch(seed=0):
 
 def _imsm(peft="lora", gate="query_aware", seed=0, **kw):
     backbone = make_llama(VOCAB, hidden=32, seed=seed)
-    args = imsm_args(peft=peft, gate=gate, gate_dropout=0.0, lora_dropout=0.0, lora_r=4, lora_alpha=8,
-                         adalora_init_r=4, adalora_target_r=2, **kw)
-    return backbone, build_imsm_model(backbone, args, total_steps=10)
+    args = imsm_args(**{"peft": peft, "gate": gate, "gate_dropout": 0.0, **TINY_OPTIONS, **kw})
+    return backbone, build_imsm_model(backbone, args, total_steps=TOTAL_STEPS)
 
 
 def _perturb_adapter(model, seed=3):
@@ -98,7 +98,7 @@ def test_vanilla_peft_skips_the_frozen_pass():
 
 
 @pytest.mark.parametrize("gate", ["query_aware", "token", "equal", "none"])
-@pytest.mark.parametrize("peft", ["lora", "adalora", "dora", "ia3"])
+@pytest.mark.parametrize("peft", ALL)
 def test_only_adapter_and_gate_train(peft, gate):
     _, model = _imsm(peft=peft, gate=gate)
     model.train()
@@ -155,7 +155,7 @@ def test_activation_checkpointing_keeps_the_gradients():
             torch.testing.assert_close(p.grad, expected[n], msg=n)
 
 
-@pytest.mark.parametrize("peft", ["lora", "dora", "adalora", "ia3", "loramoe"])
+@pytest.mark.parametrize("peft", ALL)
 def test_a_target_module_that_matches_nothing_is_named(peft):
     """PEFT adapts the names that match and silently skips the rest; every listed name must match a module."""
     with pytest.raises(ValueError, match=r"--target_modules \['foo_proj'\] match no .*available: .*q_proj") as e:

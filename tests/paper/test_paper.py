@@ -20,11 +20,11 @@ from imsm.paper.compare import our_value, render
 from imsm.paper.cost import describe, estimate
 from imsm.paper.numbers import LAYOUTS, PAPER_ROWS, paper_row
 from imsm.paper.plans import PAPER_BACKBONES, PLAN_NAMES, PlanOptions, build_plan, parse_model_overrides
+from tests.paper.launchers import launch_args
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA = ROOT.parent.parent / "shared" / "data" if (ROOT.parent.parent / "shared").is_dir() else \
     Path("/work/shared/data")
-CAPTURE_DEEPSPEED = '#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$CAPTURE"\n'
 
 
 # ---- the paper's numbers ------------------------------------------------------------------------------------------
@@ -76,26 +76,11 @@ def test_every_paper_row_names_a_layout_column_and_a_source():
 # ---- plans ----------------------------------------------------------------------------------------------------------
 
 
-def _launch_args(run, tmp_path: Path) -> list[str]:
-    """The arguments the run's launcher hands train.py, through a stand-in deepspeed that records them."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    (bin_dir / "deepspeed").write_text(CAPTURE_DEEPSPEED)
-    (bin_dir / "deepspeed").chmod(0o755)
-    capture = tmp_path / "args"
-    env = {**os.environ, **run.environment("DATA"), "PATH": f"{bin_dir}:{os.environ['PATH']}",
-           "CAPTURE": str(capture), "GPUS": "8"}
-    done = subprocess.run(run.command(), cwd=ROOT, env=env, capture_output=True, text=True, check=False)
-    assert done.returncode == 0, done.stderr
-    args = capture.read_text().splitlines()
-    return args[args.index("train.py") + 1:]
-
-
 @pytest.mark.parametrize("name", PLAN_NAMES)
 def test_every_plan_expands_to_commands_that_train_py_and_evaluate_py_accept(name, tmp_path):
     plan = build_plan(name)
     for run in plan.runs:
-        args = _launch_args(run, tmp_path)
+        args = launch_args(run, tmp_path)
         model, data, imsm, training = parse_train_args([*args, "--bf16", "false"])  # train.py's own parsing
         assert model.model_name_or_path == run.backbone.model_id
         assert model.trust_remote_code == (run.backbone.name == "ChatGLM3-6B")
@@ -121,7 +106,7 @@ def test_every_plan_expands_to_commands_that_train_py_and_evaluate_py_accept(nam
 
 def test_plan_sizes_and_shared_runs():
     sizes = {name: len(build_plan(name).runs) for name in PLAN_NAMES}
-    assert sizes == {"table1": 72, "table2": 6, "table3": 6, "table4": 36, "table6": 9, "figure3": 6}
+    assert sizes == {"table1": 72, "table2": 6, "table3": 6, "table4": 36, "table5": 0, "table6": 9, "figure3": 6}
     # trained once: Table 2's runs are Table 1's ChatGLM3 ROPES runs, Table 4's vanilla and IMSM runs Table 1's, Table
     # 6's rank-8 runs Table 1's Llama3 GSM8K IMSM runs
     assert len(build_plan("all").runs) == 72 + 0 + 6 + (36 - 18) + (9 - 3) + 6
@@ -206,7 +191,7 @@ def test_report_puts_paper_ours_and_difference_in_each_cell(tmp_path):
     (out / "stats.json").write_text(json.dumps(_stats(0.8, 0.6, 0.15, 0.25)))
     text = render(plan)
     lora = next(line for line in text.splitlines() if line.startswith("| ChatGLM3-6B | LoRA |"))
-    assert "74.38 / 70.00 / -4.38" in lora  # ROPES EM: paper, ours (no interval for EM), difference
+    assert "74.38† / 70.00 / -4.38" in lora  # ROPES EM: paper (not k/n: †), ours (no interval for EM), difference
     assert "Table 2, LoRA" in lora and "20.47 / — / —" in lora  # WebQ not evaluated in this stand-in
     assert "yes_no_rule anywhere" in text and "What cannot match" in text
     figure = build_plan("figure3", PlanOptions(eval_dir=tmp_path))
@@ -274,7 +259,7 @@ def test_table2_end_to_end_on_a_tiny_model_killed_resumed_and_finished_by_a_slur
     log = tmp_path / "slurm.log"
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable, "SLURM_LOG": str(log),
            "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    common = ["table2", "--model", str(tiny_model_dir), "--methods", "LoRA,IMSM-LoRA", "--gpus", "1",
+    common = ["table2", "--model", str(tiny_model_dir), "--methods", "LoRA,IMSM-LoRA", "--gpus", "1", "--seeds", "42",
               "--data_dir", str(_toy_data(tmp_path / "data")), "--runs_dir", str(tmp_path / "runs"),
               "--eval_dir", str(tmp_path / "eval"),
               "--train_args", ("--max_steps 20 --save_strategy steps --save_steps 1 --save_total_limit 2 "

@@ -9,13 +9,14 @@ import math
 
 import pytest
 import torch
-from conftest import imsm_args, make_llama, make_tokenizer
+from conftest import make_llama, make_tokenizer
+from method.cases import ALL, build
 from safetensors.torch import load_file
 
 import train
 from imsm.data import SupervisedCollator, SupervisedDataset
 from imsm.evaluation.decoding.generation import DecodingConfig, generate
-from imsm.loader import build_imsm_model, load_run
+from imsm.loader import load_run
 from imsm.templates import build_template
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -24,12 +25,10 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def _bf16_model(peft="lora", gate="query_aware"):
     tok = make_tokenizer()
     backbone = make_llama(len(tok), hidden=32).to(torch.bfloat16)  # as load_backbone(dtype=torch.bfloat16)
-    model = build_imsm_model(backbone, imsm_args(peft=peft, gate=gate, gate_dropout=0.0, lora_dropout=0.0, lora_r=4,
-                                                 lora_alpha=8, gate_rank=4))
-    return model, tok
+    return build(backbone, peft, gate, gate_rank=4), tok
 
 
-@pytest.mark.parametrize("peft", ["lora", "ia3"])
+@pytest.mark.parametrize("peft", ALL)
 def test_training_steps_in_bf16_keep_the_gate_in_float32(peft, tiny_train_file):
     model, tok = _bf16_model(peft)
     gate_outputs = []

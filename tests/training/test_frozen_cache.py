@@ -5,6 +5,7 @@ writes only the examples it computed."""
 
 import json
 import logging
+import os
 import random
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from transformers import AutoConfig
 
 import train
 from imsm.args import ImsmArguments
@@ -48,7 +50,7 @@ def _assert_same_state(got_dir, expected_dir, atol=1e-6):
 
 def _shard_indices(cache_dir, rank=None):
     out = []
-    for path in sorted(Path(cache_dir).glob("rank*-*.safetensors")):
+    for path in sorted(Path(cache_dir).rglob("rank*-*.safetensors")):  # in the setup's subfolder
         if rank is None or path.name.startswith(f"rank{rank}-"):
             with safe_open(str(path), framework="pt") as f:
                 out += f.get_tensor("index").tolist()
@@ -114,8 +116,10 @@ def test_a_changed_setup_rebuilds_the_cache(tiny_model_dir, tiny_train_file, tmp
     mask = torch.ones(2, 5, dtype=torch.long)
     selected = torch.tensor([[0, 0, 1, 1], [0, 0, 0, 1]], dtype=torch.bool)
     cache.store(torch.tensor([3, 4]), mask, selected, torch.randn(2, 8), torch.randn(3, 8))
-    cache.flush()
-    assert len(FrozenMemoryCache(directory, _fingerprint(tiny_model_dir, tiny_train_file))) == 2  # same: reused
+    cache.close()
+    reused = FrozenMemoryCache(directory, _fingerprint(tiny_model_dir, tiny_train_file))
+    assert len(reused) == 2 and not reused.read_only  # same: reused
+    reused.close()
     with caplog.at_level(logging.WARNING):
         rebuilt = FrozenMemoryCache(directory, _fingerprint(tiny_model_dir, tiny_train_file, **change))
     assert len(rebuilt) == 0 and not list(directory.glob("*.safetensors"))
@@ -190,3 +194,69 @@ def test_a_validation_split_caches_the_training_part_under_its_dataset_indices(t
     assert len(train_indices) == 24 and train_indices != list(range(24))  # held-out examples leave gaps
     assert sorted(_shard_indices(out / "frozen_memory_cache")) == train_indices
     assert trainer.model.frozen_cache.hits == 6  # epoch 2 read every batch; validation ran uncached
+
+
+def _store(cache: FrozenMemoryCache, indices: list[int], value: float) -> None:
+    """Two answer tokens per example, every cached value ``value``."""
+    n = len(indices)
+    mask, selected = torch.ones(n, 4, dtype=torch.long), torch.tensor([[0, 0, 1, 1]] * n, dtype=torch.bool)
+    cache.store(torch.tensor(indices), mask, selected, torch.full((n, 8), value), torch.full((2 * n, 8), value))
+    cache.flush()
+
+
+def _lookup(cache: FrozenMemoryCache, indices: list[int]):
+    n = len(indices)
+    return cache.lookup(torch.tensor(indices), torch.ones(n, 4, dtype=torch.long),
+                        torch.tensor([[0, 0, 1, 1]] * n, dtype=torch.bool))
+
+
+class _Examples:
+    """What open_frozen_cache reads of a dataset: token ids and the query length of each example."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return {"input_ids": [1, 2, 3, 4], "query_length": 2}
+
+
+def test_two_setups_started_together_on_one_folder_never_read_each_others_memory(tiny_model_dir, tiny_train_file,
+                                                                                 tmp_path):
+    """Issue 30: two runs on different base models sharing --frozen_memory_cache DIR, started together; one trained
+    on the other's frozen memory. Each setup now has its own subfolder."""
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    first_fp = _fingerprint(tiny_model_dir, tiny_train_file)
+    second_fp = _fingerprint(tiny_model_dir, tiny_train_file) | {"model_path": "another/base-model"}
+    shared = str(tmp_path / "shared")
+    first = frozen_cache.open_frozen_cache(shared, "unused", _Examples(), config, first_fp)
+    second = frozen_cache.open_frozen_cache(shared, "unused", _Examples(), config, second_fp)
+    _store(second, [0, 1, 2, 3], 2.0)
+    first.refresh()  # at its epoch end
+    assert _lookup(first, [0, 1]) is None and _lookup(first, [2, 3]) is None  # the other setup's are not its own
+    _store(first, [0, 1], 1.0)
+    q, h = _lookup(first, [0, 1])
+    assert torch.equal(q, torch.full((2, 8), 1.0)) and torch.equal(h, torch.full((4, 8), 1.0))
+    q, h = _lookup(second, [0, 1])
+    assert torch.equal(q, torch.full((2, 8), 2.0))
+    assert first.directory != second.directory and first.directory.parent == second.directory.parent
+    assert not first.read_only and not second.read_only
+
+
+def test_a_second_run_of_one_setup_reads_the_writers_shards_and_writes_none(tiny_model_dir, tiny_train_file,
+                                                                            tmp_path, caplog):
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    fingerprint = _fingerprint(tiny_model_dir, tiny_train_file)
+    shared = str(tmp_path / "shared")
+    writer = frozen_cache.open_frozen_cache(shared, "unused", _Examples(), config, fingerprint)
+    with caplog.at_level(logging.WARNING):
+        reader = frozen_cache.open_frozen_cache(shared, "unused", _Examples(), config, fingerprint)
+    assert reader.read_only and f"pid {os.getpid()}" in caplog.text and "without storing" in caplog.text
+    _store(reader, [0, 1], 5.0)  # a reader stores nothing
+    assert _shard_indices(shared) == [] and _lookup(reader, [0, 1]) is None
+    _store(writer, [0, 1], 1.0)
+    reader.refresh()  # at its next epoch end
+    q, _ = _lookup(reader, [0, 1])
+    assert torch.equal(q, torch.full((2, 8), 1.0))
+    writer.close()  # the writing run ended: the next run of this setup writes
+    after = frozen_cache.open_frozen_cache(shared, "unused", _Examples(), config, fingerprint)
+    assert not after.read_only and len(after) == 2

@@ -33,7 +33,7 @@ def _state(run_dir):
 
 def _indices(cache: Path) -> list[int]:
     out = []
-    for path in sorted(cache.glob(SHARD_GLOB)):
+    for path in sorted(cache.rglob(SHARD_GLOB)):
         with safe_open(str(path), framework="pt") as f:
             out += f.get_tensor("index").tolist()
     return sorted(out)
@@ -47,8 +47,9 @@ def full(tiny_model_dir, tiny_train_file, tmp_path_factory) -> Path:
     return out
 
 
-def _corrupt(cache: Path, kind: str) -> Path:
+def _corrupt(root: Path, kind: str) -> Path:
     """Damage the cache the way ``kind`` says; returns the file a warning must name."""
+    (cache,) = (p for p in root.iterdir() if p.is_dir())  # the one setup's subfolder
     shard = min(cache.glob(SHARD_GLOB))
     data = shard.read_bytes()
     if kind == "truncated":
@@ -89,7 +90,7 @@ def test_a_damaged_cache_is_rebuilt_and_the_resume_ends_where_the_uninterrupted_
         assert str(named) in caplog.text and "rebuil" in caplog.text
         assert trainer.model.frozen_cache.misses > 0  # recomputed what could not be trusted
     assert _indices(part / "frozen_memory_cache") == list(range(32))  # whole again
-    assert list((part / "frozen_memory_cache").glob(".*.tmp")) == []
+    assert list((part / "frozen_memory_cache").rglob(".*.tmp")) == []
     expected, got = _state(full / "final"), _state(part / "final")
     for k in expected:  # a recomputed frozen pass equals a cached one up to float noise (see test_frozen_cache)
         torch.testing.assert_close(got[k], expected[k], rtol=0, atol=1e-6, msg=k)

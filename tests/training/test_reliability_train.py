@@ -281,3 +281,35 @@ def test_a_failure_after_the_early_checks_leaves_no_empty_output_dir(tiny_model_
     with pytest.raises(ValueError, match="probe"):
         train.main(_args(tiny_model_dir, tiny_train_file, existing, "--max_steps", "1"))
     assert existing.is_dir()  # it was there before: kept
+
+
+HOLD_LOCK = """
+import sys, time
+from imsm.locks import try_lock
+fd = try_lock(sys.argv[1])
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_train_py_on_one_output_dir_is_refused_at_once(tiny_model_dir, tiny_train_file, tmp_path):
+    """Issue 30: two train.py on one --output_dir took no lock (each deletes the other's interrupted checkpoints and
+    replaces its final/). The second refuses before loading anything, naming the folder and the first one's PID;
+    once the first ends (its lock released with the process), the folder trains again."""
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(out / train.OUTPUT_LOCK)],
+        env={**os.environ, "PYTHONPATH": str(Path(train.__file__).parent)}, stdout=subprocess.PIPE, text=True)
+    try:
+        out.mkdir()
+        output_folder.claim_output_dir(out)
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RuntimeError, match=f"--output_dir {out} is in use by another train.py \\(pid "
+                                               f"{holder.pid} on "):
+            train.main(_args(tiny_model_dir, tiny_train_file, out, "--max_steps", "1"))
+        assert not (out / "final").exists() and not list(out.glob("checkpoint-*"))
+    finally:
+        holder.kill()
+        holder.wait()
+    train.main(_args(tiny_model_dir, tiny_train_file, out, "--max_steps", "1"))
+    assert run_folder.is_complete(out / "final")

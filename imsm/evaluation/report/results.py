@@ -184,8 +184,27 @@ def score_records(task: str, records: list[dict], yes_no_rule: str = "first_word
     return scores, metrics
 
 
+def read_json(path: Path) -> Any:
+    """A JSON file an evaluation saved; a damaged one (cut short, garbled) is an error naming it."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is damaged: not JSON ({e.msg}, line {e.lineno} column {e.colno}); evaluate that "
+                         "model again (or restore the file)") from None
+
+
 def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """A predictions.jsonl; a line that is not JSON (a file cut mid-line) is an error naming file and line."""
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {number}: not JSON ({e.msg}); the file is damaged (cut mid-line?), so "
+                             "evaluate that model again") from None
+    return rows
 
 
 REPORT_INPUTS = "report_inputs.json"  # written before decoding: what the report needs besides the records
@@ -196,7 +215,7 @@ def saved_folders(out_dir: Path) -> list[str]:
     folder written before that file existed, every folder holding a results.json, the untuned model first."""
     inputs = out_dir / REPORT_INPUTS
     if inputs.is_file():
-        return json.loads(inputs.read_text())["folders"]
+        return read_json(inputs)["folders"]
     found = sorted(str(p.parent.relative_to(out_dir)) for p in out_dir.glob("*/results.json"))
     found += sorted(str(p.parent.relative_to(out_dir)) for p in out_dir.glob("*/run*/results.json"))
     if not found:
@@ -216,10 +235,16 @@ def load_output_dir(out_dir: str | Path) -> list[RunResult]:
         if not result_file.is_file():
             raise FileNotFoundError(f"{result_file} is missing: the evaluation stopped before model {folder!r} was "
                                     "done; evaluate again")
-        result = RunResult.from_dict(json.loads(result_file.read_text()))
+        result = RunResult.from_dict(read_json(result_file))
         for task in result.metrics:
-            meta = json.loads((out_dir / folder / task / "metrics.json").read_text())
-            records = _read_jsonl(out_dir / folder / task / "predictions.jsonl")
+            meta = read_json(out_dir / folder / task / "metrics.json")
+            predictions = out_dir / folder / task / "predictions.jsonl"
+            records = _read_jsonl(predictions)
+            expected = (meta.get("metrics") or {}).get("n") if isinstance(meta, dict) else None
+            if not records or (expected is not None and len(records) != expected):
+                raise ValueError(f"{predictions} holds {len(records)} prediction rows, but the evaluation scored "
+                                 f"{expected if expected is not None else 'some'} (metrics.json): the file was "
+                                 "emptied or cut short; evaluate that model again")
             scores, metrics = score_records(task, records, meta.get("yes_no_rule", "first_word"))
             result.scores[task], result.metrics[task] = scores, metrics
         runs.append(result)
@@ -250,7 +275,7 @@ def read_measures(out_dir: str | Path, folders: list[str] | None = None) -> dict
         files = [path for path, ok in zip(files, found, strict=True) if ok]
     results: dict[str, list[dict]] = {}
     for path in files:
-        record = json.loads(path.read_text())
+        record = read_json(path)
         results.setdefault(record["label"], []).append(record)
     return results
 

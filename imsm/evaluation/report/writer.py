@@ -36,6 +36,7 @@ from imsm.evaluation.report.results import (
     RunResult,
     group_runs,
     load_output_dir,
+    read_json,
 )
 from imsm.evaluation.report.tables import (
     INTERVAL_LEGEND,
@@ -157,7 +158,7 @@ def write_report_inputs(out_dir: str | Path, folders: list[str], target: str, pa
 def read_report_inputs(out_dir: str | Path) -> dict[str, Any]:
     """The saved report inputs ({} for a folder written before they were saved)."""
     path = Path(out_dir) / REPORT_INPUTS
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(path) if path.is_file() else {}
 
 
 def report_settings(out_dir: str | Path, target: str | None = None, pairs: list[tuple[str, str]] | None = None,

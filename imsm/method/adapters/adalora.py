@@ -8,9 +8,10 @@ formula, and the rank allocation runs from a Trainer callback (``AdaLoraAllocato
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from peft import AdaLoraConfig, TaskType
+from peft import AdaLoraConfig, PeftModel, TaskType
 from transformers import TrainerCallback
 
 from imsm.method.adapters.base import ExtraLoss, MethodSpec, lookup_targets
@@ -42,7 +43,13 @@ class AdaLoraMethod(MethodSpec):
     options_class = AdaLoraOptions
     scalable = True
 
-    def adapter_config(self, options: AdaLoraOptions, target_modules, model_type, total_steps) -> AdaLoraConfig:
+    def rebuilds_state(self, key: str) -> bool:
+        # each layer's rank count, a parameter that does not train: PEFT sets it to the initial rank when it builds
+        # the layer and leaves it out of the saved adapter (peft/tuners/adalora/model.py: "ranknum is deterministic")
+        return ".ranknum." in key
+
+    def adapter_config(self, options: AdaLoraOptions, target_modules: list[str] | None, model_type: str,
+                       total_steps: int | None) -> AdaLoraConfig:
         if not total_steps:
             raise ValueError("adalora needs the total number of optimizer steps for its rank budget schedule")
         return AdaLoraConfig(
@@ -54,11 +61,12 @@ class AdaLoraMethod(MethodSpec):
                                                             "AdaLoRA target modules"),
         )
 
-    def extra_loss(self, peft_model, attention_mask, training, task_types=None) -> ExtraLoss | None:
+    def extra_loss(self, peft_model: PeftModel, attention_mask: torch.Tensor, training: bool,
+                   task_types: torch.Tensor | None = None) -> ExtraLoss | None:
         reg = orth_regularizer(peft_model)
         return None if reg is None else ExtraLoss(reg)
 
-    def callbacks(self, trainer) -> list:
+    def callbacks(self, trainer: Any) -> list:
         return [AdaLoraAllocator(trainer)]
 
 

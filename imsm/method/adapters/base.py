@@ -5,10 +5,19 @@ A method provides
   method's, so an option of another method is an unknown argument that names the method reading it;
 - ``attach``: the adapter on a frozen backbone (``adapter_config`` for a PEFT method), and ``load`` /
   ``load_weights`` / ``save`` for a run folder, whose adapter files are ``files`` (config, weights);
-- ``record``: its resolved options as data for ``imsm_config.json`` (the run folder never imports a method);
-- flags: ``scalable`` (its update merges into one weight change, so adapter scaling applies) and ``mixed_batch``
-  (the frozen and the tuned pass can run as one batch through PEFT's ``adapter_names``);
+- ``saves_state``: what it saves beyond its trainable parameters (VeRA's shared projections), and ``rebuilds_state``:
+  fixed state its build always sets to the same value, so that it need not be saved (AdaLoRA's ``ranknum``); a
+  freshly built adapter must come back whole from its own files before training starts
+  (``imsm.loader.check_round_trip``);
+- ``record``: its resolved options as data for ``imsm_config.json`` (the run folder never imports a method), and
+  what is read back from that data: ``describe`` (the exported model card's settings) and ``calibration_rows`` (rows
+  of a file the run calibrated on, which evaluation leaves out);
+- flags: ``scalable`` (its update merges into one weight change: adapter scaling and export apply) and
+  ``mixed_batch`` (the frozen and the tuned pass can run as one batch through PEFT's ``adapter_names``);
 - ``extra_loss`` (a term added to the language-model loss) and ``callbacks`` (Trainer callbacks it needs).
+
+Nothing outside a method's own file names it: the command line, training, the run folder, evaluation, scaling, export
+and the harness look it up by name through ``registry.py``.
 """
 
 from __future__ import annotations
@@ -74,12 +83,15 @@ def check_target_modules(backbone: nn.Module, targets: list[str] | str | None,
 
 
 class MethodSpec:
-    """A PEFT method (see the module docstring). The defaults are those of a PEFT library method."""
+    """A PEFT method (see the module docstring). The defaults are those of a PEFT library method; a subclass
+    overrides with the same signatures (typed, ``options`` being its own ``options_class``)."""
 
-    name: ClassVar[str]
+    name: ClassVar[str]  # --peft NAME, and imsm_config.json's "peft"
     display_name: ClassVar[str]  # in report labels: IMSM-<display_name>
-    options_class: ClassVar[type]
-    files: ClassVar[tuple[str, str]] = PEFT_FILES
+    options_class: ClassVar[type]  # a dataclass, every field with a help string
+    files: ClassVar[tuple[str, str]] = PEFT_FILES  # (config, weights) in the run folder
+    # the update merges into one weight change per adapted layer (PEFT's merge_and_unload): the run can be scaled
+    # (evaluate.py --adapter_scale) and exported (export.py)
     scalable: ClassVar[bool] = False
     mixed_batch: ClassVar[bool] = False
     logged_losses: ClassVar[tuple[str, ...]] = ()  # the ExtraLoss.log_as names it produces
@@ -112,9 +124,22 @@ class MethodSpec:
         if missing:
             raise ValueError(f"{run_dir}: the saved adapter lacks {missing[:3]}")
 
+    def saves_state(self, key: str) -> bool:
+        """Whether the adapter's state-dict entry ``key`` (named as in ``peft_model.state_dict()``, e.g.
+        ``base_model.vera_A.default``) is saved although it does not train. The trainable parameters are always
+        saved; this adds the fixed state the method's files must hold (parameters or buffers)."""
+        return False
+
+    def rebuilds_state(self, key: str) -> bool:
+        """Whether the adapter's state-dict entry ``key`` is fixed state that building the adapter from the same
+        options sets to the same value every time, so its files need not hold it (AdaLoRA's ``ranknum``). Every other
+        tensor the adapter adds must come back from its files (``imsm.loader.check_round_trip``)."""
+        return False
+
     def save(self, peft_model: nn.Module, state_dict: dict[str, torch.Tensor], out_dir: Path,
              initial_state: dict | None = None) -> None:
-        """Write the adapter files; ``state_dict`` holds the full (gathered) values by the PeftModel's names."""
+        """Write the adapter files; ``state_dict`` holds the full (gathered) values by the PeftModel's names: the
+        trainable parameters and what ``saves_state`` selects."""
         peft_model.save_pretrained(str(out_dir), state_dict=state_dict, safe_serialization=True)
 
     def extra_loss(self, peft_model: nn.Module, attention_mask: torch.Tensor, training: bool,
@@ -123,12 +148,23 @@ class MethodSpec:
         1 world knowledge) when the data has them."""
         return None
 
-    def callbacks(self, trainer) -> list:
+    def callbacks(self, trainer: Any) -> list:
+        """Trainer callbacks the method needs (``trainer`` is the ``IMSMTrainer``)."""
         return []
 
     def record(self, options: Any) -> dict:
         """The resolved options as JSON data, stored in ``imsm_config.json`` as ``method_options``."""
         return json_ready(dataclasses.asdict(options))
+
+    def describe(self, method_options: dict) -> dict[str, str]:
+        """The settings a reader of an exported model card needs, from a run's ``method_options`` (what ``record``
+        wrote): every option that is set, as text."""
+        return {key: str(value) for key, value in method_options.items() if value is not None}
+
+    def calibration_rows(self, method_options: dict) -> dict | None:
+        """``{"file": resolved path, "rows": [0-based row indices]}`` of a file the run calibrated on (evaluation
+        never scores a model on those rows), from its ``method_options``; None when it calibrated on nothing."""
+        return None
 
 
 def json_ready(value: Any) -> Any:

@@ -40,7 +40,8 @@ class IA3Method(MethodSpec):
     options_class = IA3Options
     scalable = True
 
-    def adapter_config(self, options: IA3Options, target_modules, model_type, total_steps) -> IA3Config:
+    def adapter_config(self, options: IA3Options, target_modules: list[str] | None, model_type: str,
+                       total_steps: int | None) -> IA3Config:
         targets = target_modules or lookup_targets(IA3_TARGET_MODULES, model_type, "(IA)3 target modules")
         ff = options.feedforward_modules or [
             m for m in lookup_targets(IA3_FEEDFORWARD_MODULES, model_type, "(IA)3 feed-forward modules")

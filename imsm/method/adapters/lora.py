@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peft import LoraConfig, TaskType
+import torch
+from peft import LoraConfig, PeftModel, TaskType
 from peft.tuners.lora.config import CordaConfig
 
 from imsm.method.adapters.base import Adapter, MethodSpec, check_target_modules, json_ready, lookup_targets
@@ -116,7 +117,8 @@ class LoraMethod(MethodSpec):
                 "no longer the pretrained model and the frozen memory would be wrong; use --gate none"
             )
 
-    def adapter_config(self, options, target_modules, model_type, total_steps) -> LoraConfig:
+    def adapter_config(self, options: DoraOptions, target_modules: list[str] | None, model_type: str,
+                       total_steps: int | None) -> LoraConfig:
         init = getattr(options, "init_lora_weights", "default")
         return LoraConfig(
             task_type=TaskType.CAUSAL_LM, r=options.lora_r, lora_alpha=options.lora_alpha,
@@ -127,8 +129,8 @@ class LoraMethod(MethodSpec):
             corda_config=CordaConfig(corda_method="kpm") if init == "corda" else None,
         )
 
-    def attach(self, backbone, options, target_modules, total_steps=None, template=None,
-               max_input_length=1024) -> Adapter:
+    def attach(self, backbone: torch.nn.Module, options: DoraOptions, target_modules: list[str] | None,
+               total_steps: int | None = None, template=None, max_input_length: int = 1024) -> Adapter:
         from peft import get_peft_model
 
         config = self.adapter_config(options, target_modules, backbone.config.model_type, total_steps)
@@ -139,7 +141,7 @@ class LoraMethod(MethodSpec):
         peft_model = get_peft_model(backbone, config)
         return Adapter(peft_model, initial_adapter_state(peft_model) if mutates_base(init) else None)
 
-    def load_weights(self, peft_model, run_dir: Path, initial_state=None) -> None:
+    def load_weights(self, peft_model: PeftModel, run_dir: Path, initial_state: dict | None = None) -> None:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
@@ -150,13 +152,23 @@ class LoraMethod(MethodSpec):
         if missing:
             raise ValueError(f"{run_dir}: the saved adapter lacks {missing[:3]}")
 
-    def save(self, peft_model, state_dict, out_dir: Path, initial_state=None) -> None:
+    def save(self, peft_model: PeftModel, state_dict: dict[str, torch.Tensor], out_dir: Path,
+             initial_state: dict | None = None) -> None:
         super().save(peft_model, state_dict, out_dir)
         if initial_state is not None:
             convert_saved_adapter(out_dir, initial_state, *self.files)
 
     def record(self, options: LoraOptions) -> dict:
         return json_ready({**super().record(options), "calibration": calibration_record(options)})
+
+    def describe(self, method_options: dict) -> dict[str, str]:
+        settings = super().describe(method_options)
+        if (calibration := method_options.get("calibration")) is not None:
+            settings["calibration"] = f"{len(calibration['rows'])} rows of {calibration['file']}"
+        return settings
+
+    def calibration_rows(self, method_options: dict) -> dict | None:
+        return method_options.get("calibration")
 
 
 class DoraMethod(LoraMethod):
@@ -168,16 +180,23 @@ class DoraMethod(LoraMethod):
     options_class = DoraOptions
     mixed_batch = False
 
-    def check(self, options, gate: str) -> None:
+    def check(self, options: DoraOptions, gate: str) -> None:
         pass
 
-    def adapter_config(self, options, target_modules, model_type, total_steps) -> LoraConfig:
+    def adapter_config(self, options: DoraOptions, target_modules: list[str] | None, model_type: str,
+                       total_steps: int | None) -> LoraConfig:
         config = super().adapter_config(options, target_modules, model_type, total_steps)
         config.use_dora = True
         return config
 
     def record(self, options: DoraOptions) -> dict:
         return MethodSpec.record(self, options)
+
+    def describe(self, method_options: dict) -> dict[str, str]:
+        return MethodSpec.describe(self, method_options)
+
+    def calibration_rows(self, method_options: dict) -> dict | None:
+        return None
 
 
 register_method(LoraMethod())

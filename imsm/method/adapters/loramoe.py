@@ -72,23 +72,25 @@ class LoRAMoEMethod(MethodSpec):
     files = (LORAMOE_CONFIG, LORAMOE_WEIGHTS)
     logged_losses = ("balance_loss",)
 
-    def adapter_config(self, options: LoRAMoEOptions, target_modules, model_type, total_steps) -> LoRAMoEConfig:
+    def adapter_config(self, options: LoRAMoEOptions, target_modules: list[str] | None, model_type: str,
+                       total_steps: int | None) -> LoRAMoEConfig:
         return options.layer_config(
             target_modules or lookup_targets(LORAMOE_TARGET_MODULES, model_type, "LoRAMoE target modules"))
 
-    def attach(self, backbone, options, target_modules, total_steps=None, template=None,
-               max_input_length=1024) -> Adapter:
+    def attach(self, backbone: torch.nn.Module, options: LoRAMoEOptions, target_modules: list[str] | None,
+               total_steps: int | None = None, template=None, max_input_length: int = 1024) -> Adapter:
         config = self.adapter_config(options, target_modules, backbone.config.model_type, total_steps)
         check_target_modules(backbone, config.target_modules, torch.nn.Linear, "linear layer")
         return Adapter(LoRAMoEModel(backbone, config))
 
-    def load(self, backbone, run_dir: Path) -> LoRAMoEModel:
+    def load(self, backbone: torch.nn.Module, run_dir: Path) -> LoRAMoEModel:
         return LoRAMoEModel.from_pretrained(backbone, run_dir)
 
-    def load_weights(self, peft_model: LoRAMoEModel, run_dir: Path, initial_state=None) -> None:
+    def load_weights(self, peft_model: LoRAMoEModel, run_dir: Path, initial_state: dict | None = None) -> None:
         peft_model.load_adapter_weights(run_dir / LORAMOE_WEIGHTS)
 
-    def extra_loss(self, peft_model: LoRAMoEModel, attention_mask, training, task_types=None) -> ExtraLoss | None:
+    def extra_loss(self, peft_model: LoRAMoEModel, attention_mask: torch.Tensor, training: bool,
+                   task_types: torch.Tensor | None = None) -> ExtraLoss | None:
         if not training:
             return None
         return ExtraLoss(peft_model.balancing_loss(attention_mask, task_types), log_as="balance_loss",

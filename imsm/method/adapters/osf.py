@@ -44,5 +44,10 @@ class OSFMethod(MethodSpec):
                                                         "OSF target modules"),
                          effective_rank=int(rank) if rank > 1 else rank)
 
+    def rebuilds_state(self, key: str) -> bool:
+        """The frozen high subspace and the low part's initial value (``_osf_*`` buffers) come from the SVD of the
+        pretrained weight, which building the adapter again repeats: only the trained low part is saved."""
+        return "._osf_" in key
+
 
 register_method(OSFMethod())

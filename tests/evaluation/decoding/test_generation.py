@@ -5,7 +5,8 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import imsm_args, make_llama, make_tokenizer
+from conftest import make_llama, make_tokenizer
+from method.cases import TWO_CACHES, build, perturb
 
 from imsm.args import ImsmArguments
 from imsm.evaluation.decoding.generation import (
@@ -40,14 +41,8 @@ def _model(tokenizer, variant: str, peft: str = "lora", seed: int = 0):
     backbone = make_llama(len(tokenizer), hidden=32, seed=seed)
     if variant == "untuned":
         return backbone.eval()
-    args = imsm_args(peft=peft, gate=variant, gate_dropout=0.0, lora_dropout=0.0, lora_r=4, lora_alpha=8)
-    model = build_imsm_model(backbone, args)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * (0.5 if "w_b" in name else 0.3) + (1.0 if "ia3" in name
-                                                                                                else 0.0))
+    model = build(backbone, peft, variant)
+    perturb(model, seed=seed + 1, scale=0.4)
     return model.eval()
 
 
@@ -106,7 +101,7 @@ def test_cached_decode_equals_full_recompute_with_gate_equations(tokenizer, vari
             assert gen.text == tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
 
-@pytest.mark.parametrize("peft", ["ia3", "dora"])
+@pytest.mark.parametrize("peft", TWO_CACHES)
 def test_other_peft_methods_decode_with_two_caches(tokenizer, peft):
     model = _model(tokenizer, "query_aware", peft=peft)
     assert isinstance(build_decoder(model).branches, TwoCacheBranches)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import imsm_args
+from method.cases import SCALABLE, TOTAL_STEPS, method_args, perturb
 
 import evaluate
 from imsm.args import DataArguments
@@ -20,15 +20,10 @@ def _one_thread(single_thread):
 
 def _save(tiny_model_dir, out, peft="lora", gate="none", seed=0):
     backbone, _, path = load_backbone(str(tiny_model_dir), attn_implementation="sdpa")
-    args = imsm_args(peft=peft, gate=gate, gate_dropout=0.0, lora_dropout=0.0, lora_r=4, lora_alpha=8,
-                         target_modules=["q_proj", "v_proj", "down_proj"] if peft == "ia3" else None,
-                         feedforward_modules=["down_proj"] if peft == "ia3" else None)
-    model = build_imsm_model(backbone, args)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_((1.0 if "ia3" in name else 0.0) + torch.randn(p.shape, generator=g) * 0.3)
+    ia3 = {"target_modules": ["q_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]}
+    args = method_args(peft, gate, **(ia3 if peft == "ia3" else {}))
+    model = build_imsm_model(backbone, args, total_steps=TOTAL_STEPS)
+    perturb(model, seed=seed)
     config = make_run_config(args, DataArguments(), path, backbone.config.hidden_size)
     save_run_files(model, out, config, None, True)
     return out
@@ -41,7 +36,7 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("peft", ["lora", "ia3", "dora"])
+@pytest.mark.parametrize("peft", SCALABLE)
 def test_scale_zero_is_untuned_and_one_is_the_run(tiny_model_dir, tmp_path, peft):
     run = _save(tiny_model_dir, tmp_path / "run", peft)
     ids = torch.tensor([[1, 5, 9, 13, 7, 22]])

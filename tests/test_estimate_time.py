@@ -1,0 +1,59 @@
+"""scripts/estimate_time.py, the up-front estimate of the CPU demo: it said nothing for 27 minutes on a loaded
+machine (issue 30). Every phase now prints a numbered progress line to stderr before it starts."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+from conftest import load_script
+
+from imsm.loader import load_backbone
+
+
+class Recorder:
+    """The estimate's lines on stderr (not the libraries' own progress bars) as events, in order with the work done
+    between them."""
+
+    def __init__(self, events: list) -> None:
+        self.events = events
+
+    def write(self, text: str) -> int:
+        self.events += [("line", line) for line in text.splitlines() if line.startswith("estimate")]
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_every_phase_of_the_estimate_shows_progress_before_it_runs(tiny_model_dir, tmp_path, monkeypatch, capsys,
+                                                                   single_thread):
+    estimate = load_script("estimate_time")
+    rows = [{"input": f"Question: Is {i} odd ? Output:", "output": "yes" if i % 2 else "no"} for i in range(10)]
+    for split in ("train", "test"):
+        (tmp_path / "mrpc").mkdir(exist_ok=True)
+        (tmp_path / "mrpc" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    events: list = []
+
+    def tiny_backbone(_name):
+        events.append(("work", "load"))
+        return load_backbone(str(tiny_model_dir), attn_implementation="sdpa")
+
+    monkeypatch.setattr(estimate, "load_backbone", tiny_backbone)
+    real_steps = estimate._time_steps
+    monkeypatch.setattr(estimate, "_time_steps", lambda *a: (events.append(("work", "steps")), real_steps(*a))[1])
+    monkeypatch.setattr(sys, "stderr", Recorder(events))
+    monkeypatch.setattr(sys, "argv", ["estimate_time.py", "--data_dir", str(tmp_path), "--target", "mrpc", "--tasks",
+                                      "mrpc", "--template", "raw", "--runs", "LoRA:1", "IMSM-LoRA:1", "--steps", "2",
+                                      "--batch", "2", "--eval_examples", "4", "--score", "decode"])
+    estimate.main()
+    lines = [text for kind, text in events if kind == "line"]
+    numbered = [re.match(r"estimate \[(\d+)/(\d+)\] (.+) \(\d+ s so far\)$", line) for line in lines]
+    assert all(numbered), lines
+    assert [int(m[1]) for m in numbered] == list(range(1, len(lines) + 1))
+    assert {int(m[2]) for m in numbered} == {len(lines)} == {5}  # load, 2 x training steps, 2 x decoding (1 task)
+    kinds = [kind if kind == "work" else text.split("] ")[1].split(" (")[0] for kind, text in events]
+    assert kinds[:2] == ["loading the model", "work"]  # announced before it runs
+    assert kinds.index("timing training steps: LoRA, batch 2") < kinds.index("work", 2)
+    assert "total: ~" in capsys.readouterr().out

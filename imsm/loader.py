@@ -18,6 +18,7 @@ from imsm.default_model import resolve_model_path
 from imsm.method.adapters import get_method
 from imsm.method.gate import GATE_PARAM_PREFIX, GATES, build_gate
 from imsm.method.model import IMSMModel
+from imsm.models.chatglm3 import native_model_path
 from imsm.run_folder import (
     GATE_FILE,
     RUN_ARGS,
@@ -45,14 +46,31 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def backbone_path(model_name_or_path: str | None) -> str:
+    """The folder or Hub name a backbone loads from: the embedded model's cached folder for None, a ChatGLM3
+    checkpoint's converted native folder (``imsm/models/chatglm3.py``), else the name itself."""
+    return native_model_path(resolve_model_path(model_name_or_path))
+
+
+def _from_pretrained(path: str, dtype: torch.dtype, attn_implementation: str, trust_remote_code: bool):
+    attn = pick_attn_implementation(attn_implementation)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn,
+                                                    trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        # a remote-code class may support neither FlashAttention-2 nor SDPA; "auto" then means its own default
+        if attn_implementation != "auto" or not trust_remote_code or "attention" not in str(err).lower():
+            raise
+        logger.warning("%s: attn_implementation %s refused (%s); loading with the model's default attention", path,
+                       attn, str(err).splitlines()[0])
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
 def load_backbone(model_name_or_path: str | None, dtype: torch.dtype = torch.float32, attn_implementation="auto",
                   trust_remote_code: bool = False):
     """(causal LM with frozen weights, tokenizer, resolved path)."""
-    path = resolve_model_path(model_name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation=pick_attn_implementation(attn_implementation),
-        trust_remote_code=trust_remote_code,
-    )
+    path = backbone_path(model_name_or_path)
+    model = _from_pretrained(path, dtype, attn_implementation, trust_remote_code)
     model.requires_grad_(False)
     return model, load_tokenizer(path, trust_remote_code), path
 

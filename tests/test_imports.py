@@ -1,7 +1,8 @@
 """The package's import graph: no cycle, and no module importing a layer above its own.
 
 Layers, lowest first (a module may import its own layer and those below):
-  0 core      imsm, atomic, distributed, default_model, templates, data, run_folder (storage: knows no method)
+  0 core      imsm, atomic, distributed, default_model, models (ChatGLM3), templates, data, run_folder (storage:
+              knows no method)
   1 method    imsm.method.* (the gate, the siamese model, the adapters by name, LoRAMoE, PiSSA/CorDA)
   2 assembly  imsm.loader (build/load/save), imsm.args (the command line)
   3 uses      imsm.training.*, imsm.evaluation.*, imsm.export.*

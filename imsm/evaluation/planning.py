@@ -13,9 +13,8 @@ from typing import NamedTuple
 from transformers import AutoConfig
 
 from imsm.data import read_jsonl
-from imsm.default_model import resolve_model_path
 from imsm.evaluation.measures.metrics import compute_metrics, get_task
-from imsm.loader import check_run, load_tokenizer
+from imsm.loader import backbone_path, check_run, load_tokenizer
 from imsm.method.adapters import METHODS, get_method
 from imsm.run_folder import RunConfig, check_hidden_size, resolve, resolve_for_evaluation
 from imsm.templates import build_template
@@ -134,7 +133,7 @@ def plan_models(args: EvalArguments) -> list[ModelPlan]:
     """Resolve and check every model; raises naming the offending file before anything is written."""
     plans = []
     if args.untuned:
-        plans.append(ModelPlan("untuned", resolve_model_path(args.model_name_or_path), args.prompt_template or "raw",
+        plans.append(ModelPlan("untuned", backbone_path(args.model_name_or_path), args.prompt_template or "raw",
                                args.system_prompt))
     for run in args.run_dir:
         run_dir = resolve_for_evaluation(run)  # no interrupted save, no final/ older than the run's last checkpoint
@@ -146,7 +145,7 @@ def plan_models(args: EvalArguments) -> list[ModelPlan]:
             if (template, system) != recorded:
                 logger.warning("%s was trained with prompt template %r (system prompt %r); decoding with %r (%r) "
                                "as --prompt_template asks", run_dir, recorded[0], recorded[1], template, system)
-        model_path = args.model_name_or_path or resolve_model_path(config.base_model)
+        model_path = backbone_path(args.model_name_or_path or config.base_model)
         hidden = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code).hidden_size
         check_hidden_size(config, run_dir, hidden, model_path)
         plans.append(ModelPlan(default_label(config), model_path, template, system, run_dir,

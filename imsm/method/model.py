@@ -74,6 +74,12 @@ class IMSMModel(nn.Module):
         backbone = peft_model.get_base_model()
         self.decoder = getattr(backbone, backbone.base_model_prefix)
         self.lm_head = backbone.get_output_embeddings()
+        if self.lm_head is None:
+            raise ValueError(
+                f"{type(backbone).__name__} returns no output embeddings (get_output_embeddings() is None), so IMSM "
+                "cannot turn the mixed memory into logits; use a causal LM class whose LM head transformers exposes "
+                "(ChatGLM3 checkpoints are converted to the native glm model for this: imsm/models/chatglm3.py)"
+            )
         self.config = backbone.config
 
     # The decoder and LM head are registered submodules of the backbone already; keep them out of this module's

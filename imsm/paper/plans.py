@@ -56,6 +56,9 @@ PAPER_TARGETS: dict[tuple[str, str], tuple[str, ...]] = {
     ("Qwen1.5-4B", "ia3"): ("q_proj", "v_proj"),
     # baseline/dora/dora.py and train.py's dora leave target_modules None: PEFT's default for qwen2 is q_proj, v_proj
     ("Qwen1.5-4B", "dora"): ("q_proj", "v_proj"),
+    # ... and for chatglm the fused query_key_value (on the native glm layout: q_proj, k_proj, v_proj with one shared
+    # lora_A, imsm/models/chatglm3.py)
+    ("ChatGLM3-6B", "dora"): ("query_key_value",),
     # train.py: "llama-2" in the path -> gate_proj, down_proj, up_proj for LoRA (LoRAMoE's modules), for both the
     # vanilla LoRA and IMSM-LoRA of Figure 3
     ("Llama2-7B", "lora"): ("gate_proj", "up_proj", "down_proj"),

@@ -7,6 +7,7 @@ formula, and the rank allocation runs from a Trainer callback (``AdaLoraAllocato
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,9 @@ from transformers import TrainerCallback
 from imsm.method.adapters.base import ExtraLoss, MethodSpec, lookup_targets
 from imsm.method.adapters.lora import LORA_TARGET_MODULES
 from imsm.method.adapters.registry import register_method
+from imsm.models.chatglm3 import split_fused_targets
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,13 +56,17 @@ class AdaLoraMethod(MethodSpec):
                        total_steps: int | None) -> AdaLoraConfig:
         if not total_steps:
             raise ValueError("adalora needs the total number of optimizer steps for its rank budget schedule")
+        targets = target_modules or lookup_targets(LORA_TARGET_MODULES, model_type, "AdaLoRA target modules")
+        targets, fused = split_fused_targets(model_type, targets)
+        if fused:
+            # sharing P and Λ across q, k, v would need the rank allocator to score the three as one module
+            logger.warning("AdaLoRA on query_key_value of a converted ChatGLM3: q_proj, k_proj, v_proj get separate "
+                           "adapters (more parameters than one adapter on the fused layer: docs/training.md)")
         return AdaLoraConfig(
             task_type=TaskType.CAUSAL_LM, init_r=options.adalora_init_r, target_r=options.adalora_target_r,
             lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout, tinit=options.adalora_tinit,
             tfinal=options.adalora_tfinal, deltaT=options.adalora_delta_t,
-            orth_reg_weight=options.adalora_orth_reg_weight, total_step=total_steps,
-            target_modules=target_modules or lookup_targets(LORA_TARGET_MODULES, model_type,
-                                                            "AdaLoRA target modules"),
+            orth_reg_weight=options.adalora_orth_reg_weight, total_step=total_steps, target_modules=targets,
         )
 
     def extra_loss(self, peft_model: PeftModel, attention_mask: torch.Tensor, training: bool,

@@ -18,12 +18,15 @@ IA3_TARGET_MODULES: dict[str, list[str]] = {
     "mistral": ["k_proj", "v_proj", "down_proj"],
     "qwen2": ["k_proj", "v_proj", "down_proj"],
     "chatglm": ["query_key_value", "dense_4h_to_h"],
+    # ChatGLM3 converted to the native glm layout: query_key_value's output scaling is q's, k's and v's together
+    "glm": ["q_proj", "k_proj", "v_proj", "down_proj"],
 }
 IA3_FEEDFORWARD_MODULES: dict[str, list[str]] = {
     "llama": ["down_proj"],
     "mistral": ["down_proj"],
     "qwen2": ["down_proj"],
     "chatglm": ["dense_4h_to_h"],
+    "glm": ["down_proj"],
 }
 
 

@@ -1,11 +1,12 @@
 """LoRA (Hu et al., 2022) and DoRA (Liu et al., 2024) through PEFT, with LoRA's PiSSA and CorDA initialisations.
 
 Default targets per ``config.model_type`` are the paper's: Llama q_proj,v_proj; Qwen2 q_proj; ChatGLM
-query_key_value. ``--target_modules`` overrides the table; ``--target_modules mlp`` is the named preset of the
-feed-forward projections (``TARGET_PRESETS``: peft's MLP-only LoRA, which forgot less than default LoRA at similar
-accuracy in peft's MetaMathQA comparison). PiSSA and CorDA rewrite the base weights (``imsm/method/lora_init.py``),
-so they need ``--gate none`` and their runs are saved converted; MiCA (``--init_lora_weights mica``) leaves them as
-they are.
+query_key_value (ChatGLM3 runs converted to the native ``glm`` layout, where the fused query_key_value is q_proj,
+k_proj, v_proj with one shared A: ``imsm/models/chatglm3.py``). ``--target_modules`` overrides the table;
+``--target_modules mlp`` is the named preset of the feed-forward projections (``TARGET_PRESETS``: peft's MLP-only
+LoRA, which forgot less than default LoRA at similar accuracy in peft's MetaMathQA comparison). PiSSA and CorDA
+rewrite the base weights (``imsm/method/lora_init.py``), so they need ``--gate none`` and their runs are saved
+converted; MiCA (``--init_lora_weights mica``) leaves them as they are.
 """
 
 from __future__ import annotations
@@ -28,12 +29,14 @@ from imsm.method.lora_init import (
     initial_adapter_state,
     mutates_base,
 )
+from imsm.models.chatglm3 import split_fused_targets, tie_fused_lora, untied_state_dict
 
 LORA_TARGET_MODULES: dict[str, list[str]] = {
     "llama": ["q_proj", "v_proj"],
     "mistral": ["q_proj", "v_proj"],
     "qwen2": ["q_proj"],
     "chatglm": ["query_key_value"],
+    "glm": ["query_key_value"],
 }
 # --target_modules NAME -> the modules per config.model_type
 TARGET_PRESETS: dict[str, dict[str, list[str]]] = {
@@ -42,6 +45,7 @@ TARGET_PRESETS: dict[str, dict[str, list[str]]] = {
         "mistral": ["gate_proj", "up_proj", "down_proj"],
         "qwen2": ["gate_proj", "up_proj", "down_proj"],
         "chatglm": ["dense_h_to_4h", "dense_4h_to_h"],
+        "glm": ["gate_up_proj", "down_proj"],
     },
 }
 
@@ -120,25 +124,34 @@ class LoraMethod(MethodSpec):
     def adapter_config(self, options: DoraOptions, target_modules: list[str] | None, model_type: str,
                        total_steps: int | None) -> LoraConfig:
         init = getattr(options, "init_lora_weights", "default")
+        targets, _ = split_fused_targets(model_type, self.targets(target_modules, model_type))
         return LoraConfig(
             task_type=TaskType.CAUSAL_LM, r=options.lora_r, lora_alpha=options.lora_alpha,
-            lora_dropout=options.lora_dropout,
-            target_modules=resolve_targets(target_modules, model_type, LORA_TARGET_MODULES,
-                                           f"{self.display_name} target modules"),
+            lora_dropout=options.lora_dropout, target_modules=targets,
             init_lora_weights=LORA_INITS[init](options),
             corda_config=CordaConfig(corda_method="kpm") if init == "corda" else None,
         )
+
+    def targets(self, target_modules: list[str] | None, model_type: str) -> list[str]:
+        return resolve_targets(target_modules, model_type, LORA_TARGET_MODULES, f"{self.display_name} target modules")
 
     def attach(self, backbone: torch.nn.Module, options: DoraOptions, target_modules: list[str] | None,
                total_steps: int | None = None, template=None, max_input_length: int = 1024) -> Adapter:
         from peft import get_peft_model
 
-        config = self.adapter_config(options, target_modules, backbone.config.model_type, total_steps)
-        check_target_modules(backbone, config.target_modules)
+        model_type = backbone.config.model_type
+        config = self.adapter_config(options, target_modules, model_type, total_steps)
         init = getattr(options, "init_lora_weights", "default")
+        fused = split_fused_targets(model_type, self.targets(target_modules, model_type))[1]
+        if fused and init != "default":
+            raise ValueError(f"--init_lora_weights {init} decomposes each target weight, and query_key_value on this "
+                             "model is three weights (q_proj, k_proj, v_proj); pass them as --target_modules instead")
+        check_target_modules(backbone, config.target_modules)
         if init == "corda":
             calibrate_corda(backbone, config, options, template, max_input_length)
         peft_model = get_peft_model(backbone, config)
+        if fused:
+            tie_fused_lora(peft_model)  # the fused query_key_value LoRA: one A shared by q, k, v
         return Adapter(peft_model, initial_adapter_state(peft_model) if mutates_base(init) else None)
 
     def load_weights(self, peft_model: PeftModel, run_dir: Path, initial_state: dict | None = None) -> None:
@@ -154,7 +167,7 @@ class LoraMethod(MethodSpec):
 
     def save(self, peft_model: PeftModel, state_dict: dict[str, torch.Tensor], out_dir: Path,
              initial_state: dict | None = None) -> None:
-        super().save(peft_model, state_dict, out_dir)
+        super().save(peft_model, untied_state_dict(peft_model, state_dict), out_dir)
         if initial_state is not None:
             convert_saved_adapter(out_dir, initial_state, *self.files)
 

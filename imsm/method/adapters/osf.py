@@ -5,7 +5,8 @@ relies on most are not written over. The base layer stays W (the update is added
 pretrained model and OSF works with the IMSM gate and the KL anchor.
 
 Trainable rank per module = min(W.shape) − effective_rank; ``--osf_effective_rank`` is a fraction of min(W.shape)
-when at most 1 (peft's default 0.5), else a count. Targets: LoRA's table and presets (``--target_modules mlp``).
+when at most 1 (peft's default 0.5), else a count. Targets: LoRA's table and presets (``--target_modules mlp``),
+ChatGLM3's fused query_key_value as its three native projections.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from peft import OSFConfig
 from imsm.method.adapters.base import MethodSpec
 from imsm.method.adapters.lora import LORA_TARGET_MODULES, resolve_targets
 from imsm.method.adapters.registry import register_method
+from imsm.models.chatglm3 import split_fused_targets
 
 
 @dataclass
@@ -40,8 +42,9 @@ class OSFMethod(MethodSpec):
 
     def adapter_config(self, options: OSFOptions, target_modules, model_type, total_steps) -> OSFConfig:
         rank = options.osf_effective_rank
-        return OSFConfig(target_modules=resolve_targets(target_modules, model_type, LORA_TARGET_MODULES,
-                                                        "OSF target modules"),
+        targets = resolve_targets(target_modules, model_type, LORA_TARGET_MODULES, "OSF target modules")
+        # a native glm model has ChatGLM's fused query_key_value as q/k/v_proj: OSF decomposes each of them
+        return OSFConfig(target_modules=split_fused_targets(model_type, targets)[0],
                          effective_rank=int(rank) if rank > 1 else rank)
 
     def rebuilds_state(self, key: str) -> bool:

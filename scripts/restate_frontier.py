@@ -13,18 +13,30 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from imsm.atomic import atomic_write_json
-from imsm.evaluation.measures.frontier import fit_curve
+from imsm.evaluation.measures.frontier import fit_curve, lower_frontier
+
+TWO_SCALES = ("LoRA@0.5", "LoRA@1")  # the curve before the 0.75 scale was measured
+
+
+def _chord(curve: list[tuple[float, float]], gain: float) -> float:
+    gains, values = zip(*curve, strict=True)
+    return float(np.interp(gain, gains, values))
 
 
 def restate(record: dict) -> dict:
-    """Per forgetting measure: the chord's and the fitted curve's value and gap at IMSM's gain, and the stored
-    intervals as shares of LoRA's forgetting there (IMSM's forgetting = curve + gap)."""
+    """Per forgetting measure: the chord's and the fitted curve's value and gap at IMSM's gain, both also on the two
+    scales measured first (with the origin), and the stored intervals as shares of LoRA's forgetting there (IMSM's
+    forgetting = curve + gap)."""
     out = {}
     for measure, gap in record["measures"]["frontier"].items():
         gain, forgetting = gap["imsm"]
+        two = lower_frontier([(0.0, 0.0), *(tuple(gap["points"][label]) for label in TWO_SCALES)])
+        a2, b2 = fit_curve(two)
         chord = forgetting - gap["gap"]
         a, b = fit_curve([tuple(p) for p in gap["curve"]])
         fitted = a * gain + b * gain * gain
@@ -34,6 +46,8 @@ def restate(record: dict) -> dict:
             "share_of_lora_method_level": [(chord + gap["method_low"]) / chord, (chord + gap["method_high"]) / chord],
             "share_of_lora_examples_only": [(chord + gap["examples_low"]) / chord,
                                             (chord + gap["examples_high"]) / chord],
+            "two_scales": {"labels": list(TWO_SCALES), "chord_gap": forgetting - _chord(two, gain),
+                           "fitted_gap": forgetting - (a2 * gain + b2 * gain * gain)},
         }
     return out
 

@@ -168,8 +168,17 @@ def test_the_committed_frontier_restatement_is_reproduced_from_the_committed_rec
     assert restated.keys() == committed.keys() == {"general_nll", "kl"}
     for measure, values in committed.items():
         for key, value in values.items():
-            assert restated[measure][key] == pytest.approx(value), (measure, key)
+            if key == "two_scales":
+                assert restated[measure][key]["labels"] == value["labels"] == ["LoRA@0.5", "LoRA@1"]
+                for k in ("chord_gap", "fitted_gap"):
+                    assert restated[measure][key][k] == pytest.approx(value[k]), (measure, k)
+            else:
+                assert restated[measure][key] == pytest.approx(value), (measure, key)
         gap = record["measures"]["frontier"][measure]
         lora_at_gain = gap["imsm"][1] - gap["gap"]  # the chord's forgetting at IMSM's gain, by hand
         assert values["share_of_lora_method_level"][0] == pytest.approx(1 + gap["method_low"] / lora_at_gain)
     assert committed["kl"]["share_of_lora_method_level"] == pytest.approx([0.304, 2.003], abs=1e-3)  # README: 30-200%
+    (g05, f05), (g1, f1) = (record["measures"]["frontier"]["kl"]["points"][k] for k in ("LoRA@0.5", "LoRA@1"))
+    g, f = record["measures"]["frontier"]["kl"]["imsm"]
+    assert committed["kl"]["two_scales"]["chord_gap"] == pytest.approx(f - (f05 + (g - g05) / (g1 - g05) * (f1 - f05)))
+    assert round(committed["kl"]["two_scales"]["chord_gap"], 3) == -0.003  # the README's "two LoRA points: -0.003"

@@ -7,10 +7,15 @@ it (``release(fd, path)``). flock is per open file: two processes, or two opens 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import logging
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 
 def try_lock(path: str | os.PathLike) -> int | None:
@@ -46,3 +51,22 @@ def release(fd: int | None, path: str | os.PathLike | None = None) -> None:
     if path is not None:
         Path(path).unlink(missing_ok=True)
     os.close(fd)
+
+
+@contextlib.contextmanager
+def held(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold the exclusive lock on ``path`` for the ``with`` block, waiting while another process holds it (logged
+    once, naming ``what`` is locked and the holder). The file stays: it is where the next holder records itself."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = try_lock(path)
+    if fd is None:
+        logger.info("%s: held by %s; waiting for it", what, holder(path))
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    try:
+        yield
+    finally:
+        os.close(fd)

@@ -1,8 +1,15 @@
 """Build the IMSM benchmark files in the paper's prompt format: ``OUT/<task>/<split>.jsonl`` of
 ``{"input", "output"}``.
 
+    python scripts/prepare_data.py --out_dir data --from_authors IMSM              # the authors' files, as published
     python scripts/prepare_data.py --out_dir data                                  # all tasks, from the Hub
     python scripts/prepare_data.py --tasks gsm8k cola --out_dir data --local_dir raw  # Hub unreachable
+
+``--from_authors DIR`` reads the files published with the paper's code (github.com/ECNU-Text-Computing/IMSM, a clone
+of it or its ``data/`` folder): ``data/<folder>/data_{train,test}.json``, one ``{"input", "output"}`` object a line,
+already in the paper's prompt format (folders ``GSM8K``, ``cola``, ``mrpc``, ``ropes``, ``webq``, ``freebase``,
+``multirc``; training splits for GSM8K, CoLA, MRPC and ROPES). They are checked and copied, never re-prompted: the
+route that gives the authors' exact rows, the ROPES training split included.
 
 The prompts reproduce the files published with the paper's code character for character (including MRPC's "Ouput:"
 typo and CoLA's leading space). Each task reads a public Hugging Face dataset with ``datasets.load_dataset``, or, with
@@ -11,7 +18,14 @@ typo and CoLA's leading space). Each task reads a public Hugging Face dataset wi
 output split is in ``SOURCES``: e.g. CoLA's ``test`` is GLUE's validation split and ROPES's ``test`` its validation
 split, as in the published files. GSM8K, CoLA, MRPC, WebQ and FreebaseQA rows are reproduced exactly; ROPES's article
 join and MultiRC's choice of questions are inferred (see their converters), so those two files may differ from the
-published ones.
+published ones (``--from_authors`` has them as published).
+
+The Hub ids are ones ``datasets`` 4 and later load without a loading script (those versions refuse scripts):
+parquet repositories (``openai/gsm8k``, ``nyu-mll/glue``, ``allenai/ropes``, ``stanfordnlp/web_questions``), and, for
+the two whose repository is still a loading script (``kelvin-jiang/freebase-qa``, ``aps/super_glue``), the Hub's own
+parquet export (``revision="refs/convert/parquet"``, one folder per configuration: ``data_dir``). What each needs is
+in ``SOURCES`` (``revision``, ``data_dir``); a repository that turns out to hold a script is an error that names the
+task and the other routes.
 
 Converters are pure functions from raw rows to prompt rows, so each can be checked against a hand-written row.
 """
@@ -237,17 +251,30 @@ class Source:
     hub_config: str | None
     splits: dict[str, str]  # output split -> source split
     convert: Callable[[list[Row]], list[Row]]
+    revision: str | None = None  # "refs/convert/parquet": the Hub's parquet export of a loading-script repository
+    data_dir: str | None = None  # the configuration's folder in that export
 
+
+PARQUET_EXPORT = "refs/convert/parquet"
 
 SOURCES: dict[str, Source] = {
-    "gsm8k": Source("gsm8k", "main", {"train": "train", "test": "test"}, _per_row(convert_gsm8k)),
-    "cola": Source("glue", "cola", {"train": "train", "test": "validation"}, _per_row(convert_cola)),
-    "mrpc": Source("glue", "mrpc", {"train": "train", "test": "test"}, _per_row(convert_mrpc)),
-    "ropes": Source("ropes", None, {"train": "train", "test": "validation"}, _per_row(convert_ropes)),
-    "webq": Source("web_questions", None, {"test": "test"}, _per_row(convert_webq)),
-    "freebaseqa": Source("freebase_qa", None, {"test": "test"}, _per_row(convert_freebaseqa)),
-    "multirc": Source("super_glue", "multirc", {"test": "validation"}, convert_multirc),
+    "gsm8k": Source("openai/gsm8k", "main", {"train": "train", "test": "test"}, _per_row(convert_gsm8k)),
+    "cola": Source("nyu-mll/glue", "cola", {"train": "train", "test": "validation"}, _per_row(convert_cola)),
+    "mrpc": Source("nyu-mll/glue", "mrpc", {"train": "train", "test": "test"}, _per_row(convert_mrpc)),
+    "ropes": Source("allenai/ropes", None, {"train": "train", "test": "validation"}, _per_row(convert_ropes)),
+    "webq": Source("stanfordnlp/web_questions", None, {"test": "test"}, _per_row(convert_webq)),
+    "freebaseqa": Source("kelvin-jiang/freebase-qa", None, {"test": "test"}, _per_row(convert_freebaseqa),
+                         revision=PARQUET_EXPORT, data_dir="default"),
+    "multirc": Source("aps/super_glue", None, {"test": "validation"}, convert_multirc, revision=PARQUET_EXPORT,
+                      data_dir="multirc"),
 }
+
+# The authors' folder of each task (github.com/ECNU-Text-Computing/IMSM, data/<folder>/data_{train,test}.json) and
+# the splits they publish.
+AUTHORS_FOLDERS = {"gsm8k": "GSM8K", "cola": "cola", "mrpc": "mrpc", "ropes": "ropes", "webq": "webq",
+                   "freebaseqa": "freebase", "multirc": "multirc"}
+AUTHORS_SPLITS = {"gsm8k": ("train", "test"), "cola": ("train", "test"), "mrpc": ("train", "test"),
+                  "ropes": ("train", "test"), "webq": ("test",), "freebaseqa": ("test",), "multirc": ("test",)}
 
 LOCAL_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -321,7 +348,68 @@ def load_raw(task: str, source_split: str, local_dir: Path | None) -> list[Row]:
         return [row for path in files for row in read_local_file(path)]
     import datasets
 
-    return datasets.load_dataset(source.hub_path, source.hub_config, split=source_split).to_list()
+    try:
+        rows = datasets.load_dataset(source.hub_path, source.hub_config, split=source_split,
+                                     revision=source.revision, data_dir=source.data_dir)
+    except RuntimeError as err:
+        if "scripts are no longer supported" not in str(err):
+            raise
+        raise RuntimeError(f"{task}: the Hub repository {source.hub_path} holds a loading script, which datasets "
+                           f"{datasets.__version__} refuses ({err}); use --from_authors DIR (the authors' files) or "
+                           "--local_dir DIR (raw files)") from None
+    return rows.to_list()
+
+
+def _authors_folder(root: Path, task: str) -> Path:
+    """``root`` may be a clone of the authors' repository or its ``data/`` folder."""
+    name = AUTHORS_FOLDERS[task]
+    return root / "data" / name if (root / "data" / name).is_dir() else root / name
+
+
+def read_authors_file(path: Path, task: str) -> list[Row]:
+    """One of the authors' files: a JSON object a line with a string ``input`` and a string ``output`` (a list of
+    strings for WebQ); anything else is an error naming the file and line."""
+    text = path.read_text(encoding="utf-8")
+    if text.startswith("version https://git-lfs"):
+        raise ValueError(f"{path}: a Git LFS pointer, not the data; fetch the file itself (git lfs pull)")
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not a JSON object ({err.msg})") from None
+        output = row.get("output") if isinstance(row, dict) else None
+        answers_ok = isinstance(output, str) or (task == "webq" and isinstance(output, list) and output
+                                                 and all(isinstance(a, str) for a in output))
+        if not isinstance(row, dict) or not isinstance(row.get("input"), str) or not answers_ok:
+            kind = "a string, or a list of strings" if task == "webq" else "a string"
+            raise ValueError(f'{path}:{number}: expected {{"input": a string, "output": {kind}}}, got '
+                             f"{line[:120]!r}")
+        rows.append({"input": row["input"], "output": output})
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def prepare_from_authors(task: str, root: Path, out_dir: Path, splits: list[str] | None = None) -> list[Path]:
+    """Check and copy the authors' ``data_<split>.json`` of ``task`` to ``out_dir/<task>/<split>.jsonl``."""
+    folder = _authors_folder(root, task)
+    wanted = [s for s in AUTHORS_SPLITS[task] if splits is None or s in splits]
+    written = []
+    for split in wanted:
+        path = folder / f"data_{split}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{task}: {path} not found; --from_authors takes a clone of "
+                                    "github.com/ECNU-Text-Computing/IMSM (or its data/ folder), which holds "
+                                    f"data/{AUTHORS_FOLDERS[task]}/data_{split}.json")
+        rows = read_authors_file(path, task)
+        target = out_dir / task / f"{split}.jsonl"
+        atomic_write_jsonl(target, rows)
+        logger.info("%s/%s: %d rows from %s -> %s", task, split, len(rows), path, target)
+        written.append(target)
+    return written
 
 
 def prepare_task(
@@ -355,8 +443,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--local_dir", type=Path, default=None, help="read raw files from DIR/<task>/<source split>.<ext> (no Hub)"
     )
+    parser.add_argument(
+        "--from_authors", type=Path, default=None,
+        help="the authors' repository (or its data/ folder): copy data/<task>/data_{train,test}.json as published",
+    )
     parser.add_argument("--splits", nargs="+", default=None, help="only these output splits, e.g. test")
     args = parser.parse_args(argv)
+    if args.from_authors is not None and args.local_dir is not None:
+        parser.error("choose one of --from_authors and --local_dir")
     unknown = [t for t in args.tasks if t not in SOURCES]
     if unknown:
         parser.error(f"unknown task(s) {', '.join(unknown)}; known tasks: {', '.join(SOURCES)}")
@@ -367,7 +461,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     for task in args.tasks:
-        prepare_task(task, args.out_dir, args.local_dir, args.splits)
+        if args.from_authors is not None:
+            prepare_from_authors(task, args.from_authors, args.out_dir, args.splits)
+        else:
+            prepare_task(task, args.out_dir, args.local_dir, args.splits)
 
 
 if __name__ == "__main__":

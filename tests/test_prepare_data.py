@@ -231,3 +231,163 @@ def _shared_first_row(task: str) -> dict:
 )
 def test_reproduces_first_row_of_shared_file(task, convert, raw):
     assert getattr(pd, convert)(raw) == _shared_first_row(task)
+
+
+# ---- the authors' files (--from_authors) ----------------------------------------------------------------------------
+
+AUTHORS_LAYOUT = {"GSM8K": "gsm8k", "cola": "cola", "mrpc": "mrpc", "ropes": "ropes", "webq": "webq",
+                  "freebase": "freebaseqa", "multirc": "multirc"}  # as in github.com/ECNU-Text-Computing/IMSM data/
+
+
+def _authors_repo(root: Path) -> dict[tuple[str, str], list[dict]]:
+    """A stand-in clone: data/<folder>/data_{train,test}.json, one object a line as the authors write them (compact
+    separators in GSM8K, ", " elsewhere), training splits for the four target tasks."""
+    rows = {}
+    for folder, task in AUTHORS_LAYOUT.items():
+        for split in ("train", "test") if task in ("gsm8k", "cola", "mrpc", "ropes") else ("test",):
+            sample = [{"input": f"{task} {split} prompt {i}\nAnswer:", "output": ["a", "b"] if task == "webq" else
+                       f"answer {i}"} for i in range(3)]
+            separators = (",", ":") if folder == "GSM8K" else (", ", ": ")
+            path = root / "data" / folder / f"data_{split}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(r, separators=separators) + "\n" for r in sample))
+            rows[task, split] = sample
+    return rows
+
+
+@pytest.mark.parametrize("from_data_folder", [False, True])
+def test_from_authors_copies_every_published_split(tmp_path, from_data_folder):
+    rows = _authors_repo(tmp_path / "IMSM")
+    out = tmp_path / "out"
+    pd.main(["--out_dir", str(out), "--from_authors", str(tmp_path / "IMSM" / ("data" if from_data_folder else ""))])
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*.jsonl"))
+    assert written == sorted(f"{task}/{split}.jsonl" for task, split in rows)
+    for (task, split), expected in rows.items():
+        assert [json.loads(line) for line in (out / task / f"{split}.jsonl").read_text().splitlines()] == expected
+    assert (out / "ropes" / "train.jsonl").is_file()  # the authors publish ROPES's training split
+
+
+def test_from_authors_reproduces_the_shared_published_files(tmp_path):
+    """The shared test files are the authors' files (data/README.md): copied through --from_authors they come back
+    row for row."""
+    if not (SHARED_DATA / "mrpc" / "test.jsonl").exists():
+        pytest.skip("shared data not available")
+    folder = tmp_path / "data" / "mrpc"
+    folder.mkdir(parents=True)
+    (folder / "data_test.json").write_bytes((SHARED_DATA / "mrpc" / "test.jsonl").read_bytes())
+    (folder / "data_train.json").write_bytes((SHARED_DATA / "mrpc" / "train.jsonl").read_bytes())
+    pd.main(["--tasks", "mrpc", "--out_dir", str(tmp_path / "out"), "--from_authors", str(tmp_path)])
+    for split in ("train", "test"):
+        ours = (tmp_path / "out" / "mrpc" / f"{split}.jsonl").read_text().splitlines()
+        published = (SHARED_DATA / "mrpc" / f"{split}.jsonl").read_text().splitlines()
+        assert [json.loads(line) for line in ours] == [json.loads(line) for line in published]
+
+
+def test_from_authors_errors_name_the_file_and_line(tmp_path):
+    _authors_repo(tmp_path)
+    (tmp_path / "data" / "ropes" / "data_train.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"ropes: .*data/ropes/data_train.json not found"):
+        pd.prepare_from_authors("ropes", tmp_path, tmp_path / "out")
+    path = tmp_path / "data" / "cola" / "data_test.json"
+    path.write_text('{"input": "p", "output": "yes"}\n{"input": "p", "label": 1}\n')
+    with pytest.raises(ValueError, match=r"cola/data_test.json:2: expected \{\"input\": a string, \"output\""):
+        pd.prepare_from_authors("cola", tmp_path, tmp_path / "out", ["test"])
+    path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 1\n")
+    with pytest.raises(ValueError, match="Git LFS pointer"):
+        pd.prepare_from_authors("cola", tmp_path, tmp_path / "out", ["test"])
+    with pytest.raises(SystemExit):
+        pd.parse_args(["--out_dir", "o", "--from_authors", "a", "--local_dir", "b"])
+
+
+# ---- the Hub route under datasets 5 (no loading scripts), on a stand-in Hub ---------------------------------------
+
+ROPES_RAW = {"id": "1", "background": "Lead causes brain damage.", "situation": "Group B drinks lead.",
+             "question": "Which group?", "answers": {"text": ["Group B"]}}
+MULTIRC_RAW = [{"paragraph": "P.", "question": "Is it?", "answer": "Yes", "label": 1,
+                "idx": {"paragraph": 0, "question": 0, "answer": 0}},
+               {"paragraph": "P.", "question": "Is it?", "answer": "No", "label": 0,
+                "idx": {"paragraph": 0, "question": 0, "answer": 1}}]
+
+
+def _configs_card(configs: dict[str, dict[str, str]], default: str | None = None) -> str:
+    """A dataset card declaring configurations and their files, as the Hub's parquet repositories do."""
+    lines = ["---", "configs:"]
+    for name, splits in configs.items():
+        lines += [f"- config_name: {name}"] + (["  default: true"] if name == default else []) + ["  data_files:"]
+        lines += [f"  - split: {split}\n    path: {pattern}" for split, pattern in splits.items()]
+    return "\n".join([*lines, "---", ""])
+
+
+def _stand_in_hub(hub: Path) -> None:
+    """Each repository as the Hub holds it: parquet with a card naming its configurations; the two loading-script
+    repositories (a ``<name>.py`` on main) with the Hub's parquet export under ``refs/convert/parquet``
+    (``<config>/<split>/0000.parquet``)."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+
+    def put(repo: str, path: str, rows: list[dict]) -> None:
+        target = hub / repo / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows), target)
+
+    for split in ("train", "test"):
+        put("openai/gsm8k", f"main/{split}-00000-of-00001.parquet", [GSM8K_RAW])
+    (hub / "openai/gsm8k/README.md").write_text(_configs_card(
+        {"main": {"train": "main/train-*", "test": "main/test-*"}}))
+    for config, raw in (("cola", COLA_RAW), ("mrpc", MRPC_RAW)):
+        for split in ("train", "validation", "test"):
+            put("nyu-mll/glue", f"{config}/{split}-00000-of-00001.parquet", [raw])
+    (hub / "nyu-mll/glue/README.md").write_text(_configs_card(
+        {c: {s: f"{c}/{s}-*" for s in ("train", "validation", "test")} for c in ("cola", "mrpc")}))
+    for split in ("train", "validation"):
+        put("allenai/ropes", f"plain_text/{split}-00000-of-00001.parquet", [ROPES_RAW])
+    (hub / "allenai/ropes/README.md").write_text(_configs_card(
+        {"plain_text": {s: f"plain_text/{s}-*" for s in ("train", "validation")}}, default="plain_text"))
+    for split in ("train", "test"):
+        put("stanfordnlp/web_questions", f"data/{split}-00000-of-00001.parquet", [WEBQ_RAW])
+    for repo, script, config, split, rows in (
+            ("kelvin-jiang/freebase-qa", "freebase-qa.py", "default", "test", [FREEBASEQA_RAW]),
+            ("aps/super_glue", "super_glue.py", "multirc", "validation", MULTIRC_RAW)):
+        (hub / repo).mkdir(parents=True)
+        (hub / repo / script).write_text("import datasets  # a loading script\n")
+        put(f"{repo}@refs/convert/parquet", f"{config}/{split}/0000.parquet", rows)
+
+
+@pytest.fixture
+def stand_in_hub(tmp_path, monkeypatch):
+    """datasets.load_dataset itself (5.x), pointed at the stand-in Hub's folder for the repository and revision."""
+    datasets = pytest.importorskip("datasets")
+    hub = tmp_path / "hub"
+    _stand_in_hub(hub)
+    real = datasets.load_dataset
+
+    def load_dataset(path, name=None, *, split=None, revision=None, data_dir=None):
+        folder = hub / (f"{path}@{revision}" if revision else path)
+        assert folder.is_dir(), f"{path} (revision {revision}) is not on the Hub"
+        return real(str(folder), name, split=split, data_dir=data_dir, cache_dir=str(tmp_path / "cache"))
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return hub
+
+
+def test_every_hub_id_loads_without_a_loading_script(tmp_path, stand_in_hub):
+    out = tmp_path / "out"
+    for task in pd.SOURCES:
+        pd.prepare_task(task, out)
+    first = {f"{task}/{split}": json.loads((out / task / f"{split}.jsonl").read_text().splitlines()[0])
+             for task, source in pd.SOURCES.items() for split in source.splits}
+    assert len(first) == 11
+    for task, raw in (("gsm8k", GSM8K_RAW), ("cola", COLA_RAW), ("mrpc", MRPC_RAW), ("webq", WEBQ_RAW),
+                      ("freebaseqa", FREEBASEQA_RAW)):
+        if (SHARED_DATA / task / "test.jsonl").exists():
+            assert first[f"{task}/test"] == _shared_first_row(task)  # the published row, through the Hub route
+    assert first["ropes/train"]["output"] == "Group B" and first["multirc/test"]["output"] == "yes"
+
+
+def test_a_loading_script_repository_is_a_clear_error(tmp_path, stand_in_hub, monkeypatch):
+    """Without the parquet export's revision, FreebaseQA's repository is its loading script, which datasets 5
+    refuses: the error names the task and the routes that work."""
+    monkeypatch.setitem(pd.SOURCES, "freebaseqa", pd.Source("kelvin-jiang/freebase-qa", None, {"test": "test"},
+                                                            pd.SOURCES["freebaseqa"].convert))
+    with pytest.raises(RuntimeError, match=r"freebaseqa: .*holds a loading script.*--from_authors"):
+        pd.prepare_task("freebaseqa", tmp_path / "out")

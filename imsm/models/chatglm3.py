@@ -24,7 +24,6 @@ parameter count (r 16 on ChatGLM3-6B: 3.899M).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -35,6 +34,7 @@ from torch import nn
 
 from imsm.atomic import atomic_dir
 from imsm.default_model import cache_dir
+from imsm.locks import held
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +95,7 @@ def native_model_path(name_or_path: str) -> str:
     if not (target / "config.json").is_file():
         # every rank of a launch may get here at once: one converts, the others wait and then load its folder
         target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target.parent / f".{target.name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with held(target.parent / f".{target.name}.lock", f"converting {name_or_path}"):
             if not (target / "config.json").is_file():
                 logger.info("converting the ChatGLM3 checkpoint %s once into the native glm layout at %s",
                             name_or_path, target)

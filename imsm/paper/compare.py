@@ -11,10 +11,12 @@ from imsm.atomic import atomic_write_text
 from imsm.evaluation.measures.metrics import get_task
 from imsm.evaluation.report.comparisons import headline_interval
 from imsm.evaluation.report.writer import PRIMARY
+from imsm.paper.execute import run_state
 from imsm.paper.numbers import LAYOUTS, PAPER, PAPER_ROWS, PARAMS_TABLES, TEST_ROWS, is_k_over_n, paper_row
 from imsm.paper.plans import PAPER_BACKBONES, Evaluation, Plan
 
 NOT_AVAILABLE = "not available"
+NOT_TRAINED = "not trained"  # ours, for a run the evaluation left out because it failed or has not finished
 NOT_K_OVER_N = "†"
 
 # What keeps our numbers from matching the paper's, whatever the GPUs: every known difference between how the paper's
@@ -69,6 +71,7 @@ class Ours:
     value: float  # percent
     low: float | None = None
     high: float | None = None
+    missing: str | None = None  # why there is no value (NOT_TRAINED), shown in its place
 
 
 def our_value(stats: dict, label: str, task: str, metric: str) -> Ours | None:
@@ -99,6 +102,8 @@ def _read_stats(evaluation: Evaluation) -> dict | None:
 def _fmt_ours(ours: Ours | None) -> str:
     if ours is None:
         return "—"
+    if ours.missing:
+        return ours.missing
     if ours.low is None:
         return f"{ours.value:.2f}"
     return f"{ours.value:.2f} [{ours.low:.1f}, {ours.high:.1f}]"
@@ -106,7 +111,7 @@ def _fmt_ours(ours: Ours | None) -> str:
 
 def _cell(paper: float | None, ours: Ours | None, mark: str = "") -> str:
     paper_text = NOT_AVAILABLE if paper is None else f"{paper:.2f}{mark}"
-    diff = "—" if paper is None or ours is None else f"{ours.value - paper:+.2f}"
+    diff = "—" if paper is None or ours is None or ours.missing else f"{ours.value - paper:+.2f}"
     return f"{paper_text} / {_fmt_ours(ours)} / {diff}"
 
 
@@ -146,6 +151,7 @@ def _table_rows(plan: Plan, table: str) -> list[Row]:
         if evaluation.backbone.model_id != PAPER_BACKBONES[evaluation.backbone.name].model_id:
             model_id = evaluation.backbone.model_id
         labels = ["untuned"] + [run.label for run in evaluation.runs]
+        unfinished = {run.label for run in evaluation.runs if run_state(run) != "done"}
         for label in dict.fromkeys(labels):
             key = (evaluation.panel, evaluation.backbone.name, label)
             row = rows.setdefault(key, Row(*key, {}, [], model_id, None))
@@ -164,6 +170,8 @@ def _table_rows(plan: Plan, table: str) -> list[Row]:
                 if metric == "primary":
                     metric = get_task(task).primary
                 row.values[column] = our_value(stats, label, task, metric) if stats else None
+                if stats and label not in stats["labels"] and label in unfinished:  # evaluated without its run
+                    row.values[column] = Ours(float("nan"), missing=NOT_TRAINED)
             if stats:
                 row.notes += [n for n in stats.get("notes", []) if n not in row.notes]
     return list(rows.values())
@@ -195,7 +203,7 @@ def _render_layout(plan: Plan, table: str) -> tuple[list[str], list[str]]:
                                         r.backbone, r.label))
         for row in in_panel:
             printed = paper_row(table, row.backbone, row.label)
-            ours_values = [v.value for v in row.values.values() if v is not None]
+            ours_values = [v.value for v in row.values.values() if v is not None and not v.missing]
             complete = len(ours_values) == len([k for k, _ in layout if k != "avg"])
             cells = []
             for key, _ in layout:
@@ -250,7 +258,8 @@ def render(plan: Plan) -> str:
     out = [f"# {plan.title}", "",
            (f"Each cell: paper / ours [95% interval] / ours − paper, in percent. Paper: {PAPER}; the source of each "
            "row is given beside it. Ours: mean over our seeds; the interval is the paired bootstrap interval of the "
-           "change against the untuned model, placed on the value (primary metrics only). '—': not evaluated yet."),
+           "change against the untuned model, placed on the value (primary metrics only). '—': not evaluated yet; "
+           f"'{NOT_TRAINED}': the run failed or has not finished."),
            ""]
     all_notes: list[str] = []
     for table in plan.tables:

@@ -31,11 +31,10 @@ class Backbone:
     name: str
     model_id: str
     hidden_size: int | None  # for the frozen-memory cache's disk estimate; None when unknown (an override)
-    trust_remote_code: bool = False  # ChatGLM3 ships its model code in its repository
 
 
 PAPER_BACKBONES: dict[str, Backbone] = {b.name: b for b in (
-    Backbone("ChatGLM3-6B", "THUDM/chatglm3-6b", 4096, trust_remote_code=True),
+    Backbone("ChatGLM3-6B", "THUDM/chatglm3-6b", 4096),
     Backbone("Qwen1.5-4B", "Qwen/Qwen1.5-4B", 2560),
     Backbone("Llama3-8B", "meta-llama/Meta-Llama-3-8B", 4096),
     # Table 3: "Due to crashes when using DoRA for fine-tuning Llama3, we opt for Llama3.1-instruct instead."
@@ -150,9 +149,8 @@ class TrainRun:
     def command(self, train_args: list[str] | tuple[str, ...] = ()) -> list[str]:
         """``bash run_scripts/X.sh ARGS``: the launcher's arguments, then the published code's settings, the
         variant's, the backbone's target modules, the seed and the user's."""
-        remote = ["--trust_remote_code"] if self.backbone.trust_remote_code else []
         targets = ["--target_modules", *self.targets] if self.targets else []
-        return ["bash", str(self.launcher), *self.published_args, *self.variant.args, *targets, *remote,
+        return ["bash", str(self.launcher), *self.published_args, *self.variant.args, *targets,
                 "--seed", str(self.seed), *train_args]
 
     def max_output_length(self) -> int:
@@ -209,8 +207,6 @@ class Evaluation:
         pairs = [f"{a}:{b}" for a, b in self.compare if a in labels and b in labels]
         if pairs:
             cmd += ["--compare", ",".join(pairs)]
-        if self.backbone.trust_remote_code:
-            cmd.append("--trust_remote_code")
         return cmd + list(eval_args)
 
 
@@ -281,7 +277,7 @@ def _backbone(name: str, options: PlanOptions) -> Backbone:
     model_id = options.models.get(name) or options.models.get("*")
     if not model_id or model_id == paper.model_id:
         return paper
-    return Backbone(name, model_id, _hidden_size(model_id), trust_remote_code=False)
+    return Backbone(name, model_id, _hidden_size(model_id))
 
 
 def _slug(model_id: str) -> str:

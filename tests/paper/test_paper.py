@@ -1,5 +1,5 @@
 """reproduce.py and imsm/paper: the paper's numbers as stored, every plan's commands against train.py's and
-evaluate.py's own parsers, the cost estimate by hand, and one plan end to end on a tiny model (kill, resume, SLURM
+evaluate.py's own parsers, and one plan end to end on a tiny model (kill, resume, SLURM
 array through stand-in sbatch/srun, the report with the paper's column)."""
 
 import json
@@ -17,7 +17,6 @@ from transformers import HfArgumentParser
 from imsm.args import parse_train_args
 from imsm.evaluation.arguments import EvalArguments
 from imsm.paper.compare import our_value, render
-from imsm.paper.cost import describe, estimate
 from imsm.paper.numbers import LAYOUTS, PAPER_ROWS, paper_row
 from imsm.paper.plans import PAPER_BACKBONES, PLAN_NAMES, PlanOptions, build_plan, parse_model_overrides
 from tests.paper.launchers import launch_args
@@ -83,7 +82,7 @@ def test_every_plan_expands_to_commands_that_train_py_and_evaluate_py_accept(nam
         args = launch_args(run, tmp_path)
         model, data, imsm, training = parse_train_args([*args, "--bf16", "false"])  # train.py's own parsing
         assert model.model_name_or_path == run.backbone.model_id
-        assert model.trust_remote_code == (run.backbone.name == "ChatGLM3-6B")
+        assert not model.trust_remote_code  # ChatGLM3 is converted to the native glm: no remote code runs
         assert training.output_dir == str(run.output_dir) and training.seed == 42
         assert data.train_file == f"DATA/{run.task}/train.jsonl"
         gate = "token" if "-token-" in run.label else "equal" if "-equal-" in run.label else \
@@ -125,43 +124,6 @@ def test_model_seed_and_method_overrides():
         parse_model_overrides(["Qwen2=my/qwen"])
     with pytest.raises(ValueError, match="leaves no run"):
         build_plan("table2", PlanOptions(methods=("DoRA",)))
-
-
-# ---- cost -----------------------------------------------------------------------------------------------------------
-
-
-def _fake_finished_run(run, runtime_s: float, steps: int, world: int, per_device: int, accumulation: int) -> None:
-    final = run.output_dir / "final"
-    final.mkdir(parents=True)
-    (final / "train_stats.json").write_text(json.dumps({
-        "train_runtime_s": runtime_s, "optimizer_steps": steps, "world_size": world,
-        "per_device_train_batch_size": per_device, "gradient_accumulation_steps": accumulation}))
-    (final / "run_args.json").write_text(json.dumps({
-        "model_name_or_path": run.backbone.model_id, "train_file": f"data/{run.task}/train.jsonl",
-        "gate": "query_aware" if run.label.startswith("IMSM-") else "none"}))
-    (final / "COMPLETE").write_text("")
-    (final / "adapter_model.safetensors").write_bytes(b"\0" * 1000)
-
-
-def test_gpu_hours_come_from_a_finished_run_and_disk_from_the_data(tmp_path):
-    data = tmp_path / "data" / "gsm8k"
-    data.mkdir(parents=True)
-    rows = [{"input": "q", "output": "x" * 531}, {"input": "q", "output": "yes"}]  # 200 + 1 and 2 + 1 tokens
-    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    plan = build_plan("table6", PlanOptions(runs_dir=tmp_path / "runs"))
-    none_yet = estimate(plan, tmp_path / "data", tmp_path / "runs")
-    assert none_yet.measured_runs == 0 and len(none_yet.unmeasured) == 9
-    assert any("not measured for 9 runs" in line for line in describe(none_yet, 9))
-    # 9 IMSM runs of d = 4096: (201 + 3 answer tokens + 2 examples) x 4096 x 2 bytes each
-    assert none_yet.cache_bytes == 9 * 4096 * (204 + 2) * 2
-    rank8 = next(run for run in plan.runs if run.label == "IMSM-LoRA")
-    _fake_finished_run(rank8, runtime_s=3600, steps=100, world=8, per_device=2, accumulation=1)  # 18 GPU-s/example
-    est = estimate(plan, tmp_path / "data", tmp_path / "runs")
-    assert est.remaining == 8 and est.measured_runs == 8
-    assert est.gpu_hours == pytest.approx(8 * 18 * 2 * 3 / 3600)  # 8 runs x 18 s x 2 examples x 3 epochs
-    assert est.cache_bytes == 8 * 4096 * 206 * 2
-    measured = sum(p.stat().st_size for p in (rank8.output_dir / "final").iterdir())
-    assert est.checkpoint_unmeasured == 6 and est.checkpoint_bytes == 2 * measured  # imsm_lora rank 4 and 16
 
 
 # ---- the report -----------------------------------------------------------------------------------------------------
@@ -218,6 +180,7 @@ while [ $# -gt 1 ]; do case "$1" in --dependency=*) dependency=${1#--dependency=
 script=$1
 id=$(( $(cat "$SLURM_LOG.count" 2>/dev/null || echo 100) + 1 )); echo $id > "$SLURM_LOG.count"
 echo "submit $id $script dependency=$dependency" >> "$SLURM_LOG"
+export SLURM_JOB_ID=$id SLURM_JOB_NUM_NODES=1 SLURM_CPUS_PER_TASK=2 SLURM_JOB_NODELIST=node1
 range=$(sed -n 's/^#SBATCH --array=//p' "$script")
 if [ -n "$range" ]; then
     for i in $(seq ${range%-*} ${range#*-}); do
@@ -289,7 +252,7 @@ def test_table2_end_to_end_on_a_tiny_model_killed_resumed_and_finished_by_a_slur
     submitted = log.read_text()
     assert "failed" not in submitted, (log.with_suffix(".log.out")).read_text()[-3000:]
     assert "submit 101 train.sbatch dependency=\n" in submitted
-    assert "submit 102 evaluate.sbatch dependency=afterok:101" in submitted
+    assert "submit 102 evaluate.sbatch dependency=afterany:101" in submitted
     assert submitted.count("--train_index") == 2 and "--evaluate" in submitted
     job_output = Path(f"{log}.out").read_text()
     assert "finished (final/ complete), skipped" in job_output  # the LoRA run

@@ -47,8 +47,9 @@ class DataArguments:
     )
     knowledge_file: str | None = field(
         default=None,
-        metadata={"help": "JSONL of world-knowledge examples ('input', 'output') mixed into training as type 1 "
-                          "(LoRAMoE's sample type); all rows unless --knowledge_examples or --knowledge_share."},
+        metadata={"help": "Replay, any method: JSONL of general / world-knowledge examples ('input', 'output') mixed "
+                          "into training as type 1 (LoRAMoE's sample type); all rows unless --knowledge_examples or "
+                          "--knowledge_share."},
     )
     knowledge_examples: int | None = field(
         default=None, metadata={"help": "Mix in the first N rows of --knowledge_file."}
@@ -89,7 +90,7 @@ TRAINED_GATES = tuple(name for name, gate in GATES.items() if issubclass(gate, L
 MIXING_GATES = tuple(name for name in GATES if name != "none")  # gates that run the frozen pass
 # Options that only some gates read: option -> the gates that read it. ImsmArguments refuses a value other than the
 # default under any other gate. (The PEFT methods' own options are not here: each method parses only its own,
-# ``imsm/method/adapters``.)
+# ``imsm/method/adapters``.) The frozen-memory cache also serves the KL anchor, under any gate.
 GATE_OPTIONS: dict[str, tuple[str, ...]] = {
     "gate_rank": TRAINED_GATES,
     "gate_dropout": TRAINED_GATES,
@@ -125,8 +126,22 @@ class ImsmArguments:
     frozen_memory_cache: str = field(
         default="off",
         metadata={"help": "Keep q_M and the answer-position h_M after the first epoch and skip the frozen pass in "
-                          "later ones: off, on (OUTPUT_DIR/frozen_memory_cache) or a folder; pays from 2 epochs."},
+                          "later ones: off, on (OUTPUT_DIR/frozen_memory_cache) or a folder; pays from 2 epochs. "
+                          "Needs a mixing gate or --kl_anchor."},
     )
+    kl_anchor: float = field(
+        default=0.0,
+        metadata={"help": "β of the KL anchor: loss += β · mean over answer tokens of KL(frozen ‖ tuned), the frozen "
+                          "model's next-token distribution from the frozen pass (any method, any gate; 0 = off; "
+                          "ASFT uses 0.1). See docs/training.md."},
+    )
+    eaft: bool = field(
+        default=False,
+        metadata={"help": "Entropy-adaptive fine-tuning: weight each answer token's cross-entropy by "
+                          "(top-k entropy / ln k)^α of the model's own prediction."},
+    )
+    eaft_alpha: float = field(default=1.0, metadata={"help": "EAFT: the exponent α of the entropy weight."})
+    eaft_topk: int = field(default=20, metadata={"help": "EAFT: the k largest logits the entropy is taken over."})
     options: Any = field(default=None, init=False)  # the method's options (not a command-line argument)
 
     def __post_init__(self) -> None:
@@ -137,13 +152,28 @@ class ImsmArguments:
             raise ValueError("--gate_rank must be at least 1")
         if not 0.0 <= self.gate_dropout < 1.0:
             raise ValueError("--gate_dropout must be in [0, 1)")
+        if self.kl_anchor < 0:
+            raise ValueError(f"--kl_anchor {self.kl_anchor:g}: β must be >= 0 (0 switches the anchor off)")
+        if self.eaft_alpha < 0 or self.eaft_topk < 2:
+            raise ValueError(f"--eaft_alpha {self.eaft_alpha:g} / --eaft_topk {self.eaft_topk}: α must be >= 0 and "
+                             "k at least 2 (the entropy of one logit is 0)")
+        if not self.eaft and (self.eaft_alpha, self.eaft_topk) != (1.0, 20):
+            raise ValueError("--eaft_alpha and --eaft_topk only apply with --eaft")
         misplaced = []
         for f in fields(self):
+            if f.name == "frozen_memory_cache" and self.kl_anchor > 0:
+                continue  # the anchor reads h_M under any gate
             if f.name in GATE_OPTIONS and getattr(self, f.name) != f.default and self.gate not in GATE_OPTIONS[f.name]:
-                misplaced.append(f"--{f.name} only applies to --gate {'/'.join(GATE_OPTIONS[f.name])}")
+                misplaced.append(f"--{f.name} only applies to --gate {'/'.join(GATE_OPTIONS[f.name])}"
+                                 + (" or with --kl_anchor" if f.name == "frozen_memory_cache" else ""))
         if misplaced:
             raise ValueError(f"--gate {self.gate} would ignore these options: {'; '.join(misplaced)}. Remove them or "
                              "choose the gate they belong to")
+
+    @property
+    def eaft_setting(self) -> tuple[float, int] | None:
+        """(α, k) when EAFT is on, for ``IMSMModel(eaft=...)``."""
+        return (self.eaft_alpha, self.eaft_topk) if self.eaft else None
 
     @property
     def method(self) -> MethodSpec:

@@ -86,7 +86,8 @@ def build_imsm_model(backbone, imsm_args, total_steps: int | None = None, templa
     adapter = method.attach(backbone, options, imsm_args.target_modules, total_steps, template, max_input_length)
     gate = build_gate(imsm_args.gate, backbone.config.hidden_size, imsm_args.gate_rank, imsm_args.gate_dropout)
     model = IMSMModel(adapter.peft_model, gate, method, initial_adapter_state=adapter.initial_state,
-                      frozen_cache=frozen_cache)
+                      frozen_cache=frozen_cache, kl_anchor=imsm_args.kl_anchor,
+                      eaft=imsm_args.eaft_setting)
     model.requires_grad_(False)
     for group in model.trainable_parameters().values():
         for _, p in group:

@@ -27,7 +27,7 @@ from scipy import stats as scipy_stats
 from imsm.evaluation.report.charts import plot_tradeoff
 from imsm.evaluation.report.comparisons import INTERVALS
 from imsm.evaluation.report.results import DEFINITIONS, GENERAL, forgetting_columns
-from imsm.evaluation.stats import MCNEMAR, METHOD_T, NOT_ESTIMABLE, method_interval
+from imsm.evaluation.stats import MCNEMAR, METHOD_T, NOT_ESTIMABLE, method_interval, reported_p
 
 SOURCE = ("method-level intervals restated by scripts/restate_stats.py from the stored per-run values and "
           "examples-only intervals (the per-example predictions were not kept); NLL comparisons are of "
@@ -85,11 +85,11 @@ def restate(records: dict[str, Any]) -> dict[str, Any]:
         if seed_a is None or seed_b is None:
             out["method_note"] = NOT_ESTIMABLE
             if rec.get("p_mcnemar") is not None:  # two single runs: the vote of one run is the run
-                out["p"], out["test"] = rec["p_mcnemar"], MCNEMAR
+                out["p"], out["test"] = reported_p(rec["p_mcnemar"]), MCNEMAR
         else:
             variance = ((rec["high"] - rec["low"]) / (2.0 * z)) ** 2
-            out["method_low"], out["method_high"], out["p"] = method_interval(rec["delta"], variance,
-                                                                              [seed_a, seed_b])
+            out["method_low"], out["method_high"], p = method_interval(rec["delta"], variance, [seed_a, seed_b])
+            out["p"] = reported_p(p)
             out["test"] = METHOD_T
         restated.append(out)
     notes = records.pop("notes", [])

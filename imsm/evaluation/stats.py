@@ -42,7 +42,14 @@ vote of seeds: that is a different model from the seed mean the change and inter
 model) get the same two intervals: a ``Measure`` evaluates each run on drawn examples, ``change`` gives the
 examples-only percentile interval and ``method_interval``'s; an ``average`` column over several tasks draws each task
 apart (``task_counts``). ``bounded_percentiles`` is the frontier's examples-only interval when some draws have no
-value (``imsm.evaluation.measures.frontier``). ``CONFIDENCE`` is every interval's level, here alone.
+value (``imsm.evaluation.measures.frontier``). ``CONFIDENCE`` is every interval's level, here alone. A change of KL
+against the untuned model gets intervals but no p-value (``change(..., testable=False)``): KL(untuned ‖ tuned) >= 0,
+and 0 only for the very same model, so "no change" cannot hold for a trained model and a test of it says nothing.
+
+**Reporting p.** A p-value below ``P_FLOOR`` = 1e-4 is reported as ``"<1e-4"`` (``reported_p`` in stats.json,
+``format_p`` in text), never as its digits: so far out in the tail the number is set by the approximation, not the
+data (a t of 30 with Welch's df ≈ 200 from 3 seeds gives p ≈ 1e-58, the same t at df 2 gives 1e-3; McNemar's and the
+t tail underflow to exactly 0.0 beyond ~1e-308).
 """
 
 from __future__ import annotations
@@ -57,7 +64,11 @@ from scipy import stats as scipy_stats
 from imsm.evaluation.measures.metrics import METRIC_FUNCTIONS
 
 CONFIDENCE = 0.95
+P_FLOOR = 1e-4
+P_BELOW = "<1e-4"
 NOT_ESTIMABLE = "not estimable from one seed"
+NO_KL_TEST = ("no test: KL to the untuned model is >= 0 and 0 only for the same model, so the null of no change "
+              "cannot hold; read the interval")
 METHOD_T = "method-level t"
 MCNEMAR = "McNemar exact"
 AVERAGE = "average"  # the column of several tasks' mean (each task weighs the same, as in the frontier)
@@ -150,6 +161,24 @@ def _seed_variance(scores: Sequence[LabelScores]) -> tuple[float, int] | None:
         return None
     per_run = np.mean([s.per_run() for s in scores], axis=0)  # each run's own average: its seed effect is shared
     return float(per_run.var(ddof=1)) / first.runs, first.runs
+
+
+def reported_p(p: float | None) -> float | str | None:
+    """``p`` as a report states it: None stays None, below ``P_FLOOR`` the string ``"<1e-4"`` (never 0.0)."""
+    if p is None or isinstance(p, str):
+        return p
+    return P_BELOW if p < P_FLOOR else float(p)
+
+
+def format_p(p: float | str | None) -> str:
+    """``p`` for text: "<1e-4" below ``P_FLOOR``, else three significant digits; "–" for None."""
+    p = reported_p(p)
+    return "–" if p is None else p if isinstance(p, str) else f"{p:.3g}"
+
+
+def significant(p: float | str | None, alpha: float = 0.05) -> bool:
+    """Whether a (reported) p-value lies below ``alpha`` (``"<1e-4"`` does)."""
+    return p is not None and (p == P_BELOW or float(p) < alpha)
 
 
 def method_interval(delta: float, examples_variance: float, seed_terms: Sequence[tuple[float, int]],
@@ -250,8 +279,9 @@ class Measure:
         return self.fn(np.ones((1, self.n)))[:, 0]
 
 
-def change(a: Measure, b: Measure, counts: np.ndarray, confidence: float = CONFIDENCE) -> dict:
-    """value(a) − value(b) with the examples-only and method-level intervals (the module docstring)."""
+def change(a: Measure, b: Measure, counts: np.ndarray, confidence: float = CONFIDENCE, testable: bool = True) -> dict:
+    """value(a) − value(b) with the examples-only and method-level intervals (the module docstring); ``p`` as
+    ``reported_p`` states it, None with a ``p_note`` when ``testable`` is False (KL against the untuned model)."""
     delta = float(a.per_run().mean() - b.per_run().mean())
     samples = a.fn(counts).mean(0) - b.fn(counts).mean(0)
     tail = (1.0 - confidence) / 2.0
@@ -265,8 +295,12 @@ def change(a: Measure, b: Measure, counts: np.ndarray, confidence: float = CONFI
             out["note"] = "method-level interval not estimable from one seed"
             return out
         terms.append((float(runs.var(ddof=1)) / len(runs), len(runs)) if m.seeded else (0.0, 1))
-    interval = method_interval(delta, float(np.nanvar(samples, ddof=1)), terms, confidence)
-    out["method_low"], out["method_high"], out["p"] = (float(x) for x in interval)
+    low, high, p = method_interval(delta, float(np.nanvar(samples, ddof=1)), terms, confidence)
+    out["method_low"], out["method_high"] = float(low), float(high)
+    if testable:
+        out["p"] = reported_p(p)
+    else:
+        out["p_note"] = NO_KL_TEST
     return out
 
 

@@ -48,13 +48,20 @@ def _corda(args) -> str:
     return "corda"
 
 
-# --init_lora_weights NAME -> PEFT's init_lora_weights value
-LORA_INITS: dict[str, Callable[..., bool | str]] = {"default": _default, "pissa": _pissa, "corda": _corda}
+def _mica(args) -> str:
+    return "mica"
+
+
+# --init_lora_weights NAME -> PEFT's init_lora_weights value. MiCA (Minor Component Adaptation, PEFT's "mica"): B is
+# fixed to the r left singular vectors of W with the smallest singular values, A starts at 0 and is the only trained
+# factor; W itself is untouched, so it works with the IMSM gate.
+LORA_INITS: dict[str, Callable[..., bool | str]] = {"default": _default, "pissa": _pissa, "corda": _corda,
+                                                    "mica": _mica}
 
 
 def mutates_base(init_name: str) -> bool:
     """Whether the init rewrites the base weights (the residual), so the run must be saved converted."""
-    return init_name != "default"
+    return init_name in ("pissa", "corda")
 
 
 def calibration_indices(args) -> list[int]:

@@ -49,7 +49,7 @@ class IMSMTrainer(Trainer):
         self.run_config, self.run_args, self.gate_learning_rate = run_config, run_args, gate_learning_rate
         # this rank's micro-batch values since the last log, averaged into it: the share of the frozen memory in the
         # mix (training and validation) and the method's logged loss terms (LoRAMoE's balancing constraint)
-        self._logged_losses = self.model.method.logged_losses
+        self._logged_losses = self.model.method.logged_losses + self.model.logged_terms
         self._since_log: dict[str, list[float]] = {"gate_mean": [], "eval_gate_mean": [],
                                                    **{name: [] for name in self._logged_losses}}
         # rotation counts complete checkpoints only, so it runs after COMPLETE is written (CheckpointCompletion)

@@ -17,7 +17,7 @@ from imsm.evaluation.report.comparisons import headline_interval
 from imsm.evaluation.report.results import RunResult
 from imsm.evaluation.report.tables import comparison_table, forgetting_table
 from imsm.evaluation.report.writer import write_report
-from imsm.evaluation.stats import LabelScores, mcnemar, mcnemar_exact, paired_difference, resample_counts
+from imsm.evaluation.stats import LabelScores, mcnemar, mcnemar_exact, paired_difference, resample_counts, significant
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -283,7 +283,8 @@ def test_comparison_table_and_stats_files(study, tmp_path):
     assert pair[0]["delta"] == pytest.approx(expected)
     rec = pair[0]
     assert rec["method_low"] < rec["examples_low"] < expected < rec["examples_high"] < rec["method_high"]
-    assert pair[0]["test"] == "method-level t" and 0 < pair[0]["p"] <= 1 and pair[0]["method_note"] is None
+    assert pair[0]["test"] == "method-level t" and pair[0]["method_note"] is None
+    assert pair[0]["p"] == "<1e-4" or 1e-4 <= pair[0]["p"] <= 1
     assert "pooled" in records["definitions"]["answer_nll"] and "examples" in records["intervals"]
     assert len(list(csv.reader(paths["stats_csv"].open()))) == 1 + len(records["comparisons"])
     # the chart's numbers: a mean point per label and measure with intervals, a small point per run
@@ -350,7 +351,7 @@ def test_the_published_stats_carry_both_interval_kinds(name):
         assert rec["examples_low"] <= rec["delta"] <= rec["examples_high"]
         if all(k > 1 or not t for k, t in zip(runs, trained, strict=True)):
             assert rec["test"] == "method-level t" and rec["method_low"] <= rec["delta"] <= rec["method_high"]
-            assert (rec["p"] < 0.05) == (rec["method_low"] > 0 or rec["method_high"] < 0)
+            assert significant(rec["p"]) == (rec["method_low"] > 0 or rec["method_high"] < 0)
         else:
             assert rec["method_low"] is None and rec["method_note"] == "not estimable from one seed"
 
@@ -360,3 +361,60 @@ def test_the_headline_interval_of_a_record_prefers_the_method_level_one():
     assert headline_interval(both) == (-3.0, 3.0)
     assert headline_interval(both | {"method_low": None, "method_high": None}) == (-1.0, 1.0)
     assert headline_interval({"low": -2.0, "high": 2.0}) == (-2.0, 2.0)  # a stats.json from before
+
+
+def test_a_p_below_1e4_is_reported_as_below_never_as_its_digits_or_zero():
+    """A t of 30 on Welch's df ≈ 200 has p ≈ 1e-58, on df 2 about 1e-3: so far out the digits are the approximation's;
+    an underflowed tail is exactly 0.0. Both are reported "<1e-4"; p at or above 1e-4 keeps its value."""
+    from scipy import stats as scipy_stats
+
+    from imsm.evaluation.stats import format_p, method_interval, reported_p, significant
+
+    far = 2.0 * scipy_stats.t.sf(30.0, 200)
+    assert far < 1e-50 and 2.0 * scipy_stats.t.sf(30.0, 2) > 1e-4  # the df decides the digits
+    _, _, p = method_interval(40.0, 1.0, [(0.0, 1)])  # normal tail of z = 40: underflows to 0.0
+    assert p == 0.0
+    assert reported_p(p) == reported_p(far) == "<1e-4" and format_p(p) == format_p(far) == "<1e-4"
+    assert reported_p(0.0123) == 0.0123 and format_p(0.0123) == "0.0123" and reported_p(None) is None
+    assert reported_p(1e-4) == 1e-4 and significant("<1e-4") and significant(0.01) and not significant(0.2)
+
+
+def test_kl_against_the_untuned_model_gets_intervals_but_no_p_value():
+    from imsm.evaluation.arguments import MeasureArguments
+    from imsm.evaluation.report.measure_tables import measure_sections
+
+    yes_no = {"gold_yes": [True, False, True, False]}
+    untuned = {"label": "untuned", "untuned": True, "yes_no": {"mrpc": yes_no | {"log_odds": [0.1, 0.2, 0.3, 0.0]}},
+               "kl": {"webq": [[0, 2], [0, 3]]}}
+    lora = [{"label": "LoRA", "untuned": False, "yes_no": {"mrpc": yes_no | {"log_odds": [1.0, -1.0, 0.5, 0.2]}},
+             "kl": {"webq": [[1, 2], [2, 3]]}},
+            {"label": "LoRA", "untuned": False, "yes_no": {"mrpc": yes_no | {"log_odds": [0.4, 0.1, 0.9, 0.5]}},
+             "kl": {"webq": [[2, 2], [1, 3]]}}]
+    sections = measure_sections({"untuned": [untuned], "LoRA": lora}, "mrpc",
+                                MeasureArguments(measures="auroc,kl"), 1000, 0)
+    kl = sections.stats["kl"]["webq"]["LoRA"]["change"]
+    assert kl["p"] is None and "null of no change cannot hold" in kl["p_note"] and kl["method_low"] is not None
+    assert sections.stats["auroc"]["mrpc"]["LoRA"]["change"]["p"] is not None  # AUROC keeps its test
+    kl_lines = [line for line in sections.forgetting_part if line.startswith("| LoRA |")]
+    assert kl_lines and "p=" not in kl_lines[0]
+
+
+@pytest.mark.parametrize("name", ["cpu_study_stats.json", "cpu_baselines3_stats.json", "cpu_baselines_stats.json",
+                                  "cpu_study_measures.json"])
+def test_no_published_p_value_is_zero_or_below_the_floor(name):
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / name).read_text()
+
+    def walk(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "p" and value is not None:
+                    assert value == "<1e-4" or value >= 1e-4, f"{name}: p = {value}"
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    records = json.loads(text)
+    walk(records.get("comparisons", records.get("measures")))  # the records (the legend's "p" is a sentence)

@@ -7,25 +7,39 @@ forgetting); IMSM is one point. With
     forgetting = the forgetting measure − the untuned model's, averaged over tasks      (general-text NLL per token:
                  tuned − untuned; KL(untuned ‖ tuned): the untuned model's is 0)
 
-a label's point is the mean over its runs (seeds). The **LoRA curve** is the lower frontier of the LoRA points: those
-that no other point beats on both axes (gain at least as high, forgetting at least as low), joined by straight
-lines; a dominated scale or checkpoint is simply a worse way for LoRA to reach that gain. The reported **gap** is
+a label's point is the mean over its runs (seeds). The **LoRA curve** is fitted to the lower frontier of the LoRA
+points (those that no other point beats on both axes: gain at least as high, forgetting at least as low; a dominated
+scale or checkpoint is simply a worse way for LoRA to reach that gain) and the untuned model's point (0, 0), which is
+LoRA at scale 0:
+
+    curve(g) = a·g + b·g²     (least squares through the origin; one frontier point: b·g² through it)
+
+**Why a fitted curve, not the chord between neighbouring points** (as before this was written): forgetting grows
+with the square of the adapter scale while the gain grows about linearly, so the true curve is convex, and a chord
+lies above a convex curve between its points; IMSM's gap read off the chord is then too negative (flatters IMSM). On
+forgetting = g² with points at g = 0.5 and 1, the chord says 0.625 at g = 0.75, the curve is 0.5625
+(``tests/evaluation/measures/test_frontier.py``). The fit is read, never extrapolated, from min(0, lowest gain) up to
+the highest gain of any single LoRA run (every seed's point on that draw, not only the seed means), so a LoRA seed's
+own curve reaches IMSM's gain more often. The reported **gap** is
 
     gap = F_IMSM − curve(G_IMSM)            (< 0: IMSM forgets less than LoRA at the same target gain)
 
-and where G_IMSM lies outside the curve's gain range the gap is not given (never extrapolated): the note says so.
+and where G_IMSM lies outside that range the gap is not given: the note says so.
 
 **Intervals.** The *examples-only* interval draws the target's and every forgetting task's examples with replacement
 (``stats.resample_counts``; one draw shared by every label, so all points move together), recomputes every point,
 **rebuilds the curve** and the gap on each draw, and takes the 2.5th and 97.5th percentiles. The *method-level*
 interval adds the seeds through the statistics module's ``method_interval`` (Welch t over the seed terms):
-SE² = V_ex + s²(d_r)/k_IMSM + s²(e_j)/k_LoRA, where d_r is the gap of IMSM's run r against the seed-averaged curve and
-e_j the gap of the seed-averaged IMSM point against LoRA seed j's own curve (run j of every LoRA label is one training
-run at its scales and checkpoints) - each seed's effect on the gap, to first order. A draw whose gain leaves the
-curve's range has no gap: while such draws are fewer than a tail holds (2.5% of them), the examples-only interval is
-bounded as if each were −inf (its lower end) and +inf (its upper end), so it holds whatever their gap
-(``stats.bounded_percentiles``), and V_ex is the variance of the draws in range; with more, or a seed out of range, the
-interval is not given, with the count in the note.
+SE² = V_ex + s²(d_r)/k_IMSM + s²(e_j)/k_LoRA, where d_r = (F_r − F_IMSM) − curve'(G_IMSM)·(G_r − G_IMSM) is IMSM run
+r's effect on the gap to first order (its forgetting and gain against the fitted curve's slope, so a run whose gain
+lies beyond the curve's range still has one: reading the curve at each run's own gain is what left 13-22% of
+synthetic studies without a method-level interval) and e_j the gap of the seed-averaged IMSM point against LoRA seed
+j's own fitted curve (run j of every LoRA label is one training run at its scales and checkpoints). A draw whose
+gain leaves the curve's range has no gap: while such draws are fewer than a tail holds (2.5% of them), the
+examples-only interval is bounded as if each were −inf (its lower end) and +inf (its upper end), so it holds whatever
+their gap (``stats.bounded_percentiles``), and V_ex is the variance of the draws in range; with more, the interval is
+not given, with the count in the note. The method-level interval is also missing when a LoRA seed's own curve does
+not reach IMSM's gain (``seeds_outside`` counts them; the note says so).
 """
 
 from __future__ import annotations
@@ -36,7 +50,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from imsm.evaluation.measures.measures import auroc_resampled
-from imsm.evaluation.stats import CONFIDENCE, bounded_percentiles, method_interval, resample_counts
+from imsm.evaluation.stats import CONFIDENCE, bounded_percentiles, method_interval, reported_p, resample_counts
 
 Point = tuple[float, float]  # (target gain, forgetting)
 
@@ -53,12 +67,30 @@ def lower_frontier(points: Sequence[Point]) -> list[Point]:
     return curve[::-1]
 
 
-def interpolate(curve: Sequence[Point], gain: float) -> float | None:
-    """The curve's forgetting at ``gain``, linear between its points; None outside its gain range."""
-    if not curve or gain < curve[0][0] or gain > curve[-1][0]:
+def fit_curve(curve: Sequence[Point]) -> tuple[float, float]:
+    """(a, b) of forgetting = a·g + b·g², least squares through the origin over the frontier points ``curve``."""
+    g = np.array([p[0] for p in curve], dtype=float)
+    f = np.array([p[1] for p in curve], dtype=float)
+    keep = g != 0.0  # the origin is on the curve by construction; a point at gain 0 adds nothing to fit
+    g, f = g[keep], f[keep]
+    if len(g) == 0:
+        return 0.0, 0.0
+    if len(g) == 1:
+        return 0.0, float(f[0] / g[0] ** 2)
+    (a, b), *_ = np.linalg.lstsq(np.stack([g, g * g], axis=1), f, rcond=None)
+    return float(a), float(b)
+
+
+def curve_value(curve: Sequence[Point], gain: float, reach: float | None = None) -> float | None:
+    """The fitted curve's forgetting at ``gain`` (``fit_curve``); None outside [min(0, lowest gain), highest gain],
+    the upper end raised to ``reach`` when given (the highest gain of any single run)."""
+    if not curve:
         return None
-    gains, forgetting = zip(*curve, strict=True)
-    return float(np.interp(gain, gains, forgetting))
+    low, high = min(0.0, curve[0][0]), max(curve[-1][0], reach if reach is not None else -np.inf)
+    if gain < low or gain > high:
+        return None
+    a, b = fit_curve(curve)
+    return a * gain + b * gain * gain
 
 
 @dataclass
@@ -102,11 +134,13 @@ class FrontierGap:
     method_low: float | None = None
     method_high: float | None = None
     p: float | None = None
+    seeds_outside: int = 0  # LoRA seeds whose own curve does not reach IMSM's gain (no method-level interval)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("gap", "imsm", "points", "curve", "examples_low", "examples_high",
-                                              "method_low", "method_high", "p", "notes")}
+        return {k: reported_p(self.p) if k == "p" else getattr(self, k)
+                for k in ("gap", "imsm", "points", "curve", "examples_low", "examples_high", "method_low",
+                          "method_high", "p", "seeds_outside", "notes")} | {"fit": fit_curve(self.curve)}
 
 
 def _points(labels: dict[str, LabelRuns], untuned: LabelRuns, positive, counts_t, counts_f):
@@ -115,6 +149,11 @@ def _points(labels: dict[str, LabelRuns], untuned: LabelRuns, positive, counts_t
     return {name: tuple(v - b for v, b in zip(runs.values(positive, counts_t, counts_f), (base_gain, base_forgetting),
                                                strict=True))
             for name, runs in labels.items()}
+
+
+def _reach(points: dict[str, tuple[np.ndarray, np.ndarray]], column: int) -> float:
+    """The highest gain of any single LoRA run on one draw: how far the fitted curve is read."""
+    return float(max(g[:, column].max() for g, _ in points.values()))
 
 
 def _curve_at(points: dict[str, tuple[np.ndarray, np.ndarray]], column: int, run: int | None = None) -> list[Point]:
@@ -142,10 +181,11 @@ def frontier_gap(imsm: LabelRuns, lora: dict[str, LabelRuns], untuned: LabelRuns
     curve = _curve_at(points, 0)
     result = FrontierGap(None, (g_imsm, f_imsm), {k: (float(g.mean()), float(f.mean())) for k, (g, f) in
                                                   points.items()}, curve)
-    at = interpolate(curve, g_imsm)
+    reach = _reach(points, 0)
+    at = curve_value(curve, g_imsm, reach)
     if at is None:
         result.notes.append(f"IMSM's target gain {g_imsm:+.4f} lies outside the LoRA curve's gain range "
-                            f"[{curve[0][0]:+.4f}, {curve[-1][0]:+.4f}]; not extrapolated")
+                            f"[{min(0.0, curve[0][0]):+.4f}, {max(curve[-1][0], reach):+.4f}]; not extrapolated")
         return result
     result.gap = f_imsm - at
 
@@ -156,7 +196,7 @@ def frontier_gap(imsm: LabelRuns, lora: dict[str, LabelRuns], untuned: LabelRuns
     dg, df = _points({"imsm": imsm}, untuned, positive, counts_t, counts_f)["imsm"]
     gaps = []
     for b in range(resamples):
-        value = interpolate(_curve_at(drawn, b), float(dg[:, b].mean()))
+        value = curve_value(_curve_at(drawn, b), float(dg[:, b].mean()), _reach(drawn, b))
         gaps.append(None if value is None else float(df[:, b].mean()) - value)
     tail = (1.0 - confidence) / 2.0
     interval = bounded_percentiles(gaps, tail)
@@ -172,15 +212,18 @@ def frontier_gap(imsm: LabelRuns, lora: dict[str, LabelRuns], untuned: LabelRuns
     result.examples_low, result.examples_high = interval
     gaps = [g for g in gaps if g is not None]
 
-    per_imsm_run = [interpolate(curve, float(ig[r, 0])) for r in range(imsm.runs)]
-    per_lora_seed = [interpolate(_curve_at(points, 0, run=j), g_imsm) for j in range(seeds.pop())]
+    per_lora_seed = [curve_value(_curve_at(points, 0, run=j), g_imsm, reach) for j in range(seeds.pop())]
     if imsm.runs < 2 or len(per_lora_seed) < 2:
         result.notes.append("no method-level interval: not estimable from one seed")
         return result
-    if any(v is None for v in per_imsm_run + per_lora_seed):
-        result.notes.append("no method-level interval: a single seed's gain or curve leaves the curve's range")
+    result.seeds_outside = sum(v is None for v in per_lora_seed)
+    if result.seeds_outside:
+        result.notes.append(f"no method-level interval: {result.seeds_outside} of {len(per_lora_seed)} LoRA seeds' "
+                            "own curves do not reach IMSM's gain")
         return result
-    d = np.array([float(if_[r, 0]) - v for r, v in enumerate(per_imsm_run)])
+    a, b = fit_curve(curve)
+    slope = a + 2.0 * b * g_imsm  # IMSM run r's gap, to first order: its own forgetting and gain against the slope
+    d = np.array([float(if_[r, 0]) - f_imsm - slope * (float(ig[r, 0]) - g_imsm) for r in range(imsm.runs)])
     e = np.array([f_imsm - v for v in per_lora_seed])
     terms = [(float(d.var(ddof=1)) / len(d), len(d)), (float(e.var(ddof=1)) / len(e), len(e))]
     result.method_low, result.method_high, result.p = (float(x) for x in method_interval(

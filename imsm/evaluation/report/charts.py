@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from imsm.atomic import atomic_write_bytes
+from imsm.evaluation.measures.frontier import fit_curve
 from imsm.evaluation.measures.metrics import get_task
 from imsm.evaluation.report.comparisons import Comparisons
 from imsm.evaluation.report.results import (
@@ -173,7 +174,9 @@ def plot_frontier(frontier: dict, target: str, path: str | Path) -> Path:
             ax.scatter([g], [f], color="tab:blue", s=18)
             ax.annotate(label, (g, f), fontsize=7, xytext=(3, 3), textcoords="offset points")
         if gap.curve:
-            ax.plot(*zip(*gap.curve, strict=True), color="tab:blue", label="LoRA curve (lower frontier)")
+            a, b = fit_curve(gap.curve)
+            xs = np.linspace(min(0.0, gap.curve[0][0]), max(gap.curve[-1][0], gap.imsm[0]), 100)
+            ax.plot(xs, a * xs + b * xs * xs, color="tab:blue", label="LoRA curve (a·g + b·g² fitted to its frontier)")
         ax.scatter([gap.imsm[0]], [gap.imsm[1]], color="tab:red", marker="*", s=120, zorder=3,
                    label="IMSM" + ("" if gap.gap is None else f" (gap {gap.gap:+.3f})"))
         ax.set_xlabel(f"target gain: AUROC change on {target}")

@@ -21,14 +21,23 @@ from imsm.evaluation.report.results import (
     metric_key,
     tasks_present,
 )
-from imsm.evaluation.stats import CONFIDENCE, MCNEMAR, Difference, mcnemar, paired_difference, resample_counts
+from imsm.evaluation.stats import (
+    CONFIDENCE,
+    MCNEMAR,
+    Difference,
+    mcnemar,
+    paired_difference,
+    reported_p,
+    resample_counts,
+)
 
 INTERVALS = {
     "examples": "examples-only: test examples resampled, each label's runs held fixed (no seed-to-seed variance)",
     "method": "method-level: seed variance (between runs of a label) added to the examples-only variance, "
               "Welch-Satterthwaite t interval; not estimable from one seed",
     "p": "the test of the same quantity as the headline interval: the method-level t test where that interval "
-         "exists, else McNemar's exact test between two single models on a 0/1 metric, else none",
+         "exists, else McNemar's exact test between two single models on a 0/1 metric, else none; below 1e-4 "
+         "written \"<1e-4\" (there the digits are the tail approximation's, not the data's)",
 }
 RECORD_KEYS = ["a", "b", "measure", "metric", "column", "delta", "examples_low", "examples_high", "method_low",
                "method_high", "method_note", "p", "test"]
@@ -134,8 +143,8 @@ def stats_records(runs: list[RunResult], target: str, baseline_label: str, pairs
                 records.append({"a": row_a.label, "b": row_b.label, "measure": measure, "metric": metric,
                                 "column": column, "delta": diff.delta, "examples_low": diff.examples_low,
                                 "examples_high": diff.examples_high, "method_low": diff.method_low,
-                                "method_high": diff.method_high, "method_note": diff.method_note, "p": diff.p,
-                                "test": diff.test})
+                                "method_high": diff.method_high, "method_note": diff.method_note,
+                                "p": reported_p(diff.p), "test": diff.test})
     return {"target": target, "baseline": baseline_label, "confidence": comparisons.confidence,
             "bootstrap_resamples": comparisons.resamples, "bootstrap_seed": comparisons.seed,
             "intervals": INTERVALS, "definitions": DEFINITIONS, "labels": labels, "comparisons": records}

@@ -24,7 +24,7 @@ from imsm.evaluation.measures.measures import (
 )
 from imsm.evaluation.measures.metrics import get_task
 from imsm.evaluation.report.results import measured_names, read_measures
-from imsm.evaluation.stats import AVERAGE, Measure, average_measure, change, task_counts
+from imsm.evaluation.stats import AVERAGE, Measure, average_measure, change, format_p, task_counts
 
 TARGET_MEASURES = ("auroc", "mcc", "balanced_accuracy")
 MEASURE_TITLES = {
@@ -109,7 +109,8 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 def _fmt_change(c: dict) -> str:
     text = f"{c['delta']:+.4f} [{c['examples_low']:+.4f}, {c['examples_high']:+.4f}]"
     if c["method_low"] is not None:
-        text += f" [{c['method_low']:+.4f}, {c['method_high']:+.4f}] p={c['p']:.3g}"
+        text += f" [{c['method_low']:+.4f}, {c['method_high']:+.4f}]"
+        text += f" p={format_p(c['p'])}" if c["p"] is not None else ""
     return text
 
 
@@ -138,7 +139,7 @@ def measure_sections(results: dict[str, list[dict]], target: str, margs: Measure
                 if label == "untuned":
                     cells.append("")
                     continue
-                c = change(m, by_task[task], counts[(name, task)])
+                c = change(m, by_task[task], counts[(name, task)], testable=name != "kl")
                 cells.append(_fmt_change(c))
                 stats.setdefault(name, {}).setdefault(task, {})[label] = {"value": float(runs.mean()),
                                                                           "per_run": runs.tolist(), "change": c}
@@ -151,7 +152,7 @@ def measure_sections(results: dict[str, list[dict]], target: str, margs: Measure
             sections[f"frontier {measure}"] = [
                 f"### Frontier ({measure}): IMSM's forgetting minus the LoRA curve at IMSM's target gain", "",
                 f"gap {_fmt(gap.gap)} [examples-only {_fmt(gap.examples_low)}, {_fmt(gap.examples_high)}] "
-                f"[method-level {_fmt(gap.method_low)}, {_fmt(gap.method_high)}] p = {_fmt(gap.p, 3)}; IMSM at "
+                f"[method-level {_fmt(gap.method_low)}, {_fmt(gap.method_high)}] p = {format_p(gap.p)}; IMSM at "
                 f"(gain {gap.imsm[0]:+.4f}, forgetting {gap.imsm[1]:+.4f}); curve "
                 + ", ".join(f"({g:+.4f}, {f:+.4f})" for g, f in gap.curve)
                 + ("; " + "; ".join(gap.notes) if gap.notes else ""), ""]

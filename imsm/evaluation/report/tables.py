@@ -44,7 +44,7 @@ from imsm.evaluation.report.results import (
     scale,
     tasks_present,
 )
-from imsm.evaluation.stats import NOT_ESTIMABLE, Difference
+from imsm.evaluation.stats import NOT_ESTIMABLE, Difference, format_p
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def fmt_both(diff: Difference, factor: float, places: int) -> str:
     """The change, its method-level interval (or why there is none), its examples-only interval and p."""
     method = _interval(diff.method_low, diff.method_high, factor, places) if diff.method_low is not None \
         else f"[{diff.method_note}]"
-    p = "" if diff.p is None else f" p={diff.p:.3g}"
+    p = "" if diff.p is None else f" p={format_p(diff.p)}"
     examples = _interval(diff.examples_low, diff.examples_high, factor, places)
     return f"{fmt_change(factor * diff.delta, places)} {method} ex{examples}{p}"
 

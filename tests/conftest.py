@@ -145,3 +145,21 @@ def save_random_run(model_dir, out: Path, gate: str, template: str = "raw", seed
     config = make_run_config(run_args, data_args, path, backbone.config.hidden_size)
     save_run_files(model, out, config, None, True)
     return out
+
+
+@pytest.fixture
+def two_seed_measure_sections():
+    """The --measures sections of an untuned model and two LoRA seeds on four MRPC rows (AUROC) and two WebQ answers
+    (KL, as per-token [sum, count] pairs), small enough to check by hand."""
+    from imsm.evaluation.arguments import MeasureArguments  # late: the package is not imported by every test
+    from imsm.evaluation.report.measure_tables import measure_sections
+
+    yes_no = {"gold_yes": [True, False, True, False]}
+    untuned = {"label": "untuned", "untuned": True, "yes_no": {"mrpc": yes_no | {"log_odds": [0.1, 0.2, 0.3, 0.0]}},
+               "kl": {"webq": [[0, 2], [0, 3]]}}
+    lora = [{"label": "LoRA", "untuned": False, "yes_no": {"mrpc": yes_no | {"log_odds": [1.0, -1.0, 0.5, 0.2]}},
+             "kl": {"webq": [[1, 2], [2, 3]]}},
+            {"label": "LoRA", "untuned": False, "yes_no": {"mrpc": yes_no | {"log_odds": [0.4, 0.1, 0.9, 0.5]}},
+             "kl": {"webq": [[2, 2], [1, 3]]}}]
+    return measure_sections({"untuned": [untuned], "LoRA": lora}, "mrpc", MeasureArguments(measures="auroc,kl"),
+                            1000, 0)

@@ -379,19 +379,8 @@ def test_a_p_below_1e4_is_reported_as_below_never_as_its_digits_or_zero():
     assert reported_p(1e-4) == 1e-4 and significant("<1e-4") and significant(0.01) and not significant(0.2)
 
 
-def test_kl_against_the_untuned_model_gets_intervals_but_no_p_value():
-    from imsm.evaluation.arguments import MeasureArguments
-    from imsm.evaluation.report.measure_tables import measure_sections
-
-    yes_no = {"gold_yes": [True, False, True, False]}
-    untuned = {"label": "untuned", "untuned": True, "yes_no": {"mrpc": yes_no | {"log_odds": [0.1, 0.2, 0.3, 0.0]}},
-               "kl": {"webq": [[0, 2], [0, 3]]}}
-    lora = [{"label": "LoRA", "untuned": False, "yes_no": {"mrpc": yes_no | {"log_odds": [1.0, -1.0, 0.5, 0.2]}},
-             "kl": {"webq": [[1, 2], [2, 3]]}},
-            {"label": "LoRA", "untuned": False, "yes_no": {"mrpc": yes_no | {"log_odds": [0.4, 0.1, 0.9, 0.5]}},
-             "kl": {"webq": [[2, 2], [1, 3]]}}]
-    sections = measure_sections({"untuned": [untuned], "LoRA": lora}, "mrpc",
-                                MeasureArguments(measures="auroc,kl"), 1000, 0)
+def test_kl_against_the_untuned_model_gets_intervals_but_no_p_value(two_seed_measure_sections):
+    sections = two_seed_measure_sections
     kl = sections.stats["kl"]["webq"]["LoRA"]["change"]
     assert kl["p"] is None and "null of no change cannot hold" in kl["p_note"] and kl["method_low"] is not None
     assert sections.stats["auroc"]["mrpc"]["LoRA"]["change"]["p"] is not None  # AUROC keeps its test

@@ -232,22 +232,11 @@ def test_answer_nll_is_pooled_per_token_and_named_so(tmp_path):
     assert "pooled" in json.loads(paths["stats_json"].read_text())["definitions"]["answer_nll"]
 
 
-def test_the_measures_sections_are_written_once_by_the_one_writer(tmp_path):
+def test_the_measures_sections_are_written_once_by_the_one_writer(tmp_path, two_seed_measure_sections):
     """With --measures the writer puts the measures' sections into summary.md and forgetting.md and their record into
     stats.json as it writes them, reading nothing back: the files equal the tables plus one section each, and writing
     the report again (as --report_only does) gives the same bytes, not a second section."""
-    from imsm.evaluation.arguments import MeasureArguments
-    from imsm.evaluation.report.measure_tables import measure_sections
-
-    yes_no = {"gold_yes": [True, False, True, False]}
-    untuned = {"label": "untuned", "untuned": True, "yes_no": {"mrpc": yes_no | {"log_odds": [0.1, 0.2, 0.3, 0.0]}},
-               "kl": {"webq": [[0, 2], [0, 3]]}}
-    lora = [{"label": "LoRA", "untuned": False, "yes_no": {"mrpc": yes_no | {"log_odds": [1.0, -1.0, 0.5, 0.2]}},
-             "kl": {"webq": [[1, 2], [2, 3]]}},
-            {"label": "LoRA", "untuned": False, "yes_no": {"mrpc": yes_no | {"log_odds": [0.4, 0.1, 0.9, 0.5]}},
-             "kl": {"webq": [[2, 2], [1, 3]]}}]
-    sections = measure_sections({"untuned": [untuned], "LoRA": lora}, "mrpc",
-                                MeasureArguments(measures="auroc,kl"), 1000, 0)
+    sections = two_seed_measure_sections
     runs = [_untuned(), _lora()]
     paths = write_report(runs, "cola", tmp_path, measures=sections)
     md, _ = summary_table(runs)

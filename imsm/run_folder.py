@@ -18,7 +18,7 @@ file. This module is storage only: it imports no method; a method's settings are
 ``imsm.loader.save_run_files``.
 
 train.py's output folder holds the checkpoints and ``final/``; its life (claiming the folder, rotating and resuming
-checkpoints, rebuilding ``final/``) is training's, in ``imsm.training.output_dir``. What every reader needs stays
+checkpoints, rebuilding ``final/``) is training's, in ``imsm.training.output_folder``. What every reader needs stays
 here: ``resolve`` puts back a ``final/`` an interrupted swap left missing (``recover_final``), and evaluation refuses
 an output folder whose ``final/`` trails a whole checkpoint (``resolve_for_evaluation``).
 """

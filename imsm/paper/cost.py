@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imsm import run_folder
-from imsm.paper.plans import LAUNCHERS, Plan, TrainRun
+from imsm.paper.plans import Plan, TrainRun
 
 CHARS_PER_TOKEN = 1_924_422 / 724_546
 CACHE_BYTES_PER_VALUE = 2
@@ -259,8 +259,7 @@ def estimate(plan: Plan, data_dir: Path, runs_dir: Path, train_args: list[str] |
         epochs = sched.epochs
         if rows and sched.max_steps is not None:
             epochs = sched.max_steps * launcher_batch(run).global_batch / len(rows)
-        peft = LAUNCHERS[run.variant.launcher_label].removeprefix("imsm_")
-        rate = rates.get((run.backbone.model_id, run.task, peft, imsm))
+        rate = rates.get((run.backbone.model_id, run.task, run.variant.peft, imsm))
         parameters = _parameters(run)
         if rows is None:
             est.unestimated.append(run)

@@ -78,7 +78,7 @@ def _at_threshold(scores, positive, thresholds, metric) -> Callable[[np.ndarray]
     return lambda c: np.stack([metric(*(c @ conf).T) for conf in confusions])
 
 
-def label_measures(runs: list[dict], target: str) -> dict[str, dict[str, Measure]]:
+def label_measures(runs: list[dict]) -> dict[str, dict[str, Measure]]:
     """measure name -> task -> Measure of one label's runs."""
     seeded = not runs[0]["untuned"]  # the untuned model is deterministic: no seed variance
     table: dict[str, dict[str, Measure]] = {}
@@ -119,7 +119,7 @@ def measure_sections(results: dict[str, list[dict]], target: str, margs: Measure
     """Every label's measures against the untuned model's (``results``: label -> its runs' measures.json records)."""
     if "untuned" not in results:
         raise ValueError("--measures reports changes against the untuned model: add --untuned")
-    tables = {label: label_measures(runs, target) for label, runs in results.items()}
+    tables = {label: label_measures(runs) for label, runs in results.items()}
     base = tables["untuned"]
     rng = np.random.default_rng(seed)
     counts = {(name, task): c for name, by_task in base.items()

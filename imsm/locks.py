@@ -29,9 +29,14 @@ def try_lock(path: str | os.PathLike) -> int | None:
     except BlockingIOError:
         os.close(fd)
         return None
+    _record_holder(fd)
+    return fd
+
+
+def _record_holder(fd: int) -> None:
+    """Write this process's PID and host into the lock file ``fd`` holds (what ``holder`` reads)."""
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-    return fd
 
 
 def holder(path: str | os.PathLike) -> str:
@@ -64,8 +69,7 @@ def held(path: str | os.PathLike, what: str) -> Iterator[None]:
         logger.info("%s: held by %s; waiting for it", what, holder(path))
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         fcntl.flock(fd, fcntl.LOCK_EX)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        _record_holder(fd)
     try:
         yield
     finally:

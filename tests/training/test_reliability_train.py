@@ -297,12 +297,12 @@ def test_a_second_train_py_on_one_output_dir_is_refused_at_once(tiny_model_dir, 
     replaces its final/). The second refuses before loading anything, naming the folder and the first one's PID;
     once the first ends (its lock released with the process), the folder trains again."""
     out = tmp_path / "run"
+    out.mkdir()  # before the holder starts: its try_lock creates the lock file in this folder
+    output_folder.claim_output_dir(out)
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD_LOCK, str(out / train.OUTPUT_LOCK)],
         env={**os.environ, "PYTHONPATH": str(Path(train.__file__).parent)}, stdout=subprocess.PIPE, text=True)
     try:
-        out.mkdir()
-        output_folder.claim_output_dir(out)
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(RuntimeError, match=f"--output_dir {out} is in use by another train.py \\(pid "
                                                f"{holder.pid} on "):

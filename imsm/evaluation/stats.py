@@ -176,11 +176,6 @@ def format_p(p: float | str | None) -> str:
     return "–" if p is None else p if isinstance(p, str) else f"{p:.3g}"
 
 
-def significant(p: float | str | None, alpha: float = 0.05) -> bool:
-    """Whether a (reported) p-value lies below ``alpha`` (``"<1e-4"`` does)."""
-    return p is not None and (p == P_BELOW or float(p) < alpha)
-
-
 def method_interval(delta: float, examples_variance: float, seed_terms: Sequence[tuple[float, int]],
                     confidence: float = CONFIDENCE) -> tuple[float, float, float]:
     """(low, high, p) of Δ ± t_{df} · SE, SE² = ``examples_variance`` + Σ s²/k, df by Welch–Satterthwaite over the

@@ -17,9 +17,14 @@ from imsm.evaluation.report.comparisons import headline_interval
 from imsm.evaluation.report.results import RunResult
 from imsm.evaluation.report.tables import comparison_table, forgetting_table
 from imsm.evaluation.report.writer import write_report
-from imsm.evaluation.stats import LabelScores, mcnemar, mcnemar_exact, paired_difference, resample_counts, significant
+from imsm.evaluation.stats import P_BELOW, LabelScores, mcnemar, mcnemar_exact, paired_difference, resample_counts
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def significant(p: float | str | None, alpha: float = 0.05) -> bool:
+    """Whether a reported p-value (``stats.reported_p``) lies below ``alpha`` (``"<1e-4"`` does)."""
+    return p is not None and (p == P_BELOW or float(p) < alpha)
 
 
 def _mean_scores(*runs) -> LabelScores:
@@ -368,7 +373,7 @@ def test_a_p_below_1e4_is_reported_as_below_never_as_its_digits_or_zero():
     an underflowed tail is exactly 0.0. Both are reported "<1e-4"; p at or above 1e-4 keeps its value."""
     from scipy import stats as scipy_stats
 
-    from imsm.evaluation.stats import format_p, method_interval, reported_p, significant
+    from imsm.evaluation.stats import format_p, method_interval, reported_p
 
     far = 2.0 * scipy_stats.t.sf(30.0, 200)
     assert far < 1e-50 and 2.0 * scipy_stats.t.sf(30.0, 2) > 1e-4  # the df decides the digits

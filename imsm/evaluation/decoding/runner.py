@@ -27,8 +27,7 @@ from imsm.evaluation.decoding.scaling import load_scaled_run
 from imsm.evaluation.decoding.scoring import answer_nll, best_answer, gold_answers
 from imsm.evaluation.decoding.sharding import gather_shards, shard
 from imsm.evaluation.measures.metrics import get_task
-from imsm.evaluation.report.results import score_records
-from imsm.evaluation.report.writer import RunResult
+from imsm.evaluation.report.results import RunResult, score_records
 from imsm.loader import load_backbone, load_run
 from imsm.run_folder import read_train_stats
 from imsm.templates import build_template

@@ -43,13 +43,9 @@ from imsm.evaluation.report.tables import (
     P_LEGEND,
     comparison_table,
     forgetting_table,
-    parse_pairs,
     summary_table,
     to_csv,
 )
-
-__all__ = ["RunResult", "parse_pairs", "read_report_inputs", "rebuild_report", "report_settings",
-           "write_measures_report", "write_report", "write_report_inputs"]
 
 logger = logging.getLogger(__name__)
 

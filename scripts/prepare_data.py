@@ -269,12 +269,10 @@ SOURCES: dict[str, Source] = {
                       data_dir="multirc"),
 }
 
-# The authors' folder of each task (github.com/ECNU-Text-Computing/IMSM, data/<folder>/data_{train,test}.json) and
-# the splits they publish.
+# The authors' folder of each task (github.com/ECNU-Text-Computing/IMSM, data/<folder>/data_{train,test}.json); they
+# publish the same output splits as SOURCES builds.
 AUTHORS_FOLDERS = {"gsm8k": "GSM8K", "cola": "cola", "mrpc": "mrpc", "ropes": "ropes", "webq": "webq",
                    "freebaseqa": "freebase", "multirc": "multirc"}
-AUTHORS_SPLITS = {"gsm8k": ("train", "test"), "cola": ("train", "test"), "mrpc": ("train", "test"),
-                  "ropes": ("train", "test"), "webq": ("test",), "freebaseqa": ("test",), "multirc": ("test",)}
 
 LOCAL_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -396,7 +394,7 @@ def read_authors_file(path: Path, task: str) -> list[Row]:
 def prepare_from_authors(task: str, root: Path, out_dir: Path, splits: list[str] | None = None) -> list[Path]:
     """Check and copy the authors' ``data_<split>.json`` of ``task`` to ``out_dir/<task>/<split>.jsonl``."""
     folder = _authors_folder(root, task)
-    wanted = [s for s in AUTHORS_SPLITS[task] if splits is None or s in splits]
+    wanted = [s for s in SOURCES[task].splits if splits is None or s in splits]
     written = []
     for split in wanted:
         path = folder / f"data_{split}.json"

@@ -277,6 +277,8 @@ def render(plan: Plan) -> str:
     out += [f"- {note}" for note in all_notes] + ([""] if all_notes else [])
     out += ["## What cannot match", ""] + [f"- {line}" for line in CANNOT_MATCH] + [""]
     return "\n".join(out)
+
+
 def write_report(plan: Plan, eval_dir: Path) -> Path:
     path = eval_dir / f"{plan.name}.md"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ the median of ``--steps`` timed steps after ``--warmup``; the ratio is to LoRA's
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -85,12 +86,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     backbone, _, _ = load_backbone(args.model_name_or_path)
-    state = {k: v.clone() for k, v in backbone.state_dict().items()}
 
-    def fresh():
-        backbone_copy, _, _ = load_backbone(args.model_name_or_path)
-        backbone_copy.load_state_dict(state)
-        return backbone_copy
+    def fresh():  # every variant wraps its own copy of the one loaded backbone (no reload per variant)
+        return copy.deepcopy(backbone)
 
     # round-robin: one step of every variant per round, so a change in the machine's load hits them all alike
     built = {name: build(fresh, dict(options), args) for name, options in VARIANTS.items()}

@@ -62,6 +62,7 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-", dir=final.parent))
+    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it 700: the folder it becomes reads like any other
     try:
         yield staging
     except BaseException:

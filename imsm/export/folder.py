@@ -391,9 +391,6 @@ def _export(run_dir: Path, out_dir: Path, dtype: torch.dtype, model_name_or_path
     tokenizer.init_kwargs["padding_side"] = "left"  # saved with the tokenizer: batched generate() needs left padding
     tokenizer.chat_template = chat_template_with_system(tokenizer.chat_template, config.system_prompt)
     with atomic_dir(out_dir) as staging:
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp made it 700: an export is read by others, as any folder is
         exported.save_pretrained(staging, safe_serialization=True)
         for name in TEMPLATE_FILES:
             shutil.copyfile(TEMPLATE_DIR / name, staging / name)

@@ -85,7 +85,7 @@ class IMSMModel(nn.Module):
     # The decoder and LM head are registered submodules of the backbone already; keep them out of this module's
     # own registry so state_dict names stay unique ("peft_model.…" and "imsm_gate.…" only).
     def __setattr__(self, name, value):
-        if name in ("decoder", "lm_head", "peft_frozen"):
+        if name in ("decoder", "lm_head"):
             object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)

@@ -42,6 +42,7 @@ from imsm.data import Truncation, encode_prompt, jsonl_lines
 from imsm.evaluation.decoding.generation import DecodingConfig, generate
 from imsm.evaluation.decoding.scoring import FrozenMemo, ScoredPositions, scored_positions
 from imsm.evaluation.measures.metrics import NO, YES, read_yes_no
+from imsm.method.kl_anchor import kl_to_frozen
 from imsm.templates import PromptTemplate
 
 logger = logging.getLogger(__name__)
@@ -301,9 +302,7 @@ def kl_to_reference(reference: nn.Module, model: nn.Module, pairs: Sequence[Pair
     frozen memory of it (``scoring.FrozenMemo``)."""
     def kl(outs: list[ScoredPositions], chunk: list[int]) -> np.ndarray:
         ref, tuned = outs
-        log_p = torch.log_softmax(ref.logits, dim=-1)
-        log_q = torch.log_softmax(tuned.logits.to(log_p.device), dim=-1)
-        per_position = (log_p.exp() * (log_p - log_q)).sum(-1)
+        per_position = kl_to_frozen(ref.logits, tuned.logits.to(ref.logits.device))  # the KL anchor's own term
         return _pooled_rows(per_position, ref.rows, len(chunk))
 
     return _map_batches([reference, model], pairs, batch_size, pad_id, kl, memo, [True, False])

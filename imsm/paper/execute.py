@@ -29,6 +29,7 @@ end, once every IMSM run using them has finished.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -192,8 +193,6 @@ def train_all(plan: Plan, data_dir: str | Path, train_args: list[str], nodes: in
 
 
 def _stats_labels(evaluation: Evaluation) -> set[str] | None:
-    import json
-
     path = evaluation.output_dir / "stats.json"
     try:
         return set(json.loads(path.read_text())["labels"])

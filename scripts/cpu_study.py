@@ -33,7 +33,13 @@ logger = logging.getLogger("cpu_study")
 ROOT = Path(__file__).resolve().parents[1]
 GENERAL_TASKS = ("webq", "freebaseqa", "multirc", "mrpc")
 LORA = ["--peft", "lora", "--lora_r", "16", "--lora_alpha", "16"]
-SCALED_METHODS = ("LoRA", "CorDA-LoRA", "PiSSA-LoRA")  # vanilla LoRA-family runs: one row per --adapter_scale
+SCALED_METHODS = ("LoRA", "CorDA-LoRA", "PiSSA-LoRA")
+# --forgetting 1: what a LLaMA-Factory, axolotl, TRL or peft user can switch on against forgetting (issue 29), each a
+# vanilla LoRA r 16 but for the one option; measured as they trained, at full scale, against LoRA's scaling curve
+# the vanilla LoRA-family methods besides LoRA that evaluate.py would scale: the measures read them at full scale
+SCALABLE_OTHERS = ("CorDA-LoRA", "PiSSA-LoRA", "KL0.1-LoRA", "KL1-LoRA", "EAFT-LoRA", "Replay-LoRA", "MLP-LoRA",
+                   "MiCA-LoRA")
+FORGETTING_METHODS = ("KL0.1-LoRA", "KL1-LoRA", "EAFT-LoRA", "Replay-LoRA", "MLP-LoRA", "MiCA-LoRA", "OSF")  # vanilla LoRA-family runs: one row per --adapter_scale
 # tqdm's progress bar as train.py leaves it in its log: "12/60 [00:10<00:40"
 PROGRESS = re.compile(r"[0-9]*/[0-9]* \[[0-9:]*<[0-9:?]*")
 POLL_SECONDS = 1.0
@@ -76,6 +82,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ablations", type=int, choices=(0, 1), default=0, help="1 adds the `equal` and `token` gates")
     p.add_argument("--baselines", type=int, choices=(0, 1), default=0,
                    help="1 adds LoRAMoE, CorDA-LoRA and PiSSA-LoRA, and evaluates the LoRA family at --scales")
+    p.add_argument("--forgetting", type=int, choices=(0, 1), default=0,
+                   help="1 adds the options against forgetting: the KL anchor (beta 0.1 and 1), EAFT, replay of "
+                        "--replay_examples general QA rows, MLP-only LoRA, MiCA and OSF")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated methods to train, instead of the ones --ablations/--baselines/--forgetting "
+                        "choose (LoRA first: the curve; e.g. LoRA,IMSM-LoRA,KL1-LoRA)")
+    p.add_argument("--replay_examples", type=_count(1), default=200,
+                   help="Replay-LoRA's general rows: WebQ and FreebaseQA test rows from --corda_skip on (no "
+                        "evaluation reads them), half each")
     p.add_argument("--scales", default="0.5,1",
                    help="adapter scales of the vanilla LoRA-family runs with --baselines 1; IMSM is compared with "
                         "each baseline at the last one")
@@ -138,13 +153,42 @@ def checkpoint_steps(args: argparse.Namespace) -> list[int]:
     return steps
 
 
-def study_methods(ablations: bool, baselines: bool) -> list[str]:
+def study_methods(ablations: bool, baselines: bool, forgetting: bool = False, chosen: str | None = None) -> list[str]:
+    if chosen:
+        methods = [m.strip() for m in chosen.split(",") if m.strip()]
+        known = ["LoRA", "IMSM-LoRA", "IMSM-equal-LoRA", "IMSM-token-LoRA", "LoRAMoE", "CorDA-LoRA", "PiSSA-LoRA",
+                 *FORGETTING_METHODS]
+        if unknown := [m for m in methods if m not in known]:
+            raise SystemExit(f"cpu_study: --methods {chosen}: unknown {unknown}; choose from {known}")
+        if "LoRA" not in methods:
+            raise SystemExit(f"cpu_study: --methods {chosen}: LoRA is the reference curve; include it")
+        return list(dict.fromkeys(methods))
     methods = ["LoRA", "IMSM-LoRA"]
     if ablations:
         methods += ["IMSM-equal-LoRA", "IMSM-token-LoRA"]
     if baselines:
         methods += ["LoRAMoE", "CorDA-LoRA", "PiSSA-LoRA"]
+    if forgetting:
+        methods += FORGETTING_METHODS
     return methods
+
+
+def replay_file(args: argparse.Namespace) -> Path:
+    """Replay-LoRA's general rows: --replay_examples WebQ and FreebaseQA test rows, half each, from row --corda_skip
+    on, where no evaluation reads (the measures read the first --kl_examples, decoding the first --eval_examples)."""
+    out = Path(args.output_dir) / "replay.jsonl"
+    half = (args.replay_examples + 1) // 2
+    rows = []
+    for task, n in (("webq", half), ("freebaseqa", args.replay_examples - half)):
+        with (Path(args.data_dir) / task / "test.jsonl").open() as f:
+            lines = [line for line in f if line.strip()][args.corda_skip:args.corda_skip + n]
+        if len(lines) < n:
+            raise SystemExit(f"cpu_study: {args.data_dir}/{task}/test.jsonl has {len(lines)} rows past "
+                             f"--corda_skip {args.corda_skip}; Replay-LoRA needs {n}")
+        rows += lines
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(rows))
+    return out
 
 
 def method_arguments(method: str, args: argparse.Namespace) -> list[str]:
@@ -161,7 +205,17 @@ def method_arguments(method: str, args: argparse.Namespace) -> list[str]:
                        "--corda_calibration_skip", str(args.corda_skip),
                        "--corda_calibration_examples", str(args.corda_examples)],
         "PiSSA-LoRA": [*LORA, "--gate", "none", "--init_lora_weights", "pissa"],
+        "KL0.1-LoRA": [*LORA, "--gate", "none", "--kl_anchor", "0.1"],
+        "KL1-LoRA": [*LORA, "--gate", "none", "--kl_anchor", "1"],
+        "EAFT-LoRA": [*LORA, "--gate", "none", "--eaft"],
+        "Replay-LoRA": [*LORA, "--gate", "none"],  # + its rows, below
+        "MLP-LoRA": [*LORA, "--gate", "none", "--target_modules", "mlp"],
+        "MiCA-LoRA": [*LORA, "--gate", "none", "--init_lora_weights", "mica"],
+        "OSF": ["--peft", "osf", "--gate", "none"],
     }
+    if method == "Replay-LoRA":
+        return [*table[method], "--knowledge_file", str(replay_file(args)), "--knowledge_examples",
+                str(args.replay_examples)]
     return table[method]
 
 
@@ -299,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(args.output_dir)
     tasks = ",".join([args.target, *GENERAL_TASKS])
     runs = [TrainingRun(method, seed, output_dir / method / f"seed{seed}")
-            for method in study_methods(args.ablations, args.baselines) for seed in range(1, args.seeds + 1)]
+            for method in study_methods(args.ablations, args.baselines, args.forgetting, args.methods) for seed in range(1, args.seeds + 1)]
 
     estimate = [
         sys.executable, "scripts/estimate_time.py", "--label", "cpu_study", "--data_dir", args.data_dir,
@@ -314,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         build_general_text(args)
         n_scales = len([s for s in args.measure_scales.split(",") if s.strip()])
         lora = sum(run.method == "LoRA" for run in runs) * (n_scales + len(checkpoint_steps(args)))
-        imsm = sum(run.method == "IMSM-LoRA" for run in runs)
+        imsm = sum(run.method.startswith("IMSM") for run in runs)
+        lora += sum(run.method != "LoRA" and not run.method.startswith("IMSM") for run in runs)  # one row each
         with (Path(args.data_dir) / args.target / "test.jsonl").open() as f:
             target_rows = sum(1 for line in f if line.strip())
         target_rows = min(args.target_rows or target_rows, target_rows)
@@ -413,25 +468,29 @@ def measures_evaluation(runs: list[TrainingRun], args: argparse.Namespace, outpu
     general-text NLL and KL on --measure_tasks, and IMSM against the LoRA frontier (docs/evaluation.md#measures)."""
     general_text = build_general_text(args)
     lora = [run for run in runs if run.method == "LoRA"]
-    imsm = [run for run in runs if run.method == "IMSM-LoRA"]
+    others = [run for run in runs if run.method != "LoRA"]
     models = [(f"LoRA@step{step}", run.out / f"checkpoint-{step}") for step in checkpoint_steps(args) for run in lora]
-    steps = list(dict.fromkeys(label for label, _ in models))  # evaluated at full scale
-    models += [("LoRA", run.out) for run in lora] + [("IMSM-LoRA", run.out) for run in imsm]
+    # at full scale: LoRA's checkpoints and every vanilla method but LoRA (the IMSM gates and OSF are not scaled)
+    steps = list(dict.fromkeys(label for label, _ in models))
+    full_scale = steps + list(dict.fromkeys(run.method for run in others if run.method in SCALABLE_OTHERS))
+    models += [("LoRA", run.out) for run in lora] + [(run.method, run.out) for run in others]
     tasks = measure_tasks(args)
     train_file = Path(args.data_dir) / args.target / "train.jsonl"
     target_rows = ["--measure_max_examples", str(args.target_rows)] if args.target_rows else []
     out = output_dir / "eval_measures"
+    reference = f"LoRA@{float(args.measure_scales.split(',')[-1]):g}"  # normally LoRA@1
+    frontier = "IMSM-LoRA" if any(run.method == "IMSM-LoRA" for run in others) else others[0].method
     return out, [
         "evaluate.py", "--untuned", *_model_option(args), "--run_dir", *(str(path) for _, path in models),
         "--labels", ",".join(["untuned", *(label for label, _ in models)]), "--adapter_scale", args.measure_scales,
-        *(["--full_scale_labels", ",".join(steps)] if steps else []),
+        *(["--full_scale_labels", ",".join(full_scale)] if full_scale else []),
         "--prompt_template", args.template, "--target", args.target, "--tasks", tasks, "--data_dir", args.data_dir,
         "--max_examples", str(args.eval_examples), "--score", "likelihood",
-        "--compare", f"IMSM-LoRA:LoRA@{float(args.measure_scales.split(',')[-1]):g}",
+        "--compare", ",".join(f"{method}:{reference}" for method in dict.fromkeys(run.method for run in others)),
         "--measures", "auroc,general_nll,kl", "--general_text", str(general_text), *target_rows,
         "--threshold_file", f"{args.target}={train_file}", "--threshold_examples", str(args.threshold_examples),
         "--general_examples", str(args.general_examples), "--kl_examples", str(args.kl_examples),
-        "--frontier", "IMSM-LoRA:LoRA", "--bootstrap_resamples", str(args.resamples), "--output_dir", str(out),
+        "--frontier", f"{frontier}:LoRA", "--bootstrap_resamples", str(args.resamples), "--output_dir", str(out),
         "--overwrite",
     ]
 

@@ -46,7 +46,10 @@ PROCESS_START_SECONDS = 20.0  # a fresh train.py process: imports, model and dat
 # the gate of each method of run_scripts/cpu_study.sh, which decides its cost: "none" runs one pass, the others two
 # (LoRAMoE's experts cost ~15% over a LoRA step, PiSSA/CorDA a one-off SVD: timed as LoRA)
 METHOD_GATES = {"LoRA": "none", "IMSM-LoRA": "query_aware", "IMSM-equal-LoRA": "equal", "IMSM-token-LoRA": "token",
-                "LoRAMoE": "none", "CorDA-LoRA": "none", "PiSSA-LoRA": "none"}
+                "LoRAMoE": "none", "CorDA-LoRA": "none", "PiSSA-LoRA": "none",
+                # the KL anchor runs the frozen pass beside the tuned one: timed as two passes (the `equal` gate)
+                "KL0.1-LoRA": "equal", "KL1-LoRA": "equal", "EAFT-LoRA": "none", "Replay-LoRA": "none",
+                "MLP-LoRA": "none", "MiCA-LoRA": "none", "OSF": "none"}
 SCALED_METHODS = ("LoRA", "CorDA-LoRA", "PiSSA-LoRA")  # evaluated once per --adapter_scale
 
 

@@ -19,7 +19,8 @@ folder under ``$IMSM_CACHE/chatglm3/`` keyed by the source files (name, size, mo
 
 The paper's LoRA sits on the fused ``query_key_value``: ΔW = B·A with one A (r × d) and B ((heads + 2·groups)·d_h ×
 r). On the split layout that is one shared A and three B's (``tie_fused_lora``): the same function and the same
-parameter count (r 16 on ChatGLM3-6B: 3.899M).
+parameter count (r 16 on ChatGLM3-6B: 3.899M). The paper's AdaLoRA there shares P, Λ and ranknum the same way and
+splits Q by rows (init rank 12: 2.925M; its rank allocation on the fused triplet: ``imsm/method/adapters/adalora.py``).
 """
 
 from __future__ import annotations

@@ -208,3 +208,35 @@ def test_train_save_reload_and_resume(chatglm3, tiny_train_file, tmp_path):
     assert resumed.keys() == trained.keys()
     for key in trained:
         torch.testing.assert_close(resumed[key], trained[key], msg=key)
+
+
+@pytest.mark.launch
+def test_deepspeed_zero2_resume_restores_the_allocation(chatglm3, tiny_train_file, tmp_path):
+    """A real ``deepspeed`` launch (ZeRO-2, one CPU process): the engine restores the weights on resume, the
+    allocator its rank pattern and importance averages from the checkpoint, and the run ends where the uninterrupted
+    one does."""
+    import os
+    import random
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    source, _, _ = chatglm3
+    root = Path(__file__).resolve().parents[2]
+
+    def launch(out, *extra):
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", "--master_port",
+               str(random.randint(20000, 40000)), str(root / "train.py"), "--deepspeed",
+               str(root / "ds_configs" / "zero2.json"), *_args(source, tiny_train_file, out, *extra)]
+        env = {**os.environ, "PYTHONPATH": str(root)}
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900, check=False)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    launch(tmp_path / "full")
+    (tmp_path / "part").mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "part" / "checkpoint-2")
+    launch(tmp_path / "part", "--resume_from_checkpoint", "latest")
+    trained, resumed = _files(tmp_path / "full" / "final"), _files(tmp_path / "part" / "final")
+    assert resumed.keys() == trained.keys()
+    for key in trained:
+        torch.testing.assert_close(resumed[key], trained[key], msg=key)

@@ -35,7 +35,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import TrainerCallback
 
-from imsm.method.adapters.base import Adapter, ExtraLoss, MethodSpec, check_target_modules, lookup_targets
+from imsm.method.adapters.base import (
+    PEFT_FILES,
+    Adapter,
+    ExtraLoss,
+    MethodSpec,
+    check_target_modules,
+    lookup_targets,
+)
 from imsm.method.adapters.lora import LORA_TARGET_MODULES
 from imsm.method.adapters.registry import register_method
 from imsm.models.chatglm3 import split_fused_targets, tie_fused_lora, untied_state_dict
@@ -146,14 +153,7 @@ class AdaLoraMethod(MethodSpec):
             with torch.no_grad():
                 for name, tensor in full.items():
                     params[name].copy_(tensor)
-        adapter = peft_model.active_adapter
-        peft_model.peft_config[adapter].rank_pattern = pattern or None  # masks the ranks after tfinal
-        allocator = getattr(peft_model.base_model, "rankallocator", None)
-        if allocator is not None:
-            params = dict(peft_model.base_model.model.named_parameters())
-            for kind in ALLOCATOR_DICTS:
-                scores = {name.split("/", 1)[1]: t for name, t in resume.items() if name.startswith(f"{kind}/")}
-                setattr(allocator, kind, {n: t.to(params[n].device) for n, t in scores.items()})
+        restore_allocation(peft_model, run_dir, pattern, resume)
 
     def extra_loss(self, peft_model: PeftModel, attention_mask: torch.Tensor, training: bool,
                    task_types: torch.Tensor | None = None) -> ExtraLoss | None:
@@ -162,6 +162,24 @@ class AdaLoraMethod(MethodSpec):
 
     def callbacks(self, trainer: Any) -> list:
         return [AdaLoraAllocator(trainer)]
+
+
+def restore_allocation(peft_model: PeftModel, run_dir: Path, pattern: dict | None = None,
+                       resume: dict[str, torch.Tensor] | None = None) -> None:
+    """Put a run folder's rank pattern (which masks the ranks after tfinal) and the allocator's importance averages
+    back into a training adapter; ``pattern`` and ``resume`` when the caller has read them already."""
+    run_dir = Path(run_dir)
+    if pattern is None:
+        pattern = json.loads((run_dir / PEFT_FILES[0]).read_text(encoding="utf-8")).get("rank_pattern")
+    if resume is None:
+        resume = load_file(str(run_dir / ALLOCATOR_STATE)) if (run_dir / ALLOCATOR_STATE).is_file() else {}
+    peft_model.peft_config[peft_model.active_adapter].rank_pattern = pattern or None
+    allocator = getattr(peft_model.base_model, "rankallocator", None)
+    if allocator is not None:
+        params = dict(peft_model.base_model.model.named_parameters())
+        for kind in ALLOCATOR_DICTS:
+            scores = {name.split("/", 1)[1]: t for name, t in resume.items() if name.startswith(f"{kind}/")}
+            setattr(allocator, kind, {n: t.to(params[n].device) for n, t in scores.items()})
 
 
 def triplet_groups(model: nn.Module, adapter: str) -> dict[str, list[tuple[str, nn.Module]]]:
@@ -260,6 +278,15 @@ class AdaLoraAllocator(TrainerCallback):
 
     def _peft(self):
         return self.trainer.accelerator.unwrap_model(self.trainer.model).peft_model
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # a DeepSpeed resume restores the weights from the engine's checkpoint without our load_weights: the rank
+        # pattern and the importance averages come from the run folder it resumed from (train.py's "latest" is the
+        # output folder's checkpoint of the restored step)
+        resume = args.resume_from_checkpoint
+        if self.trainer.is_deepspeed_enabled and resume is not None and state.global_step > 0:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}" if resume == "latest" else Path(resume)
+            restore_allocation(self._peft(), folder)
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.trainer.is_deepspeed_enabled and not self.wrapped:

@@ -159,6 +159,49 @@ def test_penalty_is_on_the_fused_p_and_stacked_q(chatglm3):
     torch.testing.assert_close(extra.value, expected)
 
 
+def test_allocator_is_pefts_on_unshared_adapters():
+    """On adapters that share nothing (a Llama's q_proj and v_proj) the fused allocator masks exactly as PEFT's."""
+    from conftest import make_llama
+
+    from imsm.method.adapters.adalora import FusedRankAllocator
+
+    model = build_imsm_model(make_llama(64), imsm_args(peft="adalora", gate="none", lora_dropout=0.0,
+                                                       adalora_init_r=R, adalora_target_r=TARGET_R), total_steps=10)
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    ids = torch.randint(4, 60, (2, 8), generator=g)
+    model(**_batch(ids), labels=ids)["loss"].backward()
+    tuner = model.peft_model.base_model
+    peft, ours = tuner.rankallocator, FusedRankAllocator(tuner.model, tuner.peft_config["default"], "default")
+    assert (ours.init_bgt, ours.target_bgt) == (peft.init_bgt, peft.target_bgt)
+    for allocator in (peft, ours):
+        allocator.update_ipt(tuner.model)
+    budget = peft.init_bgt - 5
+    # the mask depends on the scores only, so PEFT masking first does not change ours
+    assert peft.mask_to_budget(tuner.model, budget) == ours.mask_to_budget(tuner.model, budget)
+
+
+def test_resume_needs_the_uncut_adapter(chatglm3, tmp_path):
+    """A folder whose adapter is cut to its allocated ranks but lacks the allocator file is refused for resume,
+    naming the files."""
+    from imsm.args import DataArguments
+    from imsm.loader import load_trained_weights, make_run_config, save_run_files
+
+    source, _, _ = chatglm3
+    model = _model(source, seed=10)
+    ids = _ids(8, seed=11)
+    model(**_batch(ids), labels=ids)["loss"].backward()
+    model.peft_model.base_model.update_and_allocate(1)
+    args = imsm_args(peft="adalora", gate="query_aware", gate_rank=4, adalora_init_r=R, adalora_target_r=TARGET_R)
+    save_run_files(model, tmp_path / "run", make_run_config(args, DataArguments(), str(source), 64), None, True)
+    (tmp_path / "run" / ALLOCATOR_STATE).unlink()
+    with pytest.raises(ValueError, match=f"{ALLOCATOR_STATE} lacks the uncut"):
+        load_trained_weights(_model(source), tmp_path / "run")
+
+
 def _args(model_dir, train_file, out, *extra):
     return ["--model_name_or_path", str(model_dir), "--train_file", str(train_file), "--output_dir", str(out),
             "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--report_to", "none",

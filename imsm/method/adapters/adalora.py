@@ -137,23 +137,21 @@ class AdaLoraMethod(MethodSpec):
     def load_weights(self, peft_model: PeftModel, run_dir: Path, initial_state: dict | None = None) -> None:
         """Resume: the adapter at its initial rank (as it trains), the rank pattern and the allocator's scores."""
         run_dir = Path(run_dir)
-        config_file, weights = run_dir / self.files[0], run_dir / self.files[1]
-        pattern = json.loads(config_file.read_text(encoding="utf-8")).get("rank_pattern")
-        resume = load_file(str(run_dir / ALLOCATOR_STATE)) if (run_dir / ALLOCATOR_STATE).is_file() else {}
-        if not pattern:
+        pattern, resume = _saved_allocation(run_dir)
+        if pattern is None:
             super().load_weights(peft_model, run_dir, initial_state)
-        else:
+        else:  # the adapter file is cut to the allocated ranks: the uncut tensors are in ALLOCATOR_STATE
             full = {name[len("full/"):]: t for name, t in resume.items() if name.startswith("full/")}
             params = dict(peft_model.named_parameters())
             missing = [n for n, p in params.items() if p.requires_grad and n not in full]
             if missing:
-                raise ValueError(f"{weights}: the adapter is cut to its allocated ranks ({config_file}: rank_pattern) "
-                                 f"and {run_dir / ALLOCATOR_STATE} lacks the uncut {missing[:3]}: training cannot "
-                                 "resume from this folder (evaluation can load it)")
+                raise ValueError(f"{run_dir / self.files[1]}: the adapter is cut to its allocated ranks (rank_pattern "
+                                 f"in {self.files[0]}) and {run_dir / ALLOCATOR_STATE} lacks the uncut "
+                                 f"{missing[:3]}: training cannot resume from this folder (evaluation can load it)")
             with torch.no_grad():
                 for name, tensor in full.items():
                     params[name].copy_(tensor)
-        restore_allocation(peft_model, run_dir, pattern, resume)
+        restore_allocation(peft_model, run_dir)
 
     def extra_loss(self, peft_model: PeftModel, attention_mask: torch.Tensor, training: bool,
                    task_types: torch.Tensor | None = None) -> ExtraLoss | None:
@@ -164,16 +162,18 @@ class AdaLoraMethod(MethodSpec):
         return [AdaLoraAllocator(trainer)]
 
 
-def restore_allocation(peft_model: PeftModel, run_dir: Path, pattern: dict | None = None,
-                       resume: dict[str, torch.Tensor] | None = None) -> None:
+def _saved_allocation(run_dir: Path) -> tuple[dict | None, dict[str, torch.Tensor]]:
+    """(the saved adapter's rank pattern, the tensors of its ``ALLOCATOR_STATE`` file, empty when there is none)."""
+    pattern = json.loads((run_dir / PEFT_FILES[0]).read_text(encoding="utf-8")).get("rank_pattern")
+    resume = load_file(str(run_dir / ALLOCATOR_STATE)) if (run_dir / ALLOCATOR_STATE).is_file() else {}
+    return pattern or None, resume
+
+
+def restore_allocation(peft_model: PeftModel, run_dir: Path) -> None:
     """Put a run folder's rank pattern (which masks the ranks after tfinal) and the allocator's importance averages
-    back into a training adapter; ``pattern`` and ``resume`` when the caller has read them already."""
-    run_dir = Path(run_dir)
-    if pattern is None:
-        pattern = json.loads((run_dir / PEFT_FILES[0]).read_text(encoding="utf-8")).get("rank_pattern")
-    if resume is None:
-        resume = load_file(str(run_dir / ALLOCATOR_STATE)) if (run_dir / ALLOCATOR_STATE).is_file() else {}
-    peft_model.peft_config[peft_model.active_adapter].rank_pattern = pattern or None
+    back into a training adapter."""
+    pattern, resume = _saved_allocation(Path(run_dir))
+    peft_model.peft_config[peft_model.active_adapter].rank_pattern = pattern
     allocator = getattr(peft_model.base_model, "rankallocator", None)
     if allocator is not None:
         params = dict(peft_model.base_model.model.named_parameters())

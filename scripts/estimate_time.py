@@ -186,7 +186,8 @@ def main() -> None:
     cores = os.cpu_count() or 1
     train_threads = max(1, cores // max(1, args.jobs))
 
-    tasks = [t for t in dict.fromkeys(args.tasks.split(",")) if t]
+    # the decoded evaluation is timed only when the study runs it (EVALUATE=measures skips minutes of decoding here)
+    tasks = [t for t in dict.fromkeys(args.tasks.split(",")) if t] if args.decoded else []
     likelihood_tasks = [t for t in args.measure_likelihood_tasks.split(",") if t] if args.measure_models else []
     progress = Progress(3 + 2 * len(tasks) + (4 + 2 * len(likelihood_tasks) if args.measure_models else 0))
     t0 = time.perf_counter()

@@ -7,6 +7,7 @@ import json
 import re
 import sys
 
+import pytest
 from conftest import load_script
 
 from imsm.loader import load_backbone
@@ -27,8 +28,11 @@ class Recorder:
         pass
 
 
-def test_every_phase_of_the_estimate_shows_progress_before_it_runs(tiny_model_dir, tmp_path, monkeypatch, capsys,
-                                                                   single_thread):
+@pytest.mark.parametrize(("decoded", "phases"), [("1", 5), ("0", 3)])
+def test_every_phase_of_the_estimate_shows_progress_before_it_runs(decoded, phases, tiny_model_dir, tmp_path,
+                                                                   monkeypatch, capsys, single_thread):
+    """Numbered progress before each phase; a study without the decoded evaluation (EVALUATE=measures) spends no time
+    decoding for it."""
     estimate = load_script("estimate_time")
     rows = [{"input": f"Question: Is {i} odd ? Output:", "output": "yes" if i % 2 else "no"} for i in range(10)]
     for split in ("train", "test"):
@@ -46,13 +50,15 @@ def test_every_phase_of_the_estimate_shows_progress_before_it_runs(tiny_model_di
     monkeypatch.setattr(sys, "stderr", Recorder(events))
     monkeypatch.setattr(sys, "argv", ["estimate_time.py", "--data_dir", str(tmp_path), "--target", "mrpc", "--tasks",
                                       "mrpc", "--template", "raw", "--runs", "LoRA:1", "IMSM-LoRA:1", "--steps", "2",
-                                      "--batch", "2", "--eval_examples", "4", "--score", "decode"])
+                                      "--batch", "2", "--eval_examples", "4", "--score", "decode",
+                                      "--decoded", decoded])
     estimate.main()
     lines = [text for kind, text in events if kind == "line"]
     numbered = [re.match(r"estimate \[(\d+)/(\d+)\] (.+) \(\d+ s so far\)$", line) for line in lines]
     assert all(numbered), lines
     assert [int(m[1]) for m in numbered] == list(range(1, len(lines) + 1))
-    assert {int(m[2]) for m in numbered} == {len(lines)} == {5}  # load, 2 x training steps, 2 x decoding (1 task)
+    assert {int(m[2]) for m in numbered} == {len(lines)} == {phases}  # load, 2 x training steps, 2 x decoding (1 task)
+    assert any("timing evaluation" in line for line in lines) == (decoded == "1")
     kinds = [kind if kind == "work" else text.split("] ")[1].split(" (")[0] for kind, text in events]
     assert kinds[:2] == ["loading the model", "work"]  # announced before it runs
     assert kinds.index("timing training steps: LoRA, batch 2") < kinds.index("work", 2)

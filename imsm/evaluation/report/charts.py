@@ -171,6 +171,14 @@ METHOD_COLORS = ("tab:red", "tab:orange", "tab:green", "tab:purple", "tab:brown"
 METHOD_MARKERS = ("*", "o", "s", "^", "D", "v", "P", "X", "h", "<")
 
 
+def _bars(value: float, interval: dict) -> list[list[float]] | None:
+    """Error bar lengths below and above ``value`` to its interval's ends (0 where an end rounds past the value: an
+    interval of one value, e.g. a constant per-token KL)."""
+    if interval["low"] is None:
+        return None
+    return [[max(0.0, value - interval["low"])], [max(0.0, interval["high"] - value)]]
+
+
 def plot_frontier(frontier: dict, rows: list[dict], target: str, path: str | Path) -> Path:
     """One panel per forgetting measure: LoRA's points and its fitted curve (solid over the gains it is read, dotted
     beyond), and every method's point (``frontier``: method -> measure -> ``FrontierGap``) with its headline 95%
@@ -205,8 +213,7 @@ def plot_frontier(frontier: dict, rows: list[dict], target: str, path: str | Pat
             gap, row = by[measure], by_method[method]
             g, f = gap.imsm
             gain, change = row["gain"], row[measure]["change"]
-            xerr = [[g - gain["low"]], [gain["high"] - g]] if gain["low"] is not None else None
-            yerr = [[f - change["low"]], [change["high"] - f]] if change["low"] is not None else None
+            xerr, yerr = _bars(g, gain), _bars(f, change)
             color, marker = METHOD_COLORS[i % len(METHOD_COLORS)], METHOD_MARKERS[i % len(METHOD_MARKERS)]
             ax.errorbar([g], [f], xerr=xerr, yerr=yerr, fmt=marker, color=color, markersize=11 if marker == "*" else 7,
                         capsize=2, elinewidth=0.9, zorder=3)

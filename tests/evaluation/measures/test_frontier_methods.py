@@ -190,3 +190,20 @@ def test_bad_frontier_labels_are_named_with_the_labels_present():
             MeasureArguments(**ARGS, frontier=bad)
     with pytest.raises(ValueError, match="unknown label 'Nope'"):  # the report refuses it too
         measure_sections(synthetic_study(), "mrpc", MeasureArguments(**ARGS, frontier="KL1-LoRA,Nope:LoRA"), 1000, 0)
+
+
+def test_without_general_nll_the_table_reads_and_sorts_by_kl():
+    study = synthetic_study()
+    for runs in study.values():
+        for record in runs:
+            del record["general_nll"]
+    sections = measure_sections(study, "mrpc", MeasureArguments(measures="auroc,kl", frontier="all:LoRA"), 1000, 0)
+    rows = sections.stats["frontier_table"]
+    gaps = [row["kl"]["gap"] for row in rows]
+    assert all("general_nll" not in row for row in rows) and gaps[-1] is None  # OSF: out of range, last
+    assert gaps[:-1] == sorted(gaps[:-1])
+    recorded = json.loads(RECORDED.read_text())
+    for row in rows:  # the KL gaps do not depend on whether the NLL was measured
+        assert row["kl"]["gap"] == recorded[row["method"]]["kl"]["gap"]
+    header = next(line for line in sections.frontier_part if line.startswith("| method"))
+    assert "NLL" not in header and "draws outside the curve (KL)" in header

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from imsm.atomic import atomic_dir
+from imsm.locks import held
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +39,26 @@ def gguf_location() -> Path:
     return path
 
 
+def _converted(target: Path) -> bool:
+    return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+
+
 def default_model_path() -> Path:
-    """The converted Hugging Face folder of the embedded model, converting it on first use."""
+    """The converted Hugging Face folder of the embedded model, converting it on first use.
+
+    Every process that finds no folder may get here at once (the ranks of a launch, a study's jobs on a fresh
+    machine): one converts under a lock, the others wait and then load its folder, so none replaces the folder
+    another is reading."""
     target = cache_dir() / DEFAULT_MODEL_NAME
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if _converted(target):
         return target
+    with held(target.parent / f".{target.name}.lock", "converting the embedded model"):
+        if not _converted(target):
+            _convert(target)
+    return target
+
+
+def _convert(target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -59,7 +75,6 @@ def default_model_path() -> Path:
     with atomic_dir(target) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-    return target
 
 
 def resolve_model_path(name_or_path: str | None) -> str:

@@ -33,13 +33,13 @@ logger = logging.getLogger("cpu_study")
 ROOT = Path(__file__).resolve().parents[1]
 GENERAL_TASKS = ("webq", "freebaseqa", "multirc", "mrpc")
 LORA = ["--peft", "lora", "--lora_r", "16", "--lora_alpha", "16"]
-SCALED_METHODS = ("LoRA", "CorDA-LoRA", "PiSSA-LoRA")
-# --forgetting 1: what a LLaMA-Factory, axolotl, TRL or peft user can switch on against forgetting (issue 29), each a
-# vanilla LoRA r 16 but for the one option; measured as they trained, at full scale, against LoRA's scaling curve
+SCALED_METHODS = ("LoRA", "CorDA-LoRA", "PiSSA-LoRA")  # vanilla LoRA-family runs: one row per --adapter_scale
 # the vanilla LoRA-family methods besides LoRA that evaluate.py would scale: the measures read them at full scale
 SCALABLE_OTHERS = ("CorDA-LoRA", "PiSSA-LoRA", "KL0.1-LoRA", "KL1-LoRA", "EAFT-LoRA", "Replay-LoRA", "MLP-LoRA",
                    "MiCA-LoRA")
-FORGETTING_METHODS = ("KL0.1-LoRA", "KL1-LoRA", "EAFT-LoRA", "Replay-LoRA", "MLP-LoRA", "MiCA-LoRA", "OSF")  # vanilla LoRA-family runs: one row per --adapter_scale
+# --forgetting 1: what a LLaMA-Factory, axolotl, TRL or peft user can switch on against forgetting (issue 29), each a
+# vanilla LoRA r 16 but for the one option; measured as they trained, at full scale, against LoRA's scaling curve
+FORGETTING_METHODS = ("KL0.1-LoRA", "KL1-LoRA", "EAFT-LoRA", "Replay-LoRA", "MLP-LoRA", "MiCA-LoRA", "OSF")
 # tqdm's progress bar as train.py leaves it in its log: "12/60 [00:10<00:40"
 PROGRESS = re.compile(r"[0-9]*/[0-9]* \[[0-9:]*<[0-9:?]*")
 POLL_SECONDS = 1.0
@@ -353,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(args.output_dir)
     tasks = ",".join([args.target, *GENERAL_TASKS])
     runs = [TrainingRun(method, seed, output_dir / method / f"seed{seed}")
-            for method in study_methods(args.ablations, args.baselines, args.forgetting, args.methods) for seed in range(1, args.seeds + 1)]
+            for method in study_methods(args.ablations, args.baselines, args.forgetting, args.methods)
+            for seed in range(1, args.seeds + 1)]
 
     estimate = [
         sys.executable, "scripts/estimate_time.py", "--label", "cpu_study", "--data_dir", args.data_dir,
@@ -479,18 +480,21 @@ def measures_evaluation(runs: list[TrainingRun], args: argparse.Namespace, outpu
     target_rows = ["--measure_max_examples", str(args.target_rows)] if args.target_rows else []
     out = output_dir / "eval_measures"
     reference = f"LoRA@{float(args.measure_scales.split(',')[-1]):g}"  # normally LoRA@1
-    frontier = "IMSM-LoRA" if any(run.method == "IMSM-LoRA" for run in others) else others[0].method
+    methods = list(dict.fromkeys(run.method for run in others))
+    compare = ["--compare", ",".join(f"{method}:{reference}" for method in methods)] if methods else []
+    # LoRA alone (METHODS=LoRA: how much a target is learned) has no method to read against its curve
+    frontier = ["--frontier", f"{'IMSM-LoRA' if 'IMSM-LoRA' in methods else methods[0]}:LoRA"] if methods else []
     return out, [
         "evaluate.py", "--untuned", *_model_option(args), "--run_dir", *(str(path) for _, path in models),
         "--labels", ",".join(["untuned", *(label for label, _ in models)]), "--adapter_scale", args.measure_scales,
         *(["--full_scale_labels", ",".join(full_scale)] if full_scale else []),
         "--prompt_template", args.template, "--target", args.target, "--tasks", tasks, "--data_dir", args.data_dir,
         "--max_examples", str(args.eval_examples), "--score", "likelihood",
-        "--compare", ",".join(f"{method}:{reference}" for method in dict.fromkeys(run.method for run in others)),
+        *compare,
         "--measures", "auroc,general_nll,kl", "--general_text", str(general_text), *target_rows,
         "--threshold_file", f"{args.target}={train_file}", "--threshold_examples", str(args.threshold_examples),
         "--general_examples", str(args.general_examples), "--kl_examples", str(args.kl_examples),
-        "--frontier", f"{frontier}:LoRA", "--bootstrap_resamples", str(args.resamples), "--output_dir", str(out),
+        *frontier, "--bootstrap_resamples", str(args.resamples), "--output_dir", str(out),
         "--overwrite",
     ]
 

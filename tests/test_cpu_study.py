@@ -138,14 +138,16 @@ def test_cpu_study_baselines_share_the_harness(chat_model_dir, tmp_path):
 
 # What the bash scheduler read from the environment, with its defaults: the wrapper still reads every one of them.
 BASH_DEFAULTS = {"DATA_DIR": "../shared/data", "OUTPUT_DIR": "runs/cpu_study", "MODEL": None, "TARGET": "mrpc",
-                 "TEMPLATE": "chat", "SEEDS": 3, "ABLATIONS": 0, "BASELINES": 0, "SCALES": "0.5,1",
+                 "TEMPLATE": "chat", "SEEDS": 3, "ABLATIONS": 0, "BASELINES": 0, "FORGETTING": 0, "METHODS": None,
+                 "REPLAY_EXAMPLES": 200, "SCALES": "0.5,1",
                  "CORDA_SKIP": 1000, "CORDA_EXAMPLES": 64, "TRAIN_EXAMPLES": 800, "STEPS": 60, "BATCH": 8,
                  "LR": "3e-4", "EVAL_EXAMPLES": 200, "SCORE": "both", "RESAMPLES": 2000, "JOBS": 2,
                  "EVALUATE": ["decoded", "measures"], "MEASURE_TASKS": "webq,freebaseqa", "MEASURE_SCALES": "0.5,1",
                  "CHECKPOINT_STEPS": "", "TARGET_ROWS": None, "THRESHOLD_EXAMPLES": 500, "GENERAL_EXAMPLES": 500,
                  "KL_EXAMPLES": 250, "GENERAL_TEXT": "data/general_text.jsonl"}
 SET = {"DATA_DIR": "/d", "OUTPUT_DIR": "/o", "MODEL": "/m", "TARGET": "cola", "TEMPLATE": "raw", "SEEDS": 5,
-       "ABLATIONS": 1, "BASELINES": 1, "SCALES": "1", "CORDA_SKIP": 7, "CORDA_EXAMPLES": 3, "TRAIN_EXAMPLES": 9,
+       "ABLATIONS": 1, "BASELINES": 1, "FORGETTING": 1, "METHODS": "LoRA,OSF", "REPLAY_EXAMPLES": 8,
+       "SCALES": "1", "CORDA_SKIP": 7, "CORDA_EXAMPLES": 3, "TRAIN_EXAMPLES": 9,
        "STEPS": 4, "BATCH": 2, "LR": "1e-3", "EVAL_EXAMPLES": 11, "SCORE": "likelihood", "RESAMPLES": 100,
        "JOBS": 3, "THREADS": 1, "EVAL_PROCS": 4, "EVALUATE": "measures", "MEASURE_TASKS": "webq",
        "MEASURE_SCALES": "0.25,1", "CHECKPOINT_STEPS": "2", "TARGET_ROWS": 30, "THRESHOLD_EXAMPLES": 40,
@@ -212,6 +214,51 @@ def test_the_plan_of_each_study():
                                                          "IMSM-LoRA:CorDA-LoRA@0.25,IMSM-LoRA:PiSSA-LoRA@0.25")
 
 
+def test_the_forgetting_study_plan():
+    """FORGETTING=1 adds the options against forgetting after the gates; METHODS picks any set, LoRA (the curve)
+    included, and names the unknown ones."""
+    assert cpu_study.study_methods(False, False, True) == ["LoRA", "IMSM-LoRA", "KL0.1-LoRA", "KL1-LoRA", "EAFT-LoRA",
+                                                           "Replay-LoRA", "MLP-LoRA", "MiCA-LoRA", "OSF"]
+    assert cpu_study.study_methods(True, True, True, "LoRA,OSF,LoRA") == ["LoRA", "OSF"]
+    with pytest.raises(SystemExit, match=r"unknown \['KL2-LoRA'\]"):
+        cpu_study.study_methods(False, False, False, "LoRA,KL2-LoRA")
+    with pytest.raises(SystemExit, match="LoRA is the reference curve"):
+        cpu_study.study_methods(False, False, False, "IMSM-LoRA,OSF")
+
+
+@needs_the_data
+def test_each_forgetting_method_trains_with_its_one_option(tmp_path):
+    """Each method is the LoRA run's command but for its one option; Replay-LoRA's rows are the WebQ and FreebaseQA
+    test rows from --corda_skip on, half each, which no evaluation reads."""
+    args = cpu_study.parse_args(["--output_dir", str(tmp_path), "--replay_examples", "5", "--corda_skip", "1000",
+                                 "--data_dir", str(SHARED)])
+
+    def options(method: str) -> dict:
+        command = cpu_study.train_command(cpu_study.TrainingRun(method, 1, tmp_path / "run"), args)
+        return dict(zip(command[2::2], command[3::2]))
+
+    lora = options("LoRA")
+    replay = str(tmp_path / "replay.jsonl")
+    expected = {"KL0.1-LoRA": {"--kl_anchor": "0.1"}, "KL1-LoRA": {"--kl_anchor": "1"},
+                "EAFT-LoRA": {"--eaft": "(switch)"},
+                "Replay-LoRA": {"--knowledge_file": replay, "--knowledge_examples": "5"},
+                "MLP-LoRA": {"--target_modules": "mlp"}, "MiCA-LoRA": {"--init_lora_weights": "mica"},
+                "OSF": {"--peft": "osf", "--lora_r": None, "--lora_alpha": None}}
+    for method, change in expected.items():
+        command = cpu_study.train_command(cpu_study.TrainingRun(method, 1, tmp_path / "run"), args)
+        if method == "EAFT-LoRA":  # a switch: the one token more
+            command.remove("--eaft")
+            command += ["--eaft", "(switch)"]
+        got = dict(zip(command[2::2], command[3::2]))
+        differing = {k for k in lora.keys() | got.keys() if lora.get(k) != got.get(k)}
+        assert differing == set(change), method
+        assert all(got.get(k) == v for k, v in change.items()), method
+    rows = [json.loads(line) for line in Path(replay).read_text().splitlines()]
+    webq = [json.loads(line) for line in (SHARED / "webq" / "test.jsonl").read_text().splitlines()[1000:1003]]
+    freebase = [json.loads(line) for line in (SHARED / "freebaseqa/test.jsonl").read_text().splitlines()[1000:1002]]
+    assert rows == webq + freebase
+
+
 def test_the_training_command_of_a_run():
     args = cpu_study.parse_args(["--data_dir", "/d", "--target", "cola", "--corda_skip", "7", "--corda_examples", "3",
                                  "--steps", "4", "--", "--lora_dropout", "0.1"])
@@ -268,6 +315,31 @@ def test_the_measures_evaluation_command(tmp_path):
     (out / "INCOMPLETE").unlink()
     assert cpu_study.evaluation_done(out, command)
     assert not cpu_study.evaluation_done(out, [*command[:-1], "--kl_examples", "9", command[-1]])
+
+
+def test_the_forgetting_study_measures_every_method_at_full_scale(tmp_path):
+    """LoRA at every scale is the curve; every other method one row as it trained (the vanilla LoRA-family ones named
+    in --full_scale_labels, the gate and OSF unscaled anyway), each compared with LoRA at full scale; LoRA alone gets
+    neither comparison nor frontier."""
+    from transformers import HfArgumentParser
+
+    from imsm.evaluation.arguments import EvalArguments, MeasureArguments
+
+    general = tmp_path / "general.jsonl"
+    general.write_text('{"text": "a passage"}\n')
+    args = cpu_study.parse_args(["--data_dir", "/d", "--general_text", str(general), "--measure_scales", "0.25,0.5,1"])
+    methods = cpu_study.study_methods(False, False, False, "LoRA,IMSM-LoRA,KL1-LoRA,MiCA-LoRA,OSF")
+    runs = [cpu_study.TrainingRun(m, 1, tmp_path / m / "seed1") for m in methods]
+    parser = HfArgumentParser((EvalArguments, MeasureArguments))
+    eval_args, measure_args = parser.parse_args_into_dataclasses(
+        args=cpu_study.measures_evaluation(runs, args, tmp_path)[1][1:])
+    assert eval_args.labels.split(",") == ["untuned", *methods]
+    assert eval_args.full_scale == {"KL1-LoRA", "MiCA-LoRA"} and eval_args.adapter_scale == "0.25,0.5,1"
+    assert eval_args.compare == "IMSM-LoRA:LoRA@1,KL1-LoRA:LoRA@1,MiCA-LoRA:LoRA@1,OSF:LoRA@1"
+    assert measure_args.frontier_labels == ("IMSM-LoRA", "LoRA")
+    eval_args, measure_args = parser.parse_args_into_dataclasses(
+        args=cpu_study.measures_evaluation(runs[:1], args, tmp_path)[1][1:])
+    assert eval_args.compare is None and measure_args.frontier is None
 
 
 def _job(tmp_path: Path, name: str, seconds: float, exit_code: int = 0, until_started: str | None = None) -> tuple:

@@ -46,7 +46,7 @@ FRONTIER_LEGEND = (
     "[95%]: method-level (seeds and examples), (ex): examples-only (one seed, or a LoRA seed's curve short of the "
     "gain). p: the method-level test's. Draws outside: bootstrap draws on which the gain left the curve's range "
     "(counted as ±inf by the examples-only interval). Cost: train_runtime_s per optimizer step over LoRA's (each "
-    "run's train_stats.json, mean over seeds; — unknown). Rows by the NLL gap.")
+    "run's train_stats.json, mean over seeds; — unknown). Rows by the NLL gap (KL without NLL).")
 LEGEND = ("Value: mean ± sd over a label's runs. Change against the untuned model: estimate [examples-only 95% "
           "interval] [method-level 95% interval] p (the method-level interval adds the seed variance; see "
           "docs/evaluation.md#measures).")

@@ -19,7 +19,8 @@ folder under ``$IMSM_CACHE/chatglm3/`` keyed by the source files (name, size, mo
 
 The paper's LoRA sits on the fused ``query_key_value``: ΔW = B·A with one A (r × d) and B ((heads + 2·groups)·d_h ×
 r). On the split layout that is one shared A and three B's (``tie_fused_lora``): the same function and the same
-parameter count (r 16 on ChatGLM3-6B: 3.899M).
+parameter count (r 16 on ChatGLM3-6B: 3.899M). The paper's AdaLoRA there shares P, Λ and ranknum the same way and
+splits Q by rows (init rank 12: 2.925M; its rank allocation on the fused triplet: ``imsm/method/adapters/adalora.py``).
 """
 
 from __future__ import annotations
@@ -293,43 +294,55 @@ def split_fused_targets(model_type: str, targets: list[str] | str | None) -> tup
     return list(SPLIT_QKV) + rest, True
 
 
-def tie_fused_lora(peft_model: nn.Module) -> int:
+def _shape(entry) -> torch.Size:
+    return entry.weight.shape if isinstance(entry, nn.Module) else entry.shape
+
+
+def tie_fused_lora(peft_model: nn.Module, parts: tuple[str, ...] = ("lora_A",)) -> int:
     """Share each attention layer's q_proj ``lora_A`` with its k_proj and v_proj: one A and three B's are LoRA on
     the fused query_key_value (ΔW = [B_q; B_k; B_v]·A). k's and v's A modules become q's module, so the parameter
     exists once (counted, optimised and gathered once). Each projection keeps its own dropout module, so in training
     q, k and v draw separate dropout masks on the shared input where the fused layer draws one: equal in expectation
-    and identical without dropout (evaluation). Returns the number of layers tied."""
+    and identical without dropout (evaluation). ``parts``: the adapter dicts shared (AdaLoRA: its P ``lora_A``, Λ
+    ``lora_E`` and rank count ``ranknum``, so that only Q ``lora_B`` is split by rows). Returns the number of layers
+    tied."""
     tied = 0
     for name, module in peft_model.named_modules():
         if not name.endswith("self_attn"):
             continue
         q, k, v = (getattr(module, proj, None) for proj in SPLIT_QKV)
-        if not all(hasattr(p, "lora_A") for p in (q, k, v)):
+        if not all(hasattr(p, part) for p in (q, k, v) for part in parts):
             continue
-        for adapter, shared in q.lora_A.items():
-            for other in (k, v):
-                if other.lora_A[adapter].weight.shape != shared.weight.shape:
-                    raise ValueError(f"{name}: the q, k and v adapters differ in shape; cannot tie them")
-                other.lora_A[adapter] = shared
+        for part in parts:
+            for adapter, shared in getattr(q, part).items():
+                for other in (k, v):
+                    if _shape(getattr(other, part)[adapter]) != _shape(shared):
+                        raise ValueError(f"{name}: the q, k and v adapters differ in shape; cannot tie them")
+                    getattr(other, part)[adapter] = shared
         tied += 1
     if not tied:
-        raise ValueError("the fused query_key_value LoRA found no q_proj/k_proj/v_proj adapters to tie")
+        raise ValueError("the fused query_key_value adapter found no q_proj/k_proj/v_proj adapters to tie")
     return tied
 
 
-def untied_state_dict(peft_model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def untied_state_dict(peft_model: nn.Module, state: dict[str, torch.Tensor],
+                      parts: tuple[str, ...] = ("lora_A",)) -> dict[str, torch.Tensor]:
     """``state`` (by the PeftModel's parameter names, a shared tensor under q's name only) with k's and v's tied
-    lora_A written out as copies of q's, so the saved adapter is an ordinary PEFT adapter that any PEFT loads (two
+    ``parts`` written out as copies of q's, so the saved adapter is an ordinary PEFT adapter that any PEFT loads (two
     extra copies of A on disk); ``tie_fused_lora`` ties them again on resume. Untied adapters pass unchanged."""
     out = dict(state)
     for name, module in peft_model.named_modules():
         q, k, v = (getattr(module, proj, None) for proj in SPLIT_QKV)
-        if not name.endswith("self_attn") or not hasattr(q, "lora_A"):
+        if not name.endswith("self_attn"):
             continue
-        for adapter, shared in q.lora_A.items():
-            source = f"{name}.q_proj.lora_A.{adapter}.weight"
-            for proj, other in zip(SPLIT_QKV[1:], (k, v)):
-                lora_a = getattr(other, "lora_A", {})
-                if adapter in lora_a and lora_a[adapter] is shared and source in state:
-                    out.setdefault(f"{name}.{proj}.lora_A.{adapter}.weight", state[source])
+        for part in parts:
+            if not hasattr(q, part):
+                continue
+            for adapter, shared in getattr(q, part).items():
+                suffix = ".weight" if isinstance(shared, nn.Module) else ""  # a LoRA A is a Linear, AdaLoRA's a tensor
+                source = f"{name}.q_proj.{part}.{adapter}{suffix}"
+                for proj, other in zip(SPLIT_QKV[1:], (k, v)):
+                    entries = getattr(other, part, {})
+                    if adapter in entries and entries[adapter] is shared and source in state:
+                        out.setdefault(f"{name}.{proj}.{part}.{adapter}{suffix}", state[source])
     return out

@@ -48,11 +48,6 @@ CANNOT_MATCH = (
     ("AdaLoRA: the published code never calls update_and_allocate, so its ranks stay at init_r 12 throughout (its "
      "Params, 12 ranks per module, are what Table 1 prints); ours reallocates the rank budget to target_r 8 as "
      "AdaLoRA does (the orthogonality penalty as well)."),
-    ("AdaLoRA on ChatGLM3-6B: the published code puts one AdaLoRA on the fused query_key_value (init_r 12: "
-     "28 x (12 x (4096 + 4608) + 12) = 2.925M, Table 1's Params; 3.089M with IMSM's gate); ours runs ChatGLM3 as "
-     "transformers' glm, whose q_proj, k_proj and v_proj get separate AdaLoRA adapters (5.678M; 5.842M with the "
-     "gate), because sharing P and Λ across the three would need PEFT's rank allocator to score them as one module. "
-     "LoRA, DoRA and (IA)3 on the same layer are exactly the fused ones (one lora_A shared by q, k and v)."),
     ("Settings the paper does not state follow the published code, appended to the launchers' arguments by the "
      "plans (imsm/paper/plans.py PUBLISHED_TRAIN_ARGS): LoRA and AdaLoRA dropout 0.1, no weight decay and the "
      "baselines' schedules for vanilla runs, AdamW for IMSM-(IA)3 (Adafactor for vanilla (IA)3, as published), and "

@@ -169,19 +169,22 @@ def test_saved_fused_lora_reloads_and_resumes_tied(chatglm3, tmp_path):
 
 def test_chatglm3_6b_trains_the_papers_parameter_counts():
     """At ChatGLM3-6B's full shape (meta device, no weights): LoRA r 16 on the fused query_key_value is Table 1's
-    3.899M = 28·16·(4096 + 4608); IMSM's gate adds 5·d·r = 5·4096·8; (IA)3 scales query_key_value's 4608 outputs
-    and dense_4h_to_h's 13696 inputs per layer."""
+    3.899M = 28·16·(4096 + 4608); AdaLoRA init rank 12 there is Table 1's 2.925M = 28·12·(4096 + 1 + 4608) (P, Λ,
+    Q); IMSM's gate adds 5·d·r = 5·4096·8; (IA)3 scales query_key_value's 4608 outputs and dense_4h_to_h's 13696
+    inputs per layer."""
     from transformers import GlmForCausalLM
 
     config = glm_config(CHATGLM3_6B)
     for peft, options, adapter_count in [("lora", {"lora_r": 16}, 28 * 16 * (4096 + 4608)),
+                                         ("adalora", {"adalora_init_r": 12}, 28 * 12 * (4096 + 1 + 4608)),
                                          ("ia3", {}, 28 * (4608 + 13696))]:
         with torch.device("meta"):
             backbone = GlmForCausalLM(config)
-        model = build_imsm_model(backbone, imsm_args(peft=peft, gate="query_aware", gate_rank=8, **options))
+        model = build_imsm_model(backbone, imsm_args(peft=peft, gate="query_aware", gate_rank=8, **options),
+                                 total_steps=1000)
         counts = {k: sum(p.numel() for _, p in group) for k, group in model.trainable_parameters().items()}
         assert counts == {"adapter": adapter_count, "gate": 5 * 4096 * 8}
-    assert 28 * 16 * (4096 + 4608) == 3_899_392
+    assert 28 * 16 * (4096 + 4608) == 3_899_392 and 28 * 12 * (4096 + 1 + 4608) == 2_924_880
 
 
 def test_imsm_refuses_a_backbone_without_an_lm_head(tiny_model_dir):

@@ -3,6 +3,7 @@ need no model."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ ALL_TASKS = "gsm8k,mrpc,cola,ropes,webq,freebaseqa,multirc"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SCORE_MODES = ("both", "decode", "likelihood")
 MEASURES = ("auroc", "general_nll", "kl")  # --measures (imsm.evaluation.measures)
+FRONTIER_ALL = "all"  # --frontier all:LORA: every label but the curve's and the untuned model
 
 
 @dataclass
@@ -141,7 +143,9 @@ class MeasureArguments:
     kl_examples: int = field(default=200, metadata={"help": "Prompts per non-target task for kl."})
     kl_max_new_tokens: int = field(default=32, metadata={"help": "Longest untuned greedy answer kl is read over."})
     frontier: str | None = field(default=None, metadata={
-        "help": "IMSM:LORA labels: IMSM's forgetting minus the curve of LORA's scales/checkpoints at IMSM's gain."})
+        "help": "METHOD[,METHOD...]:LORA labels, or all:LORA: each method's forgetting minus the curve of LORA's "
+                "scales/checkpoints at the method's own gain (all: every label but the curve's and untuned), e.g. "
+                "IMSM-LoRA:LoRA or IMSM-LoRA,KL1-LoRA,OSF:LoRA."})
 
     def __post_init__(self) -> None:
         self.names = [m.strip() for m in (self.measures or "").split(",") if m.strip()]
@@ -159,12 +163,42 @@ class MeasureArguments:
         if self.thresholds and "auroc" not in self.names:
             raise ValueError("--threshold_file applies to --measures auroc")
         if self.frontier is not None:
-            imsm, sep, lora = self.frontier.partition(":")
-            if not sep or not imsm or not lora:
-                raise ValueError(f"--frontier {self.frontier!r}: expected IMSM_LABEL:LORA_LABEL")
+            methods, sep, lora = self.frontier.partition(":")
+            self.frontier_methods = [m.strip() for m in methods.split(",")]
+            if not sep or not lora or not all(self.frontier_methods):
+                raise ValueError(f"--frontier {self.frontier!r}: expected METHOD[,METHOD...]:LORA_LABEL (or "
+                                 "all:LORA_LABEL), e.g. IMSM-LoRA,KL1-LoRA:LoRA")
+            if FRONTIER_ALL in self.frontier_methods and len(self.frontier_methods) > 1:
+                raise ValueError(f"--frontier {self.frontier!r}: '{FRONTIER_ALL}' stands for every method; name "
+                                 "methods or write all, not both")
             if "auroc" not in self.names or not {"general_nll", "kl"} & set(self.names):
                 raise ValueError("--frontier needs --measures auroc and general_nll and/or kl")
-            self.frontier_labels = (imsm, lora)
+            self.frontier_labels = (methods, lora)
         for name in ("threshold_examples", "kl_examples", "kl_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1")
+
+    def frontier_groups(self, labels: Iterable[str]) -> tuple[list[str], list[str]]:
+        """(the --frontier methods, the labels of LORA's curve: LORA and LORA@...) among an evaluation's ``labels``,
+        in their order; a named label that is not among them, on the curve, or the untuned model is refused."""
+        labels = list(dict.fromkeys(labels))
+        lora = self.frontier_labels[1]
+        curve = [label for label in labels if label == lora or label.startswith(lora + "@")]
+        if not curve:
+            raise ValueError(f"--frontier {self.frontier}: no label {lora!r} or {lora}@... to draw the curve from; "
+                             f"the labels present: {labels}")
+        if self.frontier_methods == [FRONTIER_ALL]:
+            methods = [label for label in labels if label not in curve and label != "untuned"]
+            if not methods:
+                raise ValueError(f"--frontier {self.frontier}: every label is on the curve or untuned; nothing to "
+                                 f"read against it (the labels present: {labels})")
+            return methods, curve
+        unknown = [m for m in self.frontier_methods if m not in labels]
+        if unknown:
+            raise ValueError(f"--frontier {self.frontier}: unknown label{'s' if len(unknown) > 1 else ''} "
+                             f"{', '.join(map(repr, unknown))}; the labels present: {labels}")
+        wrong = [m for m in self.frontier_methods if m in curve or m == "untuned"]
+        if wrong:
+            raise ValueError(f"--frontier {self.frontier}: {', '.join(map(repr, wrong))} is the untuned model or on "
+                             f"{lora}'s curve itself; name the methods to read against it")
+        return list(dict.fromkeys(self.frontier_methods)), curve

@@ -1,7 +1,8 @@
-"""IMSM against the LoRA frontier at equal target gain.
+"""Methods (IMSM, a KL anchor, replay, OSF, ...) against the LoRA frontier at equal target gain.
 
 Vanilla LoRA at several adapter scales (``evaluate.py --adapter_scale``) and checkpoints gives points (target gain,
-forgetting); IMSM is one point. With
+forgetting); each method read against it is one point (below, "IMSM" stands for any of them: ``frontier_gaps`` reads
+several against one ``LoraCurve``, on the same bootstrap draws, each exactly as ``frontier_gap`` reads it alone). With
 
     gain       = AUROC of the target's yes/no log-odds − the untuned model's           (``measures.auroc``)
     forgetting = the forgetting measure − the untuned model's, averaged over tasks      (general-text NLL per token:
@@ -81,16 +82,29 @@ def fit_curve(curve: Sequence[Point]) -> tuple[float, float]:
     return float(a), float(b)
 
 
+def curve_reading(curve: Sequence[Point], reach: float | None = None) -> tuple[float, float, float, float] | None:
+    """(low, high, a, b): the fitted curve a·g + b·g² (``fit_curve``) and the gains it is read over,
+    [min(0, lowest gain), highest gain], the upper end raised to ``reach`` when given (the highest gain of any single
+    run); None for an empty curve."""
+    if not curve:
+        return None
+    return (min(0.0, curve[0][0]), max(curve[-1][0], reach if reach is not None else -np.inf), *fit_curve(curve))
+
+
+def read_curve(reading: tuple[float, float, float, float] | None, gain: float) -> float | None:
+    """The curve's forgetting at ``gain`` (``curve_reading``); None outside the gains it is read over."""
+    if reading is None:
+        return None
+    low, high, a, b = reading
+    if gain < low or gain > high:
+        return None
+    return a * gain + b * gain * gain
+
+
 def curve_value(curve: Sequence[Point], gain: float, reach: float | None = None) -> float | None:
     """The fitted curve's forgetting at ``gain`` (``fit_curve``); None outside [min(0, lowest gain), highest gain],
     the upper end raised to ``reach`` when given (the highest gain of any single run)."""
-    if not curve:
-        return None
-    low, high = min(0.0, curve[0][0]), max(curve[-1][0], reach if reach is not None else -np.inf)
-    if gain < low or gain > high:
-        return None
-    a, b = fit_curve(curve)
-    return a * gain + b * gain * gain
+    return read_curve(curve_reading(curve, reach), gain)
 
 
 @dataclass
@@ -123,7 +137,8 @@ class LabelRuns:
 
 @dataclass
 class FrontierGap:
-    """IMSM's forgetting minus the LoRA curve's at IMSM's target gain, with its intervals (module docstring)."""
+    """A method's forgetting minus the LoRA curve's at the method's target gain, with its intervals (module
+    docstring). ``imsm`` is the method's point (the key's name is kept from when IMSM was the only method read)."""
 
     gap: float | None
     imsm: Point
@@ -134,21 +149,22 @@ class FrontierGap:
     method_low: float | None = None
     method_high: float | None = None
     p: float | None = None
-    seeds_outside: int = 0  # LoRA seeds whose own curve does not reach IMSM's gain (no method-level interval)
+    seeds_outside: int = 0  # LoRA seeds whose own curve does not reach the method's gain (no method-level interval)
     notes: list[str] = field(default_factory=list)
+    gain_range: tuple[float, float] | None = None  # the gains the curve is read over (min(0, lowest), highest run)
+    draws: int = 0  # bootstrap draws of the examples taken (0: the gain lies outside the curve, none were)
+    draws_outside: int = 0  # of them, those on which the method's gain left the curve's range (no gap there)
 
     def to_dict(self) -> dict:
         return {k: reported_p(self.p) if k == "p" else getattr(self, k)
                 for k in ("gap", "imsm", "points", "curve", "examples_low", "examples_high", "method_low",
-                          "method_high", "p", "seeds_outside", "notes")} | {"fit": fit_curve(self.curve)}
+                          "method_high", "p", "seeds_outside", "notes", "gain_range", "draws", "draws_outside")} | {
+            "fit": fit_curve(self.curve)}
 
 
-def _points(labels: dict[str, LabelRuns], untuned: LabelRuns, positive, counts_t, counts_f):
-    """label -> (gain (runs, B), forgetting (runs, B)) relative to the untuned model on the same draws."""
-    base_gain, base_forgetting = untuned.values(positive, counts_t, counts_f)
-    return {name: tuple(v - b for v, b in zip(runs.values(positive, counts_t, counts_f), (base_gain, base_forgetting),
-                                               strict=True))
-            for name, runs in labels.items()}
+def _relative(runs: LabelRuns, base: tuple[np.ndarray, np.ndarray], positive, counts_t, counts_f):
+    """(gain (runs, B), forgetting (runs, B)) of ``runs`` minus the untuned model's ``base`` on the same draws."""
+    return tuple(v - b for v, b in zip(runs.values(positive, counts_t, counts_f), base, strict=True))
 
 
 def _reach(points: dict[str, tuple[np.ndarray, np.ndarray]], column: int) -> float:
@@ -162,70 +178,112 @@ def _curve_at(points: dict[str, tuple[np.ndarray, np.ndarray]], column: int, run
     return lower_frontier([(pick(g), pick(f)) for g, f in points.values()])
 
 
+class LoraCurve:
+    """The curve of the ``lora`` labels (their runs aligned by seed) relative to ``untuned`` (one run), on the
+    examples as they are and on each bootstrap draw (drawn once, when a method first needs them, from
+    ``default_rng(seed)``: every method is read against the same draws, the ones a method read alone would get);
+    ``gap`` reads one method against it. ``positive`` are the target rows' gold labels."""
+
+    def __init__(self, lora: dict[str, LabelRuns], untuned: LabelRuns, positive: np.ndarray, resamples: int = 2000,
+                 seed: int = 0, confidence: float = CONFIDENCE) -> None:
+        self.positive = np.asarray(positive, dtype=bool)
+        if untuned.runs != 1:
+            raise ValueError(f"the untuned model is one model, got {untuned.runs} runs")
+        seeds = {runs.runs for runs in lora.values()}
+        if len(seeds) != 1:
+            raise ValueError(f"the LoRA labels' runs must be the same seeds at each scale/checkpoint; their run "
+                             f"counts differ: { {name: runs.runs for name, runs in lora.items()} }")
+        self.lora, self.untuned, self.seeds = lora, untuned, seeds.pop()
+        self.resamples, self.seed, self.confidence = resamples, seed, confidence
+        self.n_t, self.n_f = len(self.positive), [f.shape[1] for f in untuned.forgetting]
+        self.ones = (np.ones((1, self.n_t)), [np.ones((1, n)) for n in self.n_f])
+        self.base = untuned.values(self.positive, *self.ones)
+        self.points = {name: _relative(runs, self.base, self.positive, *self.ones) for name, runs in lora.items()}
+        self.curve, reach = _curve_at(self.points, 0), _reach(self.points, 0)
+        self.reading = curve_reading(self.curve, reach)
+        # each LoRA seed's own curve (run j of every LoRA label is one training run at its scales and checkpoints),
+        # read as far as the seed-averaged one
+        self.seed_readings = [curve_reading(_curve_at(self.points, 0, run=j), reach) for j in range(self.seeds)]
+        self._drawn = None
+
+    def _draws(self):
+        """(target counts, forgetting counts, the untuned model's values, each draw's curve reading), built once."""
+        if self._drawn is None:
+            rng = np.random.default_rng(self.seed)
+            counts_t = resample_counts(self.n_t, self.resamples, rng)
+            counts_f = [resample_counts(n, self.resamples, rng) for n in self.n_f]
+            base = self.untuned.values(self.positive, counts_t, counts_f)
+            drawn = {name: _relative(runs, base, self.positive, counts_t, counts_f)
+                     for name, runs in self.lora.items()}
+            readings = [curve_reading(_curve_at(drawn, b), _reach(drawn, b)) for b in range(self.resamples)]
+            self._drawn = (counts_t, counts_f, base, readings)
+        return self._drawn
+
+    def gap(self, runs: LabelRuns, name: str = "IMSM") -> FrontierGap:
+        """The gap of the method ``name`` (its ``runs``) to this curve, with its intervals (module docstring)."""
+        ig, if_ = _relative(runs, self.base, self.positive, *self.ones)
+        g_m, f_m = float(ig.mean()), float(if_.mean())
+        low, high = self.reading[:2]
+        result = FrontierGap(None, (g_m, f_m), {k: (float(g.mean()), float(f.mean())) for k, (g, f) in
+                                                self.points.items()}, self.curve, gain_range=(low, high))
+        at = read_curve(self.reading, g_m)
+        if at is None:
+            result.notes.append(f"{name}'s target gain {g_m:+.4f} lies outside the LoRA curve's gain range "
+                                f"[{low:+.4f}, {high:+.4f}]; not extrapolated")
+            return result
+        result.gap = f_m - at
+
+        counts_t, counts_f, base, readings = self._draws()
+        dg, df = _relative(runs, base, self.positive, counts_t, counts_f)
+        gaps = []
+        for b, reading in enumerate(readings):
+            value = read_curve(reading, float(dg[:, b].mean()))
+            gaps.append(None if value is None else float(df[:, b].mean()) - value)
+        tail = (1.0 - self.confidence) / 2.0
+        interval = bounded_percentiles(gaps, tail)
+        outside = sum(g is None for g in gaps)
+        result.draws, result.draws_outside = self.resamples, outside
+        if interval is None:
+            result.notes.append(f"no interval: {name}'s gain leaves the LoRA curve's range in {outside} of "
+                                f"{self.resamples} draws of the examples, more than a tail holds")
+            return result
+        if outside:
+            result.notes.append(f"{name}'s gain leaves the LoRA curve's range in {outside} of {self.resamples} draws "
+                                "of the examples: the examples-only interval holds whatever the gap on those draws "
+                                "(they count as -inf for its lower end, +inf for its upper end)")
+        result.examples_low, result.examples_high = interval
+        gaps = [g for g in gaps if g is not None]
+
+        per_lora_seed = [read_curve(reading, g_m) for reading in self.seed_readings]
+        if runs.runs < 2 or len(per_lora_seed) < 2:
+            result.notes.append("no method-level interval: not estimable from one seed")
+            return result
+        result.seeds_outside = sum(v is None for v in per_lora_seed)
+        if result.seeds_outside:
+            result.notes.append(f"no method-level interval: {result.seeds_outside} of {len(per_lora_seed)} LoRA "
+                                f"seeds' own curves do not reach {name}'s gain")
+            return result
+        a, b = self.reading[2:]
+        slope = a + 2.0 * b * g_m  # run r's gap, to first order: its own forgetting and gain against the slope
+        d = np.array([float(if_[r, 0]) - f_m - slope * (float(ig[r, 0]) - g_m) for r in range(runs.runs)])
+        e = np.array([f_m - v for v in per_lora_seed])
+        terms = [(float(d.var(ddof=1)) / len(d), len(d)), (float(e.var(ddof=1)) / len(e), len(e))]
+        result.method_low, result.method_high, result.p = (float(x) for x in method_interval(
+            result.gap, float(np.var(gaps, ddof=1)), terms, self.confidence))
+        return result
+
+
+def frontier_gaps(methods: dict[str, LabelRuns], lora: dict[str, LabelRuns], untuned: LabelRuns,
+                  positive: np.ndarray, resamples: int = 2000, seed: int = 0,
+                  confidence: float = CONFIDENCE) -> dict[str, FrontierGap]:
+    """Each method's gap to the curve of the ``lora`` labels, all on one ``LoraCurve`` (the same draws): method by
+    method the numbers ``frontier_gap`` gives it alone."""
+    curve = LoraCurve(lora, untuned, positive, resamples, seed, confidence)
+    return {name: curve.gap(runs, name) for name, runs in methods.items()}
+
+
 def frontier_gap(imsm: LabelRuns, lora: dict[str, LabelRuns], untuned: LabelRuns, positive: np.ndarray,
                  resamples: int = 2000, seed: int = 0, confidence: float = CONFIDENCE) -> FrontierGap:
     """The gap of ``imsm`` to the curve of the ``lora`` labels (their runs aligned by seed), relative to ``untuned``
     (one run); ``positive`` are the target rows' gold labels. See the module docstring."""
-    positive = np.asarray(positive, dtype=bool)
-    if untuned.runs != 1:
-        raise ValueError(f"the untuned model is one model, got {untuned.runs} runs")
-    seeds = {runs.runs for runs in lora.values()}
-    if len(seeds) != 1:
-        raise ValueError(f"the LoRA labels' runs must be the same seeds at each scale/checkpoint; their run counts "
-                         f"differ: { {name: runs.runs for name, runs in lora.items()} }")
-    n_t, n_f = len(positive), [f.shape[1] for f in untuned.forgetting]
-    ones_t, ones_f = np.ones((1, n_t)), [np.ones((1, n)) for n in n_f]
-    points = _points(lora, untuned, positive, ones_t, ones_f)
-    ig, if_ = _points({"imsm": imsm}, untuned, positive, ones_t, ones_f)["imsm"]
-    g_imsm, f_imsm = float(ig.mean()), float(if_.mean())
-    curve = _curve_at(points, 0)
-    result = FrontierGap(None, (g_imsm, f_imsm), {k: (float(g.mean()), float(f.mean())) for k, (g, f) in
-                                                  points.items()}, curve)
-    reach = _reach(points, 0)
-    at = curve_value(curve, g_imsm, reach)
-    if at is None:
-        result.notes.append(f"IMSM's target gain {g_imsm:+.4f} lies outside the LoRA curve's gain range "
-                            f"[{min(0.0, curve[0][0]):+.4f}, {max(curve[-1][0], reach):+.4f}]; not extrapolated")
-        return result
-    result.gap = f_imsm - at
-
-    rng = np.random.default_rng(seed)
-    counts_t = resample_counts(n_t, resamples, rng)
-    counts_f = [resample_counts(n, resamples, rng) for n in n_f]
-    drawn = _points(lora, untuned, positive, counts_t, counts_f)
-    dg, df = _points({"imsm": imsm}, untuned, positive, counts_t, counts_f)["imsm"]
-    gaps = []
-    for b in range(resamples):
-        value = curve_value(_curve_at(drawn, b), float(dg[:, b].mean()), _reach(drawn, b))
-        gaps.append(None if value is None else float(df[:, b].mean()) - value)
-    tail = (1.0 - confidence) / 2.0
-    interval = bounded_percentiles(gaps, tail)
-    outside = sum(g is None for g in gaps)
-    if interval is None:
-        result.notes.append(f"no interval: IMSM's gain leaves the LoRA curve's range in {outside} of {resamples} "
-                            "draws of the examples, more than a tail holds")
-        return result
-    if outside:
-        result.notes.append(f"IMSM's gain leaves the LoRA curve's range in {outside} of {resamples} draws of the "
-                            "examples: the examples-only interval holds whatever the gap on those draws (they count "
-                            "as -inf for its lower end, +inf for its upper end)")
-    result.examples_low, result.examples_high = interval
-    gaps = [g for g in gaps if g is not None]
-
-    per_lora_seed = [curve_value(_curve_at(points, 0, run=j), g_imsm, reach) for j in range(seeds.pop())]
-    if imsm.runs < 2 or len(per_lora_seed) < 2:
-        result.notes.append("no method-level interval: not estimable from one seed")
-        return result
-    result.seeds_outside = sum(v is None for v in per_lora_seed)
-    if result.seeds_outside:
-        result.notes.append(f"no method-level interval: {result.seeds_outside} of {len(per_lora_seed)} LoRA seeds' "
-                            "own curves do not reach IMSM's gain")
-        return result
-    a, b = fit_curve(curve)
-    slope = a + 2.0 * b * g_imsm  # IMSM run r's gap, to first order: its own forgetting and gain against the slope
-    d = np.array([float(if_[r, 0]) - f_imsm - slope * (float(ig[r, 0]) - g_imsm) for r in range(imsm.runs)])
-    e = np.array([f_imsm - v for v in per_lora_seed])
-    terms = [(float(d.var(ddof=1)) / len(d), len(d)), (float(e.var(ddof=1)) / len(e), len(e))]
-    result.method_low, result.method_high, result.p = (float(x) for x in method_interval(
-        result.gap, float(np.var(gaps, ddof=1)), terms, confidence))
-    return result
+    return frontier_gaps({"IMSM": imsm}, lora, untuned, positive, resamples, seed, confidence)["IMSM"]

@@ -4,7 +4,7 @@ while it is loaded (``MeasureSession``); their arguments are ``imsm.evaluation.a
     python evaluate.py --untuned --run lora/s1 lora/s2 imsm/s1 imsm/s2 --labels untuned,LoRA,LoRA,IMSM-LoRA,IMSM-LoRA \
         --adapter_scale 0.25,0.5,0.75,1 --tasks mrpc,webq,freebaseqa,multirc --target mrpc ... \
         --measures auroc,general_nll,kl --general_text data/general_text.jsonl \
-        --threshold_file mrpc=DATA/mrpc/train.jsonl --frontier IMSM-LoRA:LoRA
+        --threshold_file mrpc=DATA/mrpc/train.jsonl --frontier IMSM-LoRA,KL1-LoRA:LoRA   # or all:LoRA
 
 * ``auroc``: every yes/no task's rows (``--measure_max_examples`` of them, default all) scored by their log-odds;
   AUROC, and with ``--threshold_file TASK=FILE`` MCC and balanced accuracy at the threshold each run chooses on
@@ -14,14 +14,16 @@ while it is loaded (``MeasureSession``); their arguments are ``imsm.evaluation.a
 * ``kl``: KL(untuned ‖ model) over the untuned model's greedy answers (at most ``--kl_max_new_tokens`` tokens) to the
   first ``--kl_examples`` prompts of every task but the target. The untuned model stays loaded beside each model.
 
-Each model's per-example values go to ``OUTPUT_DIR/<label>[/run<k>]/measures.json``. Their report
-(``imsm.evaluation.report.measure_tables``, written by ``report.writer``: ``measures.md``, a section of
-``summary.md`` and ``forgetting.md``, the key ``measures`` of ``stats.json``) gives each label's value (mean ± sd over
-its runs) and its change against the untuned model with both intervals of ``imsm.evaluation.stats``: examples-only
-(paired bootstrap, runs fixed) and method-level (plus the seed variance, Welch t). With ``--frontier IMSM:LORA`` and a
-yes/no target, the frontier lines and ``frontier.png`` give IMSM's forgetting minus the LoRA curve at IMSM's target
-gain (``imsm.evaluation.measures.frontier``); the curve's points are the untuned model (LoRA at scale 0) and every
-label LORA or LORA@... (``--adapter_scale`` rows, checkpoints labelled e.g. LoRA@step30).
+Each model's per-example values go to ``OUTPUT_DIR/<label>[/run<k>]/measures.json`` (a trained model's with its run's
+``train_stats.json`` under ``cost``). Their report (``imsm.evaluation.report.measure_tables``, written by
+``report.writer``: ``measures.md``, a section of ``summary.md`` and ``forgetting.md``, the key ``measures`` of
+``stats.json``) gives each label's value (mean ± sd over its runs) and its change against the untuned model with both
+intervals of ``imsm.evaluation.stats``: examples-only (paired bootstrap, runs fixed) and method-level (plus the seed
+variance, Welch t). With ``--frontier METHOD[,METHOD...]:LORA`` (or ``all:LORA``) and a yes/no target, the gap table
+and ``frontier.png`` give each method's forgetting minus the LoRA curve at the method's own target gain
+(``imsm.evaluation.measures.frontier``); the curve's points are the untuned model (LoRA at scale 0) and every label
+LORA or LORA@... (``--adapter_scale`` rows, checkpoints labelled e.g. LoRA@step30). The labels are checked here, before
+any model is measured.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from imsm.evaluation.measures.metrics import get_task
 from imsm.evaluation.planning import read_task
 from imsm.evaluation.report.results import MEASURES_FILE
 from imsm.loader import load_backbone
-from imsm.run_folder import RUN_ARGS, resolve
+from imsm.run_folder import RUN_ARGS, read_train_stats, resolve
 from imsm.templates import build_template
 
 logger = logging.getLogger(__name__)
@@ -78,6 +80,11 @@ class MeasureSession:
         if not any(p.run_dir is None for p in plans):
             raise ValueError("--measures reports each change against the untuned model: add --untuned")
         self.target = eval_args.target
+        if margs.frontier is not None:  # checked now, not after hours of measuring
+            if get_task(self.target).kind != "yesno":
+                raise ValueError(f"--frontier measures the target's gain by AUROC: the target {self.target} must be "
+                                 "a yes/no task")
+            margs.frontier_groups(p.label for p in plans)
         names = margs.names
         yes_no = [t for t in eval_args.task_names if get_task(t).kind == "yesno"]
         self.rows = {t: read_task(t, files[t], margs.measure_max_examples) for t in yes_no} if "auroc" in names else {}
@@ -131,6 +138,8 @@ class MeasureSession:
         args, batch = self.eval_args, self.eval_args.batch_size
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         out: dict = {"label": plan.label, "folder": plan.folder, "untuned": plan.run_dir is None}
+        if plan.run_dir is not None:  # what training it cost (the frontier table's cost column)
+            out["cost"] = read_train_stats(plan.run_dir)
 
         def gathered(values: np.ndarray, total: int) -> list | None:
             return gather_shards(np.asarray(values).tolist(), total, rank, world_size)

@@ -1,6 +1,6 @@
 """The report's charts: ``tradeoff.png`` (learning vs forgetting, its numbers in ``tradeoff.csv``),
-``forgetting.png`` (the forgetting table as grouped bars) and, with --measures --frontier, ``frontier.png`` (IMSM
-against the LoRA curve, ``imsm.evaluation.measures.frontier``).
+``forgetting.png`` (the forgetting table as grouped bars) and, with --measures --frontier, ``frontier.png`` (every
+--frontier method against the LoRA curve, ``imsm.evaluation.measures.frontier``, one panel per forgetting measure).
 
 Trade-off: x = change on the target, y = change on the general average, against the baseline; one small point per
 run, a large one per label with its headline 95% intervals as bars (method-level for a label of several seeds,
@@ -20,6 +20,7 @@ from imsm.atomic import atomic_write_bytes
 from imsm.evaluation.measures.frontier import fit_curve
 from imsm.evaluation.measures.metrics import get_task
 from imsm.evaluation.report.comparisons import Comparisons
+from imsm.evaluation.report.measure_tables import FRONTIER_MEASURES as FRONTIER_SHORT
 from imsm.evaluation.report.results import (
     GENERAL,
     MEASURES,
@@ -86,8 +87,8 @@ def tradeoff_points(runs: list[RunResult], target: str, baseline_label: str,
     return points
 
 
-def _save_png(fig, path: str | Path) -> Path:
-    fig.tight_layout()
+def _save_png(fig, path: str | Path, rect: tuple[float, float, float, float] | None = None) -> Path:
+    fig.tight_layout(rect=rect)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     path = Path(path)
@@ -162,24 +163,73 @@ def plot_forgetting(runs: list[RunResult], target: str, path: str | Path) -> Pat
     return _save_png(fig, path)
 
 
-def plot_frontier(frontier: dict, target: str, path: str | Path) -> Path:
-    """One panel per forgetting measure: the LoRA points, their lower curve, IMSM's point and its gap."""
+FRONTIER_AXES = {"general_nll": ("general-text NLL change (nats/token)", "General-text NLL"),
+                 "kl": ("KL(untuned ‖ model) per token", "KL to the untuned model")}
+# every method a colour and a marker of its own (blue is LoRA's curve): ~9 methods stay apart in print and in grey
+METHOD_COLORS = ("tab:red", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive",
+                 "tab:cyan", "tab:gray", "black")
+METHOD_MARKERS = ("*", "o", "s", "^", "D", "v", "P", "X", "h", "<")
+
+
+def _bars(value: float, interval: dict) -> list[list[float]] | None:
+    """Error bar lengths below and above ``value`` to its interval's ends (0 where an end rounds past the value: an
+    interval of one value, e.g. a constant per-token KL)."""
+    if interval["low"] is None:
+        return None
+    return [[max(0.0, value - interval["low"])], [max(0.0, interval["high"] - value)]]
+
+
+def plot_frontier(frontier: dict, rows: list[dict], target: str, path: str | Path) -> Path:
+    """One panel per forgetting measure: LoRA's points and its fitted curve (solid over the gains it is read, dotted
+    beyond), and every method's point (``frontier``: method -> measure -> ``FrontierGap``) with its headline 95%
+    intervals on gain and forgetting (``rows``: ``measure_tables.frontier_rows``; method-level, examples-only for one
+    seed); one legend below, each method with its gap."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(5.5 * len(frontier), 4.2))
+    measures = list(next(iter(frontier.values())))
+    by_method = {row["method"]: row for row in rows}
+    legend_rows = math.ceil((len(frontier) + 1) / 3)  # the methods and LoRA, three to a row
+    height = 4.6 + 0.2 * legend_rows
+    fig = Figure(figsize=(6.2 * len(measures), height))
     FigureCanvasAgg(fig)
-    for ax, (measure, gap) in zip(np.atleast_1d(fig.subplots(1, len(frontier))), frontier.items(), strict=True):
-        for label, (g, f) in gap.points.items():
-            ax.scatter([g], [f], color="tab:blue", s=18)
-            ax.annotate(label, (g, f), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        if gap.curve:
-            a, b = fit_curve(gap.curve)
-            xs = np.linspace(min(0.0, gap.curve[0][0]), max(gap.curve[-1][0], gap.imsm[0]), 100)
-            ax.plot(xs, a * xs + b * xs * xs, color="tab:blue", label="LoRA curve (a·g + b·g² fitted to its frontier)")
-        ax.scatter([gap.imsm[0]], [gap.imsm[1]], color="tab:red", marker="*", s=120, zorder=3,
-                   label="IMSM" + ("" if gap.gap is None else f" (gap {gap.gap:+.3f})"))
-        ax.set_xlabel(f"target gain: AUROC change on {target}")
-        ax.set_ylabel({"general_nll": "general-text NLL change (nats/token)", "kl": "KL(untuned ‖ model)"}[measure])
-        ax.legend(fontsize=8)
-    return _save_png(fig, path)
+    handles = {}
+    for ax, measure in zip(np.atleast_1d(fig.subplots(1, len(measures))), measures, strict=True):
+        first = next(iter(frontier.values()))[measure]  # the curve is every method's
+        for label, (g, f) in first.points.items():
+            ax.scatter([g], [f], color="tab:blue", s=22, zorder=2)
+            ax.annotate(label.replace(" (scale 0)", ""), (g, f), fontsize=7, color="tab:blue", xytext=(3, -9),
+                        textcoords="offset points")
+        a, b = fit_curve(first.curve)
+        low, high = first.gain_range
+        xs = np.linspace(low, high, 100)
+        handles["LoRA"] = ax.plot(xs, a * xs + b * xs * xs, color="tab:blue",
+                                  label="LoRA: its points, curve a·g + b·g² fitted to their lower frontier")[0]
+        far = max([high] + [by[measure].imsm[0] for by in frontier.values()])
+        if far > high:  # where no gap is read: drawn for the eye only
+            xs = np.linspace(high, far, 30)
+            ax.plot(xs, a * xs + b * xs * xs, color="tab:blue", linestyle=":", linewidth=1)
+        for i, (method, by) in enumerate(frontier.items()):
+            gap, row = by[measure], by_method[method]
+            g, f = gap.imsm
+            gain, change = row["gain"], row[measure]["change"]
+            xerr, yerr = _bars(g, gain), _bars(f, change)
+            color, marker = METHOD_COLORS[i % len(METHOD_COLORS)], METHOD_MARKERS[i % len(METHOD_MARKERS)]
+            ax.errorbar([g], [f], xerr=xerr, yerr=yerr, fmt=marker, color=color, markersize=11 if marker == "*" else 7,
+                        capsize=2, elinewidth=0.9, zorder=3)
+            cells = [f"{FRONTIER_SHORT[m]} gap " + ("out of range" if by[m].gap is None else f"{by[m].gap:+.3g}")
+                     for m in measures]
+            kind = "ex" if gain["interval"] == "examples" else f"{row['runs']} seeds"
+            handles.setdefault(method, ax.errorbar([], [], fmt=marker, color=color,
+                                                   label=f"{method} ({kind}): " + ", ".join(cells)))
+        ax.axhline(0.0, color="black", linewidth=0.5)
+        ax.axvline(0.0, color="black", linewidth=0.5)
+        ax.set_xlabel(f"target gain: AUROC change on {get_task(target).display}")
+        ax.set_ylabel(FRONTIER_AXES[measure][0])
+        ax.set_title(FRONTIER_AXES[measure][1])
+    bottom = (0.1 + 0.2 * legend_rows) / height
+    fig.legend(handles=list(handles.values()), loc="lower center", ncol=min(3, len(handles)), fontsize=7.5,
+               frameon=False)
+    fig.suptitle(f"Forgetting at equal target gain: every method against LoRA's curve (bars: {CONFIDENCE:.0%} "
+                 "intervals, method-level; ex: examples-only, one seed)", fontsize="medium")
+    return _save_png(fig, path, rect=(0.0, bottom, 1.0, 1.0))

@@ -127,7 +127,8 @@ def _write_measures(out_dir: Path, measures: MeasureSections, target: str) -> di
     paths = {"measures_md": out_dir / "measures.md"}
     atomic_write_text(paths["measures_md"], measures.measures_md())
     if measures.frontier:
-        paths["frontier_png"] = plot_frontier(measures.frontier, target, out_dir / "frontier.png")
+        paths["frontier_png"] = plot_frontier(measures.frontier, measures.frontier_rows, target,
+                                              out_dir / "frontier.png")
     return paths
 
 

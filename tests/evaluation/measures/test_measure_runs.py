@@ -86,9 +86,9 @@ def test_measures_end_to_end_match_the_reloaded_runs(tiny_model_dir, setup, tmp_
     assert (out / "frontier.png").stat().st_size > 1000
     summary, forgetting = (out / "summary.md").read_text(), (out / "forgetting.md").read_text()
     assert "### auroc" in summary and "### mcc" in summary and "### kl" not in summary
-    assert "### general_nll" in forgetting and "### kl" in forgetting and "Frontier (kl)" in forgetting
-    assert "### auroc" not in forgetting
-    assert "Frontier (kl)" in (out / "measures.md").read_text()
+    assert "### general_nll" in forgetting and "### kl" in forgetting and "LoRA's curve (kl)" in forgetting
+    assert "### auroc" not in forgetting and "| IMSM-LoRA | 2 |" in forgetting  # the gap table's one row
+    assert "### Frontier: both intervals of every gap" in (out / "measures.md").read_text()
 
     # --report_only writes the same report from the folder alone, the measures' sections and the frontier included
     written = {name: (out / name).read_text() for name in ("summary.md", "forgetting.md", "measures.md", "stats.json")}
@@ -117,12 +117,66 @@ def test_bad_measure_inputs_fail_before_anything_is_written(tiny_model_dir, setu
         evaluate.main(without_untuned)
     with pytest.raises(ValueError, match="unknown"):
         evaluate.main(_argv(tiny_model_dir, base, train, runs, out, "--measures", "perplexity"))
+    # a --frontier label that is not evaluated: named, with the labels there are, before any model is measured
+    with pytest.raises(ValueError, match=r"unknown label 'Nope'; the labels present: \['untuned', 'LoRA', "
+                                         r"'IMSM-LoRA'\]"):
+        evaluate.main(_argv(tiny_model_dir, base, train, runs, out, "--frontier", "IMSM-LoRA,Nope:LoRA"))
     trained_all = tmp_path / "all"
     run = save_random_run(tiny_model_dir, trained_all, "query_aware")
     (Path(run) / "run_args.json").write_text(json.dumps({"train_file": str(train), "max_train_examples": None}))
     with pytest.raises(ValueError, match="trained on all of it"):
         evaluate.main(_argv(tiny_model_dir, base, train, [*runs[:3], run], out))
     assert not out.exists()
+
+
+def test_report_only_reads_every_method_against_the_curve_of_a_one_method_evaluation(tiny_model_dir, setup,
+                                                                                     tmp_path):
+    """An evaluation made with --frontier IMSM-LoRA:LoRA, rebuilt by --report_only --frontier all:LoRA from the saved
+    measures alone: every method gets its row in the gap table (summary.md, forgetting.md, stats.json) and a point on
+    frontier.png, the first method's record under the key "frontier" is unchanged, no model's saved measures are
+    touched, and the cost column is each run's train_stats.json (from results.json for measures saved without it)."""
+    import shutil
+
+    base, train, _, runs = setup
+    runs = [shutil.copytree(run, tmp_path / "runs" / run.name) for run in runs]  # the shared runs stay as they are
+    for run, seconds in zip(runs, (60.0, 66.0, 90.0, None), strict=True):  # LoRA, LoRA, IMSM-LoRA, KL1-LoRA
+        if seconds is not None:
+            (run / "train_stats.json").write_text(json.dumps({"train_runtime_s": seconds, "optimizer_steps": 30}))
+    out = tmp_path / "eval"
+    argv = _argv(tiny_model_dir, base, train, runs, out, "--adapter_scale", "0.5,1", "--frontier", "IMSM-LoRA:LoRA")
+    argv[argv.index("--labels") + 1] = "untuned,LoRA,LoRA,IMSM-LoRA,KL1-LoRA"
+    evaluate.main(argv)
+    before = json.loads((out / "stats.json").read_text())["measures"]
+    assert list(before["frontier_methods"]) == ["IMSM-LoRA"]
+    stripped = 0
+    for path in out.glob("*/**/measures.json"):  # as an evaluation from before measures.json held the cost
+        record = json.loads(path.read_text())
+        stripped += "cost" in record
+        record.pop("cost", None)
+        path.write_text(json.dumps(record))
+    assert stripped == 6  # LoRA@0.5 and LoRA@1 twice, IMSM-LoRA, KL1-LoRA (its cost None); the untuned model none
+    saved = {path: path.read_bytes() for path in out.rglob("*") if path.name in ("measures.json", "results.json")
+             or path.suffix == ".jsonl"}
+
+    evaluate.main(["--report_only", str(out), "--frontier", "all:LoRA"])
+    after = json.loads((out / "stats.json").read_text())["measures"]
+    assert list(after["frontier_methods"]) == ["IMSM-LoRA", "KL1-LoRA"]  # every label but the curve's and untuned
+    assert after["frontier"] == before["frontier"] == after["frontier_methods"]["IMSM-LoRA"]
+    rows = {row["method"]: row for row in after["frontier_table"]}
+    assert set(rows) == {"IMSM-LoRA", "KL1-LoRA"}
+    assert rows["IMSM-LoRA"]["cost"]["ratio"] == pytest.approx((90 / 30) / ((60 / 30 + 66 / 30) / 2))
+    assert rows["KL1-LoRA"]["cost"]["ratio"] is None  # no train_stats.json: unknown
+    for row in rows.values():
+        for measure in ("general_nll", "kl"):
+            gap = after["frontier_methods"][row["method"]][measure]
+            assert row[measure]["gap"] == gap["gap"] and row[measure]["draws"] == gap["draws"]
+    for name in ("summary.md", "forgetting.md"):
+        text = (out / name).read_text()
+        assert "| IMSM-LoRA | 1 |" in text and "| 1.43× |" in text and "| KL1-LoRA | 1 |" in text, name
+    assert {path: path.read_bytes() for path in saved} == saved  # nothing measured or scored again
+    assert (out / "frontier.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="unknown label 'OSF'"):
+        evaluate.main(["--report_only", str(out), "--frontier", "OSF:LoRA"])
 
 
 def test_merged_reports_equal_one_evaluation_of_every_model(tiny_model_dir, setup, tmp_path):

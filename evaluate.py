@@ -76,7 +76,8 @@ class ReportOnlyArguments:
     bootstrap_resamples: int | None = field(default=None, metadata={"help": "Paired bootstrap resamples."})
     bootstrap_seed: int | None = field(default=None, metadata={"help": "Seed of the bootstrap's resampling."})
     frontier: str | None = field(default=None, metadata={
-        "help": "IMSM:LORA labels of the --measures frontier (default: the one it was evaluated with, if any)."})
+        "help": "METHODS:LORA of the --measures frontier (A,B:LoRA or all:LoRA; default: the one it was evaluated "
+                "with, if any)."})
 
 
 def report_only(argv: list[str]) -> dict[str, Path]:

@@ -5,6 +5,9 @@ checkpoint), read by evaluation, the harness model, adapter scaling and resume.
     adapter_config.json         the adapter's files, named in RunConfig.adapter_files (a PEFT method: its own format;
     adapter_model.safetensors   LoRAMoE: loramoe_config.json, loramoe_model.safetensors)
     gate.safetensors            the gate's tensors (none for the equal and none gates), float32
+    adapter_model.residual.safetensors, adalora_allocator.safetensors
+                                what a resume needs beyond the adapter: PiSSA/CorDA's unconverted adapter; AdaLoRA's
+                                importance averages and, once ranks are masked, its uncut tensors
     run_args.json               every resolved argument of the run, for reproduction
     train_stats.json            what the run cost: wall time, optimizer steps, tokens seen
     tokenizer files

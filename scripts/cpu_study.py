@@ -482,8 +482,10 @@ def measures_evaluation(runs: list[TrainingRun], args: argparse.Namespace, outpu
     reference = f"LoRA@{float(args.measure_scales.split(',')[-1]):g}"  # normally LoRA@1
     methods = list(dict.fromkeys(run.method for run in others))
     compare = ["--compare", ",".join(f"{method}:{reference}" for method in methods)] if methods else []
-    # LoRA alone (METHODS=LoRA: how much a target is learned) has no method to read against its curve
-    frontier = ["--frontier", f"{'IMSM-LoRA' if 'IMSM-LoRA' in methods else methods[0]}:LoRA"] if methods else []
+    # every method against LoRA's curve, IMSM-LoRA first (stats.json's `frontier` record is the first method's); LoRA
+    # alone (METHODS=LoRA: how much a target is learned) has no method to read against it
+    methods.sort(key=lambda method: method != "IMSM-LoRA")
+    frontier = ["--frontier", f"{','.join(methods)}:LoRA"] if methods else []
     return out, [
         "evaluate.py", "--untuned", *_model_option(args), "--run_dir", *(str(path) for _, path in models),
         "--labels", ",".join(["untuned", *(label for label, _ in models)]), "--adapter_scale", args.measure_scales,

@@ -336,7 +336,8 @@ def test_the_forgetting_study_measures_every_method_at_full_scale(tmp_path):
     assert eval_args.labels.split(",") == ["untuned", *methods]
     assert eval_args.full_scale == {"KL1-LoRA", "MiCA-LoRA"} and eval_args.adapter_scale == "0.25,0.5,1"
     assert eval_args.compare == "IMSM-LoRA:LoRA@1,KL1-LoRA:LoRA@1,MiCA-LoRA:LoRA@1,OSF:LoRA@1"
-    assert measure_args.frontier_labels == ("IMSM-LoRA", "LoRA")
+    assert measure_args.frontier_methods == ["IMSM-LoRA", "KL1-LoRA", "MiCA-LoRA", "OSF"]
+    assert measure_args.frontier_labels[1] == "LoRA"
     eval_args, measure_args = parser.parse_args_into_dataclasses(
         args=cpu_study.measures_evaluation(runs[:1], args, tmp_path)[1][1:])
     assert eval_args.compare is None and measure_args.frontier is None

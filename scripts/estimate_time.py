@@ -189,7 +189,9 @@ def main() -> None:
     # the decoded evaluation is timed only when the study runs it (EVALUATE=measures skips minutes of decoding here)
     tasks = [t for t in dict.fromkeys(args.tasks.split(",")) if t] if args.decoded else []
     likelihood_tasks = [t for t in args.measure_likelihood_tasks.split(",") if t] if args.measure_models else []
-    progress = Progress(3 + 2 * len(tasks) + (4 + 2 * len(likelihood_tasks) if args.measure_models else 0))
+    to_train = not all(done for _, done in runs)
+    progress = Progress(1 + 2 * to_train + 2 * len(tasks) + (4 + 2 * len(likelihood_tasks) if args.measure_models
+                                                             else 0))
     t0 = time.perf_counter()
     progress("loading the model")
     backbone, tokenizer, _ = load_backbone(args.model_name_or_path)
@@ -201,14 +203,16 @@ def main() -> None:
                                 max(args.batch, 1))
     batch = SupervisedCollator(tokenizer.pad_token_id)([dataset[i] for i in range(min(args.batch, len(dataset)))])
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(train_threads)
-    progress(f"timing training steps: LoRA, batch {len(batch['input_ids'])}")
-    step = {"none": _time_steps(vanilla, batch)}
-    progress(f"timing training steps: IMSM-LoRA, batch {len(batch['input_ids'])}")
-    step["query_aware"] = _time_steps(model, batch)
+    step = {"none": 0.0, "query_aware": 0.0}  # nothing left to train (a resumed study): nothing to time
+    if to_train:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(train_threads)
+        progress(f"timing training steps: LoRA, batch {len(batch['input_ids'])}")
+        step["none"] = _time_steps(vanilla, batch)
+        progress(f"timing training steps: IMSM-LoRA, batch {len(batch['input_ids'])}")
+        step["query_aware"] = _time_steps(model, batch)
+        torch.set_num_threads(threads)
     step["equal"] = step["token"] = step["query_aware"]
-    torch.set_num_threads(threads)
     per_run = {gate: args.steps * s + PROCESS_START_SECONDS for gate, s in step.items()}
     todo = [per_run.get(gate, per_run["query_aware"]) for gate, done in runs if not done]
     train_total = sum(todo) / max(1, min(args.jobs, len(todo))) if todo else 0.0
@@ -251,9 +255,12 @@ def main() -> None:
     finish = datetime.datetime.now() + datetime.timedelta(seconds=total)
     done = sum(d for _, d in runs)
     print(f"{args.label}: expected duration on this machine ({cores} cores), measured just now:")
-    print(f"  training: {len(todo)} run(s) of {args.steps} steps to go ({done} done before), {args.jobs} side by "
-          f"side on {train_threads} thread(s) each: LoRA ~{_fmt(per_run['none'])}, IMSM-LoRA "
-          f"~{_fmt(per_run['query_aware'])} per run -> ~{_fmt(train_total)}")
+    if todo:
+        print(f"  training: {len(todo)} run(s) of {args.steps} steps to go ({done} done before), {args.jobs} side by "
+              f"side on {train_threads} thread(s) each: LoRA ~{_fmt(per_run['none'])}, IMSM-LoRA "
+              f"~{_fmt(per_run['query_aware'])} per run -> ~{_fmt(train_total)}")
+    else:
+        print(f"  training: all {done} run(s) done before")
     if args.decoded:
         print(f"  evaluation ({args.score}): {n_plain + n_siamese} models x {len(tasks)} tasks x up to "
               f"{args.eval_examples} examples: ~{_fmt(eval_per_model['plain'])} per single-pass model, "

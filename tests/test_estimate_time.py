@@ -28,11 +28,11 @@ class Recorder:
         pass
 
 
-@pytest.mark.parametrize(("decoded", "phases"), [("1", 5), ("0", 3)])
-def test_every_phase_of_the_estimate_shows_progress_before_it_runs(decoded, phases, tiny_model_dir, tmp_path,
+@pytest.mark.parametrize(("decoded", "trained", "phases"), [("1", False, 5), ("0", False, 3), ("0", True, 1)])
+def test_every_phase_of_the_estimate_shows_progress_before_it_runs(decoded, trained, phases, tiny_model_dir, tmp_path,
                                                                    monkeypatch, capsys, single_thread):
     """Numbered progress before each phase; a study without the decoded evaluation (EVALUATE=measures) spends no time
-    decoding for it."""
+    decoding for it, and a resumed study whose runs are all trained times no training step."""
     estimate = load_script("estimate_time")
     rows = [{"input": f"Question: Is {i} odd ? Output:", "output": "yes" if i % 2 else "no"} for i in range(10)]
     for split in ("train", "test"):
@@ -51,7 +51,11 @@ def test_every_phase_of_the_estimate_shows_progress_before_it_runs(decoded, phas
     monkeypatch.setattr(sys, "argv", ["estimate_time.py", "--data_dir", str(tmp_path), "--target", "mrpc", "--tasks",
                                       "mrpc", "--template", "raw", "--runs", "LoRA:1", "IMSM-LoRA:1", "--steps", "2",
                                       "--batch", "2", "--eval_examples", "4", "--score", "decode",
-                                      "--decoded", decoded])
+                                      "--decoded", decoded, "--skip_done_in", str(tmp_path / "study")])
+    for run in ("LoRA", "IMSM-LoRA"):
+        if trained:
+            (tmp_path / "study" / run / "seed1" / "final").mkdir(parents=True)
+            (tmp_path / "study" / run / "seed1" / "final" / "imsm_config.json").write_text("{}")
     estimate.main()
     lines = [text for kind, text in events if kind == "line"]
     numbered = [re.match(r"estimate \[(\d+)/(\d+)\] (.+) \(\d+ s so far\)$", line) for line in lines]
@@ -61,5 +65,8 @@ def test_every_phase_of_the_estimate_shows_progress_before_it_runs(decoded, phas
     assert any("timing evaluation" in line for line in lines) == (decoded == "1")
     kinds = [kind if kind == "work" else text.split("] ")[1].split(" (")[0] for kind, text in events]
     assert kinds[:2] == ["loading the model", "work"]  # announced before it runs
-    assert kinds.index("timing training steps: LoRA, batch 2") < kinds.index("work", 2)
-    assert "total: ~" in capsys.readouterr().out
+    assert ("timing training steps: LoRA, batch 2" in kinds) != trained
+    if not trained:
+        assert kinds.index("timing training steps: LoRA, batch 2") < kinds.index("work", 2)
+    out = capsys.readouterr().out
+    assert "total: ~" in out and ("all 2 run(s) done before" in out) == trained

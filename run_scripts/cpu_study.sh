@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The forgetting study on the embedded SmolLM2-135M-Instruct (MODEL=DIR for another backbone), on CPU: SEEDS seeds
 # of vanilla LoRA and of IMSM-LoRA (ABLATIONS=1 adds the `equal` and `token` gates; BASELINES=1 adds LoRAMoE,
-# CorDA-LoRA and PiSSA-LoRA, and evaluates every vanilla LoRA-family run at the adapter scales SCALES) tuned on TARGET,
+# CorDA-LoRA and PiSSA-LoRA, and evaluates every vanilla LoRA-family run at the adapter scales SCALES; FORGETTING=1 adds
+# the options against forgetting, REPLAY_EXAMPLES rows for replay; METHODS=LoRA,OSF,... picks any set) tuned on TARGET,
 # then ONE evaluation of the untuned model and every run on the target and the general benchmarks (WebQ, FreebaseQA,
 # MultiRC, MRPC) with decoded metrics and answer likelihood, seeds grouped by label, paired bootstrap intervals and the
 # learning-forgetting chart.

@@ -28,6 +28,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from imsm.atomic import atomic_write_text
+
 logger = logging.getLogger("cpu_study")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,8 +190,10 @@ def replay_file(args: argparse.Namespace) -> Path:
             raise SystemExit(f"cpu_study: {args.data_dir}/{task}/test.jsonl has {len(lines)} rows past "
                              f"--corda_skip {args.corda_skip}; Replay-LoRA needs {n}")
         rows += lines
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(rows))
+    text = "".join(rows)
+    if not out.is_file() or out.read_text() != text:  # never rewritten under a Replay run that is reading it
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, text)
     return out
 
 

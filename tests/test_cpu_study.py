@@ -257,6 +257,10 @@ def test_each_forgetting_method_trains_with_its_one_option(tmp_path):
     webq = [json.loads(line) for line in (SHARED / "webq" / "test.jsonl").read_text().splitlines()[1000:1003]]
     freebase = [json.loads(line) for line in (SHARED / "freebaseqa/test.jsonl").read_text().splitlines()[1000:1002]]
     assert rows == webq + freebase
+    # a second Replay seed's command leaves the file alone (a running seed may be reading it)
+    before = Path(replay).stat().st_mtime_ns, Path(replay).stat().st_ino
+    cpu_study.train_command(cpu_study.TrainingRun("Replay-LoRA", 2, tmp_path / "run2"), args)
+    assert (Path(replay).stat().st_mtime_ns, Path(replay).stat().st_ino) == before
 
 
 def test_the_training_command_of_a_run():

@@ -44,6 +44,10 @@ SCALABLE_OTHERS = ("CorDA-LoRA", "PiSSA-LoRA", "KL0.1-LoRA", "KL1-LoRA", "EAFT-L
 # --forgetting 1: what a LLaMA-Factory, axolotl, TRL or peft user can switch on against forgetting (issue 29), each a
 # vanilla LoRA r 16 but for the one option; measured as they trained, at full scale, against LoRA's scaling curve
 FORGETTING_METHODS = ("KL0.1-LoRA", "KL1-LoRA", "EAFT-LoRA", "Replay-LoRA", "MLP-LoRA", "MiCA-LoRA", "OSF")
+MAIN_METHODS = ("LoRA", "IMSM-LoRA")
+ABLATION_METHODS = ("IMSM-equal-LoRA", "IMSM-token-LoRA")
+BASELINE_METHODS = ("LoRAMoE", "CorDA-LoRA", "PiSSA-LoRA")
+ALL_METHODS = (*MAIN_METHODS, *ABLATION_METHODS, *BASELINE_METHODS, *FORGETTING_METHODS)  # method_arguments' table
 # tqdm's progress bar as train.py leaves it in its log: "12/60 [00:10<00:40"
 PROGRESS = re.compile(r"[0-9]*/[0-9]* \[[0-9:]*<[0-9:?]*")
 POLL_SECONDS = 1.0
@@ -160,18 +164,16 @@ def checkpoint_steps(args: argparse.Namespace) -> list[int]:
 def study_methods(ablations: bool, baselines: bool, forgetting: bool = False, chosen: str | None = None) -> list[str]:
     if chosen:
         methods = [m.strip() for m in chosen.split(",") if m.strip()]
-        known = ["LoRA", "IMSM-LoRA", "IMSM-equal-LoRA", "IMSM-token-LoRA", "LoRAMoE", "CorDA-LoRA", "PiSSA-LoRA",
-                 *FORGETTING_METHODS]
-        if unknown := [m for m in methods if m not in known]:
-            raise SystemExit(f"cpu_study: --methods {chosen}: unknown {unknown}; choose from {known}")
+        if unknown := [m for m in methods if m not in ALL_METHODS]:
+            raise SystemExit(f"cpu_study: --methods {chosen}: unknown {unknown}; choose from {list(ALL_METHODS)}")
         if "LoRA" not in methods:
             raise SystemExit(f"cpu_study: --methods {chosen}: LoRA is the reference curve; include it")
         return list(dict.fromkeys(methods))
-    methods = ["LoRA", "IMSM-LoRA"]
+    methods = list(MAIN_METHODS)
     if ablations:
-        methods += ["IMSM-equal-LoRA", "IMSM-token-LoRA"]
+        methods += ABLATION_METHODS
     if baselines:
-        methods += ["LoRAMoE", "CorDA-LoRA", "PiSSA-LoRA"]
+        methods += BASELINE_METHODS
     if forgetting:
         methods += FORGETTING_METHODS
     return methods
@@ -374,13 +376,14 @@ def main(argv: list[str] | None = None) -> int:
     if "measures" in args.evaluate:
         build_general_text(args)
         n_scales = len([s for s in args.measure_scales.split(",") if s.strip()])
-        lora = sum(run.method == "LoRA" for run in runs) * (n_scales + len(checkpoint_steps(args)))
+        # single-pass models: LoRA at every scale and checkpoint, every other vanilla method once; two-pass: the gates
         imsm = sum(run.method.startswith("IMSM") for run in runs)
-        lora += sum(run.method != "LoRA" and not run.method.startswith("IMSM") for run in runs)  # one row each
+        plain = sum(run.method == "LoRA" for run in runs) * (n_scales + len(checkpoint_steps(args))) + \
+            sum(run.method != "LoRA" and not run.method.startswith("IMSM") for run in runs)
         with (Path(args.data_dir) / args.target / "test.jsonl").open() as f:
             target_rows = sum(1 for line in f if line.strip())
         target_rows = min(args.target_rows or target_rows, target_rows)
-        estimate += ["--measure_models", f"{lora},{imsm}", "--general_text", args.general_text,
+        estimate += ["--measure_models", f"{plain},{imsm}", "--general_text", args.general_text,
                      "--measure_rows", f"{args.target}={target_rows + args.threshold_examples}",
                      "--measure_likelihood_tasks", measure_tasks(args), "--general_examples",
                      str(args.general_examples), "--kl_tasks", args.measure_tasks, "--kl_examples",

@@ -224,6 +224,10 @@ def test_the_forgetting_study_plan():
         cpu_study.study_methods(False, False, False, "LoRA,KL2-LoRA")
     with pytest.raises(SystemExit, match="LoRA is the reference curve"):
         cpu_study.study_methods(False, False, False, "IMSM-LoRA,OSF")
+    assert cpu_study.study_methods(True, True, True) == list(cpu_study.ALL_METHODS)  # every method METHODS accepts
+    args = cpu_study.parse_args([])
+    for method in cpu_study.ALL_METHODS:  # ... has train.py arguments (Replay-LoRA's rows: the test below)
+        assert method == "Replay-LoRA" or "--peft" in cpu_study.method_arguments(method, args), method
 
 
 @needs_the_data

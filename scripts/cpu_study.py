@@ -363,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = [TrainingRun(method, seed, output_dir / method / f"seed{seed}")
             for method in study_methods(args.ablations, args.baselines, args.forgetting, args.methods)
             for seed in range(1, args.seeds + 1)]
+    if any(run.method == "Replay-LoRA" for run in runs):
+        replay_file(args)  # too few rows stop the study now, not when its Replay run comes up hours later
 
     estimate = [
         sys.executable, "scripts/estimate_time.py", "--label", "cpu_study", "--data_dir", args.data_dir,

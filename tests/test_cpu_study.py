@@ -191,6 +191,7 @@ def test_the_wrapper_hands_every_environment_variable_to_the_scheduler(tmp_path)
     ({"CHECKPOINT_STEPS": "20,30"}, "every step must be a multiple of the first (20)"),
     ({"CHECKPOINT_STEPS": "60"}, "each must lie between 0 and --steps 60"),
     ({"DATA_DIR": "/nowhere"}, "cpu_study: /nowhere/mrpc/train.jsonl not found"),
+    ({"FORGETTING": "1", "CORDA_SKIP": "100000"}, "test.jsonl has 0 rows past --corda_skip 100000; Replay-LoRA needs"),
 ])
 def test_a_bad_setting_stops_the_study_before_anything_runs(env, message, tmp_path):
     done = subprocess.run(["bash", "run_scripts/cpu_study.sh"], cwd=ROOT, capture_output=True, text=True, check=False,

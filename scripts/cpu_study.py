@@ -86,7 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default=None,
                    help="--model_name_or_path of every run, the untuned model and the estimate (default: the "
                         "embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--seeds", type=_count(1), default=3, help="seeds 1..SEEDS of each method")
+    p.add_argument("--seeds", type=_count(1), default=3, help="how many seeds of each method: FIRST_SEED.. on")
+    p.add_argument("--first_seed", type=_count(1), default=1,
+                   help="the first seed: 2 with --seeds 2 adds seeds 2 and 3 to a study whose seed 1 was evaluated "
+                        "before (join the two reports with scripts/merge_measures.py --join)")
     p.add_argument("--ablations", type=int, choices=(0, 1), default=0, help="1 adds the `equal` and `token` gates")
     p.add_argument("--baselines", type=int, choices=(0, 1), default=0,
                    help="1 adds LoRAMoE, CorDA-LoRA and PiSSA-LoRA, and evaluates the LoRA family at --scales")
@@ -348,6 +351,15 @@ def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[to_stdout, to_stderr])
 
 
+def training_runs(args: argparse.Namespace, output_dir: Path) -> list[TrainingRun]:
+    """Every run of the study, method by method, seeds --first_seed .. --first_seed + --seeds - 1
+    (``<method>/seed<k>``), so a later study of more seeds lists its runs in seed order and never names an earlier
+    study's folders."""
+    return [TrainingRun(method, seed, output_dir / method / f"seed{seed}")
+            for method in study_methods(args.ablations, args.baselines, args.forgetting, args.methods)
+            for seed in range(args.first_seed, args.first_seed + args.seeds)]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _setup_logging()
@@ -360,9 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint_steps(args)  # a bad list fails before anything runs
     output_dir = Path(args.output_dir)
     tasks = ",".join([args.target, *GENERAL_TASKS])
-    runs = [TrainingRun(method, seed, output_dir / method / f"seed{seed}")
-            for method in study_methods(args.ablations, args.baselines, args.forgetting, args.methods)
-            for seed in range(1, args.seeds + 1)]
+    runs = training_runs(args, output_dir)
     if any(run.method == "Replay-LoRA" for run in runs):
         replay_file(args)  # too few rows stop the study now, not when its Replay run comes up hours later
 

@@ -13,6 +13,15 @@ unfinished report (``INCOMPLETE``), a report without measures, and one where a m
 ``measures.json`` (or a damaged one: the error names the file). Runs of a label keep their ``run<k>`` order, which
 must be the same seed order for every label on the curve (as evaluate.py's ``--run_dir`` order is).
 
+``--join`` adds seeds instead: every label (but the untuned model) must be in every report, and its runs are
+appended in the order the reports are given, so reports of seeds 1 and of seeds 2-3 (``cpu_study.py --first_seed 2``)
+join into one three-seed report whose method-level intervals count every seed. A label missing from some report is
+refused, naming it (its runs would no longer line up seed by seed with the others'): leave it out with ``--labels``,
+which keeps only the labels given (``untuned`` is always kept) and refuses a label no report holds.
+
+    python scripts/merge_measures.py --join --out runs/forgetting_three_seeds --target mrpc --frontier all:LoRA \
+        --labels LoRA,IMSM-LoRA,KL0.1-LoRA runs/forgetting_mrpc/eval_measures runs/forgetting_mrpc_s23/eval_measures
+
 ``--out`` is a new folder or an earlier merge (it holds ``merged_from.json``), which is replaced whole once the new
 merge is written; any other folder (an evaluation's report, a run) is refused, so nothing in it is overwritten.
 """
@@ -64,9 +73,13 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def merge(reports: list[Path]) -> dict[str, list[dict]]:
+def merge(reports: list[Path], join: bool = False, labels: list[str] | None = None) -> dict[str, list[dict]]:
+    """label -> runs of every report; the untuned model once (checked equal in each). Without ``join`` a label may be
+    in one report only; with it, every kept label must be in every report and its runs are appended in report order.
+    ``labels``: keep only these (and the untuned model)."""
     merged: dict[str, list[dict]] = {}
     untuned = None
+    found: list[set[str]] = []
     for folder in reports:
         report = read_report(folder)
         if "untuned" not in report:
@@ -78,12 +91,24 @@ def merge(reports: list[Path]) -> dict[str, list[dict]]:
         elif not _same(untuned[1], measured):
             raise SystemExit(f"merge_measures: the untuned model's measures differ between {untuned[0]} and {folder}: "
                              "the reports were measured on different rows, passages or prompts")
-        for label, runs in report.items():
-            if label == "untuned":
-                continue
-            if label in merged:
-                raise SystemExit(f"merge_measures: label {label!r} is in two reports (the second: {folder})")
-            merged[label] = runs
+        kept = {label: runs for label, runs in report.items()
+                if label != "untuned" and (labels is None or label in labels)}
+        found.append(set(kept))
+        for label, runs in kept.items():
+            if label in merged and not join:
+                raise SystemExit(f"merge_measures: label {label!r} is in two reports (the second: {folder}); "
+                                 "--join appends its runs as more seeds")
+            merged.setdefault(label, []).extend(runs)
+    if labels is not None:
+        absent = [label for label in labels if label != "untuned" and label not in merged]
+        if absent:
+            raise SystemExit(f"merge_measures: --labels {', '.join(absent)}: in none of the reports")
+    if join:
+        for folder, held in zip(reports, found, strict=True):
+            missing = sorted(set(merged) - {"untuned"} - held)
+            if missing:
+                raise SystemExit(f"merge_measures: --join: {folder} has no {', '.join(missing)}: a label must be in "
+                                 "every report for its runs to line up seed by seed; leave it out with --labels")
     return merged
 
 
@@ -93,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="the merged report's folder (created)")
     p.add_argument("--target", required=True, help="the task the runs were tuned on")
     p.add_argument("--frontier", default=None, help="IMSM:LORA labels, as evaluate.py's --frontier")
+    p.add_argument("--join", action="store_true",
+                   help="the reports hold more seeds of the same labels: append each label's runs in report order")
+    p.add_argument("--labels", default=None,
+                   help="comma-separated labels to keep (the untuned model always is); default: every label")
     p.add_argument("--bootstrap_resamples", type=int, default=2000)
     p.add_argument("--bootstrap_seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -104,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--out must be a new folder, not one of the reports")
     if args.out.exists() and not (args.out / MERGED_FROM).is_file():
         p.error(f"--out {args.out} exists and is not an earlier merge (no {MERGED_FROM}); give a new folder")
-    results = merge(args.reports)
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()] if args.labels else None
+    results = merge(args.reports, args.join, labels)
     names = measured_names(results["untuned"][0])
     margs = MeasureArguments(measures=",".join(names), general_text="(merged)", frontier=args.frontier)
     # written beside --out, then put in its place: a failed merge leaves an earlier one as it was
@@ -113,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     staging.mkdir(parents=True)
     written = write_measures_report(results, args.target, margs, staging, args.bootstrap_resamples,
                                     args.bootstrap_seed)
-    atomic_write_json(staging / MERGED_FROM, [str(r) for r in args.reports])
+    atomic_write_json(staging / MERGED_FROM, [str(r) for r in args.reports])  # the reports, in the order joined
     if args.out.exists():
         shutil.rmtree(args.out)
     staging.rename(args.out)

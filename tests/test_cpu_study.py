@@ -138,15 +138,15 @@ def test_cpu_study_baselines_share_the_harness(chat_model_dir, tmp_path):
 
 # What the bash scheduler read from the environment, with its defaults: the wrapper still reads every one of them.
 BASH_DEFAULTS = {"DATA_DIR": "../shared/data", "OUTPUT_DIR": "runs/cpu_study", "MODEL": None, "TARGET": "mrpc",
-                 "TEMPLATE": "chat", "SEEDS": 3, "ABLATIONS": 0, "BASELINES": 0, "FORGETTING": 0, "METHODS": None,
-                 "REPLAY_EXAMPLES": 200, "SCALES": "0.5,1",
+                 "TEMPLATE": "chat", "SEEDS": 3, "FIRST_SEED": 1, "ABLATIONS": 0, "BASELINES": 0, "FORGETTING": 0,
+                 "METHODS": None, "REPLAY_EXAMPLES": 200, "SCALES": "0.5,1",
                  "CORDA_SKIP": 1000, "CORDA_EXAMPLES": 64, "TRAIN_EXAMPLES": 800, "STEPS": 60, "BATCH": 8,
                  "LR": "3e-4", "EVAL_EXAMPLES": 200, "SCORE": "both", "RESAMPLES": 2000, "JOBS": 2,
                  "EVALUATE": ["decoded", "measures"], "MEASURE_TASKS": "webq,freebaseqa", "MEASURE_SCALES": "0.5,1",
                  "CHECKPOINT_STEPS": "", "TARGET_ROWS": None, "THRESHOLD_EXAMPLES": 500, "GENERAL_EXAMPLES": 500,
                  "KL_EXAMPLES": 250, "GENERAL_TEXT": "data/general_text.jsonl"}
 SET = {"DATA_DIR": "/d", "OUTPUT_DIR": "/o", "MODEL": "/m", "TARGET": "cola", "TEMPLATE": "raw", "SEEDS": 5,
-       "ABLATIONS": 1, "BASELINES": 1, "FORGETTING": 1, "METHODS": "LoRA,OSF", "REPLAY_EXAMPLES": 8,
+       "FIRST_SEED": 2, "ABLATIONS": 1, "BASELINES": 1, "FORGETTING": 1, "METHODS": "LoRA,OSF", "REPLAY_EXAMPLES": 8,
        "SCALES": "1", "CORDA_SKIP": 7, "CORDA_EXAMPLES": 3, "TRAIN_EXAMPLES": 9,
        "STEPS": 4, "BATCH": 2, "LR": "1e-3", "EVAL_EXAMPLES": 11, "SCORE": "likelihood", "RESAMPLES": 100,
        "JOBS": 3, "THREADS": 1, "EVAL_PROCS": 4, "EVALUATE": "measures", "MEASURE_TASKS": "webq",
@@ -266,6 +266,20 @@ def test_each_forgetting_method_trains_with_its_one_option(tmp_path):
     before = Path(replay).stat().st_mtime_ns, Path(replay).stat().st_ino
     cpu_study.train_command(cpu_study.TrainingRun("Replay-LoRA", 2, tmp_path / "run2"), args)
     assert (Path(replay).stat().st_mtime_ns, Path(replay).stat().st_ino) == before
+
+
+def test_more_seeds_of_an_earlier_study():
+    """FIRST_SEED=2 SEEDS=2 plans seeds 2 and 3 of each method, in seed order, in their own seed folders (joined
+    with seed 1's report by scripts/merge_measures.py --join)."""
+    args = cpu_study.parse_args(["--methods", "LoRA,KL1-LoRA", "--first_seed", "2", "--seeds", "2"])
+    runs = cpu_study.training_runs(args, Path("/o"))
+    assert [(run.method, run.seed, run.out) for run in runs] == [
+        ("LoRA", 2, Path("/o/LoRA/seed2")), ("LoRA", 3, Path("/o/LoRA/seed3")),
+        ("KL1-LoRA", 2, Path("/o/KL1-LoRA/seed2")), ("KL1-LoRA", 3, Path("/o/KL1-LoRA/seed3"))]
+    assert [run.seed for run in cpu_study.training_runs(cpu_study.parse_args([]), Path("/o"))] == [1, 2, 3] * 2
+    assert "--seed 3" in " ".join(cpu_study.train_command(runs[1], args))
+    with pytest.raises(SystemExit):
+        cpu_study.parse_args(["--first_seed", "0"])
 
 
 def test_the_training_command_of_a_run():

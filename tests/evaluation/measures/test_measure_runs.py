@@ -231,6 +231,59 @@ def test_merged_reports_equal_one_evaluation_of_every_model(tiny_model_dir, setu
                     "mrpc"])
 
 
+def test_joined_seed_reports_equal_one_evaluation_of_every_seed(tiny_model_dir, setup, tmp_path):
+    """Seed 1 evaluated first and seed 2 later, joined (merge_measures.py --join), give every label's runs in seed
+    order and the method-level numbers one evaluation of both seeds gives; --labels keeps only the labels asked for;
+    a label missing from one report, or asked for and in none, is refused by name."""
+    base, train, _, runs = setup
+    frontier = ["--adapter_scale", "0.5,1", "--frontier", "IMSM-LoRA:LoRA"]
+    evaluate.main(_argv(tiny_model_dir, base, train, runs, tmp_path / "both", *frontier))
+    for name, pair in (("seed1", [runs[0], runs[2]]), ("seed2", [runs[1], runs[3]])):
+        argv = _argv(tiny_model_dir, base, train, pair, tmp_path / name, *frontier)
+        argv[argv.index("--labels") + 1] = "untuned,LoRA,IMSM-LoRA"
+        evaluate.main(argv)
+    merge = load_script("merge_measures")
+    seeds = [str(tmp_path / "seed1"), str(tmp_path / "seed2")]
+    with pytest.raises(SystemExit, match="--join"):  # without --join a label in two reports is refused
+        merge.main([*seeds, "--out", str(tmp_path / "bad"), "--target", "mrpc"])
+    assert merge.main([*seeds, "--join", "--out", str(tmp_path / "joined"), "--target", "mrpc", "--frontier",
+                       "IMSM-LoRA:LoRA", "--bootstrap_resamples", "1000"]) == 0
+    one = json.loads((tmp_path / "both" / "stats.json").read_text())["measures"]
+    joined = json.loads((tmp_path / "joined" / "stats.json").read_text())["measures"]
+    for name in ("auroc", "general_nll", "kl"):
+        for task, labels in one[name].items():
+            assert set(joined[name][task]) == set(labels)
+            for label, entry in labels.items():
+                assert len(entry["per_run"]) == 2
+                np.testing.assert_allclose(joined[name][task][label]["per_run"], entry["per_run"], atol=1e-9)
+                change, expected = joined[name][task][label]["change"], entry["change"]
+                assert expected["method_low"] is not None  # the seeds' interval: both seeds counted
+                assert change.keys() == expected.keys()
+                for key, value in expected.items():
+                    assert change[key] == (pytest.approx(value) if isinstance(value, float) else value), key
+    for measure in ("general_nll", "kl"):
+        a, b = one["frontier"][measure], joined["frontier"][measure]
+        assert (a["gap"] is None) == (b["gap"] is None)
+        np.testing.assert_allclose(b["curve"], a["curve"])
+
+    assert merge.main([*seeds, "--join", "--labels", "LoRA@0.5,LoRA@1", "--out", str(tmp_path / "lora"),
+                       "--target", "mrpc", "--bootstrap_resamples", "1000"]) == 0
+    kept = json.loads((tmp_path / "lora" / "stats.json").read_text())["measures"]["general_nll"]
+    assert set(next(iter(kept.values()))) == {"LoRA@0.5", "LoRA@1"}
+    with pytest.raises(SystemExit, match="Nope"):
+        merge.main([*seeds, "--join", "--labels", "LoRA@1,Nope", "--out", str(tmp_path / "bad"), "--target", "mrpc"])
+
+    lora_only = _argv(tiny_model_dir, base, train, [runs[1]], tmp_path / "lora_seed2", "--adapter_scale", "1")
+    lora_only[lora_only.index("--labels") + 1] = "untuned,LoRA"
+    evaluate.main(lora_only)
+    with pytest.raises(SystemExit, match="lora_seed2 has no IMSM-LoRA"):
+        merge.main([seeds[0], str(tmp_path / "lora_seed2"), "--join", "--out", str(tmp_path / "bad"), "--target",
+                    "mrpc"])
+    assert not (tmp_path / "bad").exists()
+    assert merge.main([seeds[0], str(tmp_path / "lora_seed2"), "--join", "--labels", "LoRA@1", "--out",
+                       str(tmp_path / "lora1"), "--target", "mrpc", "--bootstrap_resamples", "1000"]) == 0
+
+
 def test_kl_average_is_the_mean_of_its_tasks_each_resampled_apart(tmp_path):
     """KL's `average` column: per run the mean of the tasks' pooled per-token KL (hand-computed), its draws each
     task's own draw of its examples (the frontier's average), and the per-task columns unchanged beside it."""

@@ -235,6 +235,15 @@ def _headline(c: dict) -> dict:
     return {"value": c["delta"], "low": c[f"{kind}_low"], "high": c[f"{kind}_high"], "interval": kind}
 
 
+def _share(curve: float | None, low: float | None, high: float | None) -> list[float] | None:
+    """What a gap interval allows, as a share of LoRA's forgetting at the same gain: [(curve + low) / curve,
+    (curve + high) / curve] (1: as much as LoRA). None without an interval, or where LoRA's curve there is not above
+    0 (no share of it is meaningful)."""
+    if curve is None or low is None or curve <= 0:
+        return None
+    return [(curve + low) / curve, (curve + high) / curve]
+
+
 def frontier_rows(frontier: dict[str, dict[str, FrontierGap]], curve_labels: list[str], results: dict[str, list[dict]],
                   stats: dict, target: str) -> list[dict]:
     """The gap table: per method its AUROC gain and forgetting changes (with their headline intervals, from the
@@ -252,9 +261,11 @@ def frontier_rows(frontier: dict[str, dict[str, FrontierGap]], curve_labels: lis
         for measure, gap in by_measure.items():
             column = AVERAGE if AVERAGE in stats[measure] else next(iter(stats[measure]))
             kind = "method" if gap.method_low is not None else "examples" if gap.examples_low is not None else None
+            low, high = (getattr(gap, f"{kind}_low"), getattr(gap, f"{kind}_high")) if kind else (None, None)
+            curve = None if gap.gap is None else gap.imsm[1] - gap.gap  # LoRA's fitted curve at the method's gain
             row[measure] = {"change": _headline(stats[measure][column][method]["change"]), "gap": gap.gap,
-                            "gap_low": getattr(gap, f"{kind}_low") if kind else None,
-                            "gap_high": getattr(gap, f"{kind}_high") if kind else None, "gap_interval": kind,
+                            "gap_low": low, "gap_high": high, "gap_interval": kind, "curve_at_gain": curve,
+                            "share_of_lora": _share(curve, low, high),
                             "examples_low": gap.examples_low, "examples_high": gap.examples_high,
                             "method_low": gap.method_low, "method_high": gap.method_high, "p": reported_p(gap.p),
                             "draws": gap.draws, "draws_outside": gap.draws_outside,

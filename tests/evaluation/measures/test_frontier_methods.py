@@ -157,6 +157,18 @@ def test_the_gap_table_holds_every_method_sorted_by_the_nll_gap_with_its_cost(tm
             assert row[measure]["gap"] == (None if gap is None else pytest.approx(gap, abs=1e-12))
         assert row["gain"]["interval"] == "examples" and row["runs"] == 1
     assert [row["cost"]["ratio"] for row in rows] == [pytest.approx(1.25), pytest.approx(2.0), None, 1.0]
+    for row in rows[:3]:  # LoRA's curve at the method's own gain, and the gap interval as a share of it
+        g = row["gain"]["value"]
+        for measure, (a, b) in (("general_nll", (0.1, 2.0)), ("kl", (0.05, 1.0))):
+            cell = row[measure]
+            curve = a * g + b * g * g
+            assert cell["curve_at_gain"] == pytest.approx(curve, abs=1e-12)
+            assert cell["share_of_lora"] == pytest.approx([(curve + cell["gap_low"]) / curve,
+                                                           (curve + cell["gap_high"]) / curve])
+            low, high = cell["share_of_lora"]
+            assert low < (curve + cell["gap"]) / curve < high  # the method's own forgetting over LoRA's there
+    assert rows[1]["kl"]["share_of_lora"][0] < 1 < rows[1]["kl"]["share_of_lora"][1]  # "on" the curve: 1 inside
+    assert rows[-1]["kl"]["curve_at_gain"] is None and rows[-1]["kl"]["share_of_lora"] is None  # out of range
     assert rows[-1]["general_nll"]["out_of_range"] and not rows[0]["general_nll"]["out_of_range"]
     text = paths["measures_md"].read_text()
     section = text.split("### Frontier: each method's")[1].splitlines()

@@ -17,7 +17,10 @@ must be the same seed order for every label on the curve (as evaluate.py's ``--r
 appended in the order the reports are given, so reports of seeds 1 and of seeds 2-3 (``cpu_study.py --first_seed 2``)
 join into one three-seed report whose method-level intervals count every seed. A label missing from some report is
 refused, naming it (its runs would no longer line up seed by seed with the others'): leave it out with ``--labels``,
-which keeps only the labels given (``untuned`` is always kept) and refuses a label no report holds.
+which keeps only the labels given, each with its variants (``LoRA`` keeps ``LoRA@0.5``, ``LoRA@1``, ..., as
+``--frontier`` names LoRA's curve; ``untuned`` is always kept) and refuses a name no report holds. A run found twice
+(the same report given twice, or a report that measured seed 1 again: equal measures to 1e-9) is refused, as it
+would count one seed twice and narrow every method-level interval.
 
     python scripts/merge_measures.py --join --out runs/forgetting_three_seeds --target mrpc --frontier all:LoRA \
         --labels LoRA,IMSM-LoRA,KL0.1-LoRA runs/forgetting_mrpc/eval_measures runs/forgetting_mrpc_s23/eval_measures
@@ -38,7 +41,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from imsm.atomic import atomic_write_json
-from imsm.evaluation.arguments import MeasureArguments
+from imsm.evaluation.arguments import MeasureArguments, in_family
 from imsm.evaluation.report.results import MEASURES_FILE, measured_names, read_measures
 from imsm.evaluation.report.writer import read_report_inputs, write_measures_report
 
@@ -73,10 +76,18 @@ def _same(a, b) -> bool:
     return a == b
 
 
+def _measured(record: dict) -> dict:
+    """A model's measures without its name, folder and training cost: what two evaluations of one model share."""
+    return {k: v for k, v in record.items() if k not in ("label", "folder", "untuned", "cost")}
+
+
 def merge(reports: list[Path], join: bool = False, labels: list[str] | None = None) -> dict[str, list[dict]]:
     """label -> runs of every report; the untuned model once (checked equal in each). Without ``join`` a label may be
     in one report only; with it, every kept label must be in every report and its runs are appended in report order.
-    ``labels``: keep only these (and the untuned model)."""
+    ``labels``: keep only these and their ``NAME@...`` variants (and the untuned model)."""
+    twice = [r for k, r in enumerate(reports) if r.resolve() in {q.resolve() for q in reports[:k]}]
+    if twice:
+        raise SystemExit(f"merge_measures: {twice[0]} is given twice")
     merged: dict[str, list[dict]] = {}
     untuned = None
     found: list[set[str]] = []
@@ -84,7 +95,7 @@ def merge(reports: list[Path], join: bool = False, labels: list[str] | None = No
         report = read_report(folder)
         if "untuned" not in report:
             raise SystemExit(f"merge_measures: {folder} has no untuned model (evaluate.py --untuned)")
-        measured = {k: v for k, v in report["untuned"][0].items() if k not in ("label", "folder", "untuned")}
+        measured = _measured(report["untuned"][0])
         if untuned is None:
             untuned = (folder, measured)
             merged["untuned"] = report["untuned"]
@@ -92,15 +103,20 @@ def merge(reports: list[Path], join: bool = False, labels: list[str] | None = No
             raise SystemExit(f"merge_measures: the untuned model's measures differ between {untuned[0]} and {folder}: "
                              "the reports were measured on different rows, passages or prompts")
         kept = {label: runs for label, runs in report.items()
-                if label != "untuned" and (labels is None or label in labels)}
+                if label != "untuned" and (labels is None or any(in_family(label, name) for name in labels))}
         found.append(set(kept))
         for label, runs in kept.items():
             if label in merged and not join:
                 raise SystemExit(f"merge_measures: label {label!r} is in two reports (the second: {folder}); "
                                  "--join appends its runs as more seeds")
+            for run in runs:
+                if any(_same(_measured(run), _measured(other)) for other in merged.get(label, [])):
+                    raise SystemExit(f"merge_measures: {folder}/{run['folder']} has the same measures as a run "
+                                     f"of {label!r} already merged: one model measured twice (the same seed?) "
+                                     "would count as two seeds")
             merged.setdefault(label, []).extend(runs)
     if labels is not None:
-        absent = [label for label in labels if label != "untuned" and label not in merged]
+        absent = [name for name in labels if name != "untuned" and not any(in_family(k, name) for k in merged)]
         if absent:
             raise SystemExit(f"merge_measures: --labels {', '.join(absent)}: in none of the reports")
     if join:
@@ -121,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--join", action="store_true",
                    help="the reports hold more seeds of the same labels: append each label's runs in report order")
     p.add_argument("--labels", default=None,
-                   help="comma-separated labels to keep (the untuned model always is); default: every label")
+                   help="comma-separated labels to keep, each with its NAME@... variants (LoRA keeps LoRA@0.5, "
+                        "LoRA@1, ...; the untuned model always is); default: every label")
     p.add_argument("--bootstrap_resamples", type=int, default=2000)
     p.add_argument("--bootstrap_seed", type=int, default=0)
     args = p.parse_args(argv)

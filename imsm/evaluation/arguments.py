@@ -22,6 +22,12 @@ MEASURES = ("auroc", "general_nll", "kl")  # --measures (imsm.evaluation.measure
 FRONTIER_ALL = "all"  # --frontier all:LORA: every label but the curve's and the untuned model
 
 
+def in_family(label: str, name: str) -> bool:
+    """``label`` is ``name`` or one of its variants ``name@...`` (an adapter scale, a checkpoint): how a name given on
+    the command line (``--frontier IMSM-LoRA:LoRA``, merge_measures' ``--labels LoRA``) selects evaluated labels."""
+    return label == name or label.startswith(name + "@")
+
+
 @dataclass
 class EvalArguments:
     output_dir: str = field(metadata={"help": "Where predictions, metrics and the report go."})
@@ -183,7 +189,7 @@ class MeasureArguments:
         in their order; a named label that is not among them, on the curve, or the untuned model is refused."""
         labels = list(dict.fromkeys(labels))
         lora = self.frontier_labels[1]
-        curve = [label for label in labels if label == lora or label.startswith(lora + "@")]
+        curve = [label for label in labels if in_family(label, lora)]
         if not curve:
             raise ValueError(f"--frontier {self.frontier}: no label {lora!r} or {lora}@... to draw the curve from; "
                              f"the labels present: {labels}")

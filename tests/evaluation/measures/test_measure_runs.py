@@ -2,6 +2,7 @@
 on the reloaded run, the threshold rows are training rows no run trained on, the report holds every measure."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -179,12 +180,21 @@ def test_report_only_reads_every_method_against_the_curve_of_a_one_method_evalua
         evaluate.main(["--report_only", str(out), "--frontier", "OSF:LoRA"])
 
 
-def test_merged_reports_equal_one_evaluation_of_every_model(tiny_model_dir, setup, tmp_path):
+@pytest.fixture(scope="module")
+def every_model(tiny_model_dir, setup, tmp_path_factory):
+    """One evaluation of every run at scales 0.5 and 1 with IMSM-LoRA's frontier: what a merge must equal."""
+    base, train, _, runs = setup
+    out = tmp_path_factory.mktemp("every_model") / "all"
+    evaluate.main(_argv(tiny_model_dir, base, train, runs, out, "--adapter_scale", "0.5,1", "--frontier",
+                        "IMSM-LoRA:LoRA"))
+    return out
+
+
+def test_merged_reports_equal_one_evaluation_of_every_model(tiny_model_dir, setup, every_model, tmp_path):
     """LoRA at scale 0.5 evaluated later and merged (scripts/merge_measures.py) gives the measures and the frontier
     that one evaluation of every model gives; reports measured on other rows are refused."""
     base, train, _, runs = setup
     frontier = ["--frontier", "IMSM-LoRA:LoRA"]
-    evaluate.main(_argv(tiny_model_dir, base, train, runs, tmp_path / "all", "--adapter_scale", "0.5,1", *frontier))
     evaluate.main(_argv(tiny_model_dir, base, train, runs, tmp_path / "first", "--adapter_scale", "1", *frontier))
     later = _argv(tiny_model_dir, base, train, runs[:2], tmp_path / "later", "--adapter_scale", "0.5")
     later[later.index("--labels") + 1] = "untuned,LoRA,LoRA"
@@ -192,7 +202,7 @@ def test_merged_reports_equal_one_evaluation_of_every_model(tiny_model_dir, setu
     merge = load_script("merge_measures")
     assert merge.main([str(tmp_path / "first"), str(tmp_path / "later"), "--out", str(tmp_path / "merged"),
                        "--target", "mrpc", "--frontier", "IMSM-LoRA:LoRA", "--bootstrap_resamples", "1000"]) == 0
-    one = json.loads((tmp_path / "all" / "stats.json").read_text())["measures"]
+    one = json.loads((every_model / "stats.json").read_text())["measures"]
     merged = json.loads((tmp_path / "merged" / "stats.json").read_text())["measures"]
     for name in ("auroc", "mcc", "general_nll", "kl"):
         for task, labels in one[name].items():
@@ -213,11 +223,11 @@ def test_merged_reports_equal_one_evaluation_of_every_model(tiny_model_dir, setu
                        "--target", "mrpc", "--bootstrap_resamples", "1000"]) == 0
     assert not (tmp_path / "merged" / "frontier.png").exists()
     assert "frontier" not in json.loads((tmp_path / "merged" / "stats.json").read_text())["measures"]
-    report = {path: path.read_bytes() for path in (tmp_path / "all").rglob("*") if path.is_file()}
+    report = {path: path.read_bytes() for path in (every_model).rglob("*") if path.is_file()}
     with pytest.raises(SystemExit):
-        merge.main([str(tmp_path / "first"), str(tmp_path / "later"), "--out", str(tmp_path / "all"), "--target",
+        merge.main([str(tmp_path / "first"), str(tmp_path / "later"), "--out", str(every_model), "--target",
                     "mrpc"])
-    assert {path: path.read_bytes() for path in (tmp_path / "all").rglob("*") if path.is_file()} == report
+    assert {path: path.read_bytes() for path in (every_model).rglob("*") if path.is_file()} == report
 
     other = list(later)
     other[other.index("--output_dir") + 1] = str(tmp_path / "other")
@@ -227,17 +237,17 @@ def test_merged_reports_equal_one_evaluation_of_every_model(tiny_model_dir, setu
         merge.main([str(tmp_path / "first"), str(tmp_path / "other"), "--out", str(tmp_path / "bad"), "--target",
                     "mrpc"])
     with pytest.raises(SystemExit, match="in two reports"):
-        merge.main([str(tmp_path / "first"), str(tmp_path / "all"), "--out", str(tmp_path / "bad"), "--target",
+        merge.main([str(tmp_path / "first"), str(every_model), "--out", str(tmp_path / "bad"), "--target",
                     "mrpc"])
 
 
-def test_joined_seed_reports_equal_one_evaluation_of_every_seed(tiny_model_dir, setup, tmp_path):
+def test_joined_seed_reports_equal_one_evaluation_of_every_seed(tiny_model_dir, setup, every_model, tmp_path):
     """Seed 1 evaluated first and seed 2 later, joined (merge_measures.py --join), give every label's runs in seed
-    order and the method-level numbers one evaluation of both seeds gives; --labels keeps only the labels asked for;
-    a label missing from one report, or asked for and in none, is refused by name."""
+    order and the method-level numbers one evaluation of both seeds gives; --labels keeps only the labels asked for
+    (a name with its NAME@ variants); a label missing from one report, or asked for and in none, is refused by name,
+    and so is one seed counted twice (a report given twice, or a copy of it)."""
     base, train, _, runs = setup
     frontier = ["--adapter_scale", "0.5,1", "--frontier", "IMSM-LoRA:LoRA"]
-    evaluate.main(_argv(tiny_model_dir, base, train, runs, tmp_path / "both", *frontier))
     for name, pair in (("seed1", [runs[0], runs[2]]), ("seed2", [runs[1], runs[3]])):
         argv = _argv(tiny_model_dir, base, train, pair, tmp_path / name, *frontier)
         argv[argv.index("--labels") + 1] = "untuned,LoRA,IMSM-LoRA"
@@ -248,7 +258,7 @@ def test_joined_seed_reports_equal_one_evaluation_of_every_seed(tiny_model_dir, 
         merge.main([*seeds, "--out", str(tmp_path / "bad"), "--target", "mrpc"])
     assert merge.main([*seeds, "--join", "--out", str(tmp_path / "joined"), "--target", "mrpc", "--frontier",
                        "IMSM-LoRA:LoRA", "--bootstrap_resamples", "1000"]) == 0
-    one = json.loads((tmp_path / "both" / "stats.json").read_text())["measures"]
+    one = json.loads((every_model / "stats.json").read_text())["measures"]
     joined = json.loads((tmp_path / "joined" / "stats.json").read_text())["measures"]
     for name in ("auroc", "general_nll", "kl"):
         for task, labels in one[name].items():
@@ -266,10 +276,16 @@ def test_joined_seed_reports_equal_one_evaluation_of_every_seed(tiny_model_dir, 
         assert (a["gap"] is None) == (b["gap"] is None)
         np.testing.assert_allclose(b["curve"], a["curve"])
 
-    assert merge.main([*seeds, "--join", "--labels", "LoRA@0.5,LoRA@1", "--out", str(tmp_path / "lora"),
+    assert merge.main([*seeds, "--join", "--labels", "LoRA", "--out", str(tmp_path / "lora"),
                        "--target", "mrpc", "--bootstrap_resamples", "1000"]) == 0
     kept = json.loads((tmp_path / "lora" / "stats.json").read_text())["measures"]["general_nll"]
     assert set(next(iter(kept.values()))) == {"LoRA@0.5", "LoRA@1"}
+    with pytest.raises(SystemExit, match="seed1 is given twice"):
+        merge.main([seeds[0], seeds[0], "--join", "--out", str(tmp_path / "bad"), "--target", "mrpc"])
+    shutil.copytree(seeds[0], tmp_path / "seed1_again")
+    with pytest.raises(SystemExit, match=r"seed1_again/LoRA@0\.5 has the same measures as a run of .LoRA@0\.5."):
+        merge.main([seeds[0], str(tmp_path / "seed1_again"), "--join", "--out", str(tmp_path / "bad"), "--target",
+                    "mrpc"])
     with pytest.raises(SystemExit, match="Nope"):
         merge.main([*seeds, "--join", "--labels", "LoRA@1,Nope", "--out", str(tmp_path / "bad"), "--target", "mrpc"])
 
